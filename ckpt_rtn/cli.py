@@ -1,0 +1,171 @@
+"""The `ckpt-rtn` command line: argument parsing and printing only."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, Optional, Sequence, TypeVar
+
+import click
+from tqdm import tqdm
+
+from . import __version__, converter, formats
+from .errors import CkptRtnError
+from .rules import DEFAULT_FAMILY, Rules, available_families, load_rules
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def _reported(command: F) -> F:
+    """Turn our exceptions into one `error: <file>: <reason>` line and exit 2."""
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except CkptRtnError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.exit(130)
+    return wrapper  # type: ignore[return-value]
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckpt-rtn")
+def main() -> None:
+    """Quantize LLM checkpoints to Golden Stick W8A16 with Round-To-Nearest, on a CPU.
+
+    Reads MindSpore .ckpt or .safetensors tensor by tensor, so memory stays
+    small whatever the model's size. MindSpore is not needed.
+    """
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("dst", type=click.Path(path_type=str))
+@click.option("--config", "config", metavar="FAMILY|FILE", default=DEFAULT_FAMILY,
+              show_default=True,
+              help=f"Selection rules: a built-in family ({', '.join(available_families())}) "
+                   "or a YAML file.")
+@click.option("--include", multiple=True, metavar="REGEX",
+              help="Quantize 2-D float '*.weight' tensors whose name matches REGEX, instead of "
+                   "the family's Linear patterns. Repeatable.")
+@click.option("--blacklist", multiple=True, metavar="SUBSTR",
+              help="Skip layers whose path 'root.<layer>' contains SUBSTR (Golden Stick's "
+                   "opname_blacklist; case-sensitive). Adds to the family's list (llama2: "
+                   "lm_head). Repeatable.")
+@click.option("--no-default-blacklist", is_flag=True,
+              help="Drop the family's blacklist (e.g. to quantize lm_head too).")
+@click.option("--format", "out_format", type=click.Choice(formats.FORMATS),
+              help="Output format. Default: from DST's suffix.")
+@click.option("--crc", is_flag=True, help="Append MindSpore's CRC trailer (.ckpt output).")
+@click.option("--no-verify-crc", is_flag=True,
+              help="Do not check the input's CRC trailer (it is checked by default).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--dry-run", is_flag=True,
+              help="List what would be quantized and the exact output size; write nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_reported
+def convert(src: str, dst: str, config: str, include: Sequence[str], blacklist: Sequence[str],
+            no_default_blacklist: bool, out_format: Optional[str], crc: bool,
+            no_verify_crc: bool, overwrite: bool, dry_run: bool, quiet: bool) -> None:
+    """Quantize SRC's Linear weights to W8A16 and write DST.
+
+    Each selected weight <p>.weight [out, in] becomes <p>._handler.weight
+    (int8) plus <p>._weight_quantizer.scale and .zp_neg ([out], the weight's
+    float dtype), exactly as Golden Stick's RoundToNearest saves them. All
+    other tensors are copied bit for bit. DST appears only once complete.
+
+    \b
+    Examples:
+      ckpt-rtn convert llama2_7b.ckpt llama2_7b_w8a16.ckpt
+      ckpt-rtn convert model.safetensors w8a16.safetensors --blacklist layers.0.
+      ckpt-rtn convert llama2_7b.ckpt out.ckpt --dry-run
+    """
+    rules = load_rules(config).with_overrides(include=include, blacklist=blacklist,
+                                              keep_default_blacklist=not no_default_blacklist)
+    if dry_run:
+        plan = converter.plan_conversion(src, dst, rules, out_format=out_format, crc=crc,
+                                         verify_crc=not no_verify_crc)
+        _print_dry_run(plan, os.path.getsize(src), rules)
+        return
+    with tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+              disable=quiet, leave=False) as bar:
+        def progress(advance: int, total: int) -> None:
+            bar.total = total
+            bar.update(advance)
+        result = converter.convert(src, dst, rules, out_format=out_format, overwrite=overwrite,
+                                   crc=crc, verify_crc=not no_verify_crc, progress=progress)
+    _warn_about(result.plan, rules)
+    if not quiet:
+        plan = result.plan
+        ratio = result.output_size / result.input_size
+        click.echo(f"{dst}: quantized {len(plan.quantized)} tensors, copied "
+                   f"{len(plan.steps) - len(plan.quantized)}; {human_bytes(result.input_size)} -> "
+                   f"{human_bytes(result.output_size)} ({ratio:.1%}) in {result.seconds:.1f} s")
+
+
+def _warn_about(plan: converter.Plan, rules: Rules) -> None:
+    for info in plan.dropped:
+        click.echo(f"warning: dropped {info.name!r}: safetensors cannot store {info.dtype} values",
+                   err=True)
+    if not plan.quantized:
+        click.echo(f"warning: no tensor matched the {rules.family} rules; the output is a copy "
+                   "(see --config / --include)", err=True)
+
+
+def _print_dry_run(plan: converter.Plan, input_size: int, rules: Rules) -> None:
+    rows = [(s.source.name, str(s.source.dtype), _shape(s.source.shape),
+             human_bytes(s.source.nbytes), human_bytes(sum(o.nbytes for o in s.outputs)))
+            for s in plan.quantized]
+    _table(("would quantize", "dtype", "shape", "bytes in", "bytes out"), rows)
+    _warn_about(plan, rules)
+    size = plan.output_size
+    click.echo(f"{len(plan.quantized)} of {len(plan.steps) + len(plan.dropped)} tensors would be "
+               f"quantized ({rules.family} rules, blacklist: {', '.join(rules.blacklist) or '-'}); "
+               f"output {plan.out_format}: {size} bytes ({human_bytes(size)}, "
+               f"{size / input_size:.1%} of the input)")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--no-verify-crc", is_flag=True, help="Do not check a .ckpt CRC trailer.")
+@_reported
+def inspect(path: str, no_verify_crc: bool) -> None:
+    """List the tensors in a .ckpt or .safetensors file: name, dtype, shape, bytes."""
+    with formats.open_reader(path, verify_crc=not no_verify_crc) as reader:
+        rows = [(t.name, str(t.dtype), _shape(t.shape), str(t.nbytes)) for t in reader.tensors]
+        _table(("name", "dtype", "shape", "bytes"), rows, right=(3,))
+        extra = ""
+        crc = getattr(reader, "crc", None)
+        if crc is not None:
+            extra = f", CRC {crc:#010x} {'not checked' if no_verify_crc else 'verified'}"
+        if reader.metadata:
+            extra += f", metadata {reader.metadata}"
+        click.echo(f"{len(reader)} tensors, {reader.nbytes} bytes of data "
+                   f"({human_bytes(reader.nbytes)}); file {os.path.getsize(path)} bytes, "
+                   f"{reader.format}{extra}")
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    click.echo(line(header))
+    for row in rows:
+        click.echo(line(row))

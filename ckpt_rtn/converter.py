@@ -1,0 +1,190 @@
+"""One checkpoint in, one W8A16 checkpoint out, a tensor at a time.
+
+The converter joins the pieces that know nothing of each other: a format
+reader indexes the input, the rules pick the Linear weights, the RTN math
+quantizes them, and a format writer streams the result. The whole output
+is planned from the input's headers before any data moves, which lets the
+safetensors writer lay out its header first, lets `--dry-run` report the
+exact output size, and refuses unsupported input before anything is
+written. Only one tensor (plus its quantized form) is in memory at a time.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import dtypes, formats, golden_stick
+from .errors import FormatError, OutputError, QuantizationError, UnsupportedError
+from .formats.tensor import TensorInfo, TensorReader
+from .numerics import FloatFormat
+from .rtn import NonFiniteWeightError, quantize_w8
+from .rules import Rules
+
+_FLOAT_FORMATS = {
+    dtypes.FLOAT16: FloatFormat.FLOAT16,
+    dtypes.BFLOAT16: FloatFormat.BFLOAT16,
+    dtypes.FLOAT32: FloatFormat.FLOAT32,
+    dtypes.FLOAT64: FloatFormat.FLOAT64,
+}
+
+#: Called as progress(advance, total) with input bytes done since the last call.
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Step:
+    """What becomes of one input tensor: copied/renamed, or quantized into three."""
+
+    source: TensorInfo
+    outputs: Tuple[TensorInfo, ...]
+    layer: Optional[str] = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.layer is not None
+
+
+@dataclass
+class Plan:
+    """The complete output of a conversion, known before any tensor is read."""
+
+    steps: List[Step]
+    out_format: str
+    metadata: Dict[str, str]
+    crc: bool
+    dropped: List[TensorInfo] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> List[TensorInfo]:
+        return [out for step in self.steps for out in step.outputs]
+
+    @property
+    def quantized(self) -> List[Step]:
+        return [s for s in self.steps if s.quantized]
+
+    @property
+    def output_size(self) -> int:
+        """Exact size in bytes of the file this plan writes."""
+        return formats.planned_size(self.outputs, format=self.out_format,
+                                    metadata=self.metadata, crc=self.crc)
+
+
+@dataclass(frozen=True)
+class Result:
+    plan: Plan
+    input_size: int
+    output_size: int
+    seconds: float
+
+
+def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool = False) -> Plan:
+    """Decide every output tensor from the input's index and the rules."""
+    if not reader.tensors:
+        raise FormatError(reader.path, "contains no tensors")
+    layers = {info.name: rules.layer_of(info) for info in reader.tensors}
+    quantized = {layer for layer in layers.values() if layer is not None}
+    steps, dropped = [], []
+    for info in reader.tensors:
+        layer = layers[info.name]
+        if out_format == "safetensors" and info.dtype.safetensors is None:
+            if info.dtype is not dtypes.STRING:
+                raise UnsupportedError(reader.path, f"tensor {info.name!r} is {info.dtype}, which "
+                                       "safetensors cannot store; write a .ckpt instead")
+            dropped.append(info)  # append_dict strings: training metadata safetensors cannot hold
+            continue
+        if layer is not None:
+            steps.append(Step(info, _quantized_outputs(layer, info), layer))
+        elif info.name.endswith(".bias") and info.name[:-len(".bias")] in quantized:
+            renamed = golden_stick.w8a16_names(info.name[:-len(".bias")]).bias
+            steps.append(Step(info, (TensorInfo(renamed, info.dtype, info.shape, info.nbytes),)))
+        else:
+            steps.append(Step(info, (info,)))
+    metadata = {k: v for k, v in reader.metadata.items()
+                if k != "crc_num" and k not in layers}  # stale CRC, per-tensor marks
+    metadata["format"] = "ms"
+    return Plan(steps, out_format, metadata, crc, dropped)
+
+
+def _quantized_outputs(layer: str, info: TensorInfo) -> Tuple[TensorInfo, ...]:
+    names = golden_stick.w8a16_names(layer)
+    rows = info.shape[0]
+    return (TensorInfo.of(names.weight, dtypes.INT8, info.shape),
+            TensorInfo.of(names.scale, info.dtype, (rows,)),
+            TensorInfo.of(names.zp_neg, info.dtype, (rows,)))
+
+
+def output_format(dst: "os.PathLike[str] | str", requested: Optional[str]) -> str:
+    """--format if given, else the output's suffix."""
+    fmt = requested or formats.format_from_suffix(dst)
+    if fmt is None:
+        raise OutputError(dst, "cannot tell the output format from the file name: "
+                          "name it .ckpt or .safetensors, or pass --format")
+    return fmt
+
+
+def check_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
+                 overwrite: bool) -> None:
+    """Refuse an output path that would clobber the input or an existing file."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.exists(dst):
+        if os.path.exists(src) and os.path.samefile(src, dst):
+            raise OutputError(dst, "output is the input file; write to another path")
+        if os.path.isdir(dst):
+            raise OutputError(dst, "is a directory; give an output file name")
+        if not overwrite:
+            raise OutputError(dst, "already exists; pass --overwrite to replace it")
+    elif os.path.realpath(src) == os.path.realpath(dst):
+        raise OutputError(dst, "output is the input file; write to another path")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise OutputError(dst, f"directory {parent} does not exist")
+
+
+def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", rules: Rules,
+                    *, out_format: Optional[str] = None, crc: bool = False,
+                    verify_crc: bool = True) -> Plan:
+    """The plan `convert` would follow, without writing anything (for --dry-run)."""
+    fmt = output_format(dst, out_format)
+    with formats.open_reader(src, verify_crc=verify_crc) as reader:
+        return make_plan(reader, rules, fmt, crc=crc)
+
+
+def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", rules: Rules, *,
+            out_format: Optional[str] = None, overwrite: bool = False, crc: bool = False,
+            verify_crc: bool = True, progress: Optional[ProgressFn] = None) -> Result:
+    """Convert `src` to a W8A16 checkpoint at `dst`; returns what was done.
+
+    `progress` is called after each tensor with its input bytes and the total.
+    """
+    started = time.perf_counter()
+    fmt = output_format(dst, out_format)
+    check_output(src, dst, overwrite)
+    with formats.open_reader(src, verify_crc=verify_crc) as reader:
+        plan = make_plan(reader, rules, fmt, crc=crc)
+        with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
+                                 crc=crc) as writer:
+            total = reader.nbytes
+            for step in plan.steps:
+                data = reader.read(step.source)
+                for info, array in zip(step.outputs, _transform(reader.path, step, data)):
+                    writer.write(info.name, array)
+                if progress is not None:
+                    progress(step.source.nbytes, total)
+            if progress is not None and plan.dropped:
+                progress(sum(t.nbytes for t in plan.dropped), total)
+    return Result(plan, os.path.getsize(src), os.path.getsize(dst),
+                  time.perf_counter() - started)
+
+
+def _transform(path: str, step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
+    if not step.quantized:
+        return (data,)
+    try:
+        w8 = quantize_w8(data, _FLOAT_FORMATS[step.source.dtype])
+    except NonFiniteWeightError as exc:
+        raise QuantizationError(path, f"tensor {step.source.name!r}: {exc}") from None
+    return w8.q, w8.scale, w8.zp_neg

@@ -1,0 +1,55 @@
+"""The exceptions ckpt-rtn raises on purpose.
+
+Every failure a user can cause (a bad file, a bad option, an unsupported
+tensor) is one of these, so the CLI can print one clear line and exit 2
+instead of a traceback. Anything else escaping is a bug.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+class CkptRtnError(Exception):
+    """Base class: a message about one file, optionally at a byte offset."""
+
+    def __init__(self, path: "os.PathLike[str] | str | None", reason: str,
+                 offset: Optional[int] = None) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.reason = reason
+        self.offset = offset
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f" (at byte {self.offset})" if self.offset is not None else ""
+        if self.path is None:
+            return f"{self.reason}{where}"
+        return f"{self.path}: {self.reason}{where}"
+
+
+class FormatError(CkptRtnError):
+    """The input's bytes are not a valid file of the expected format."""
+
+
+class EncryptedCheckpointError(FormatError):
+    """The checkpoint was saved with MindSpore's enc_key; we cannot read it."""
+
+
+class ChecksumError(FormatError):
+    """The CRC trailer does not match the file's content."""
+
+
+class UnsupportedError(CkptRtnError):
+    """Valid input that this tool deliberately does not handle."""
+
+
+class OutputError(CkptRtnError):
+    """The output path cannot be used (exists, is the input, not writable)."""
+
+
+class ConfigError(CkptRtnError):
+    """A selection-rules YAML file is missing or malformed."""
+
+
+class QuantizationError(CkptRtnError):
+    """A selected tensor cannot be quantized (non-finite values, bad shape)."""

@@ -1,0 +1,79 @@
+"""Checkpoint file formats: bytes in, `TensorInfo` + numpy arrays out, and back.
+
+Nothing here knows about quantization. One call per job:
+
+    with open_reader("in.ckpt") as reader:
+        for info in reader.tensors:
+            array = reader.read(info)
+
+    with open_writer("out.safetensors", planned_infos) as writer:
+        writer.write(name, array)
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Sequence
+
+from ..errors import FormatError, UnsupportedError
+from . import ckpt, safetensors
+from .tensor import TensorInfo, TensorReader, TensorWriter
+
+FORMATS = ("ckpt", "safetensors")
+_SUFFIXES = {".ckpt": "ckpt", ".safetensors": "safetensors"}
+
+
+def format_from_suffix(path: "os.PathLike[str] | str") -> Optional[str]:
+    """'ckpt' or 'safetensors' from the file name, None if the suffix says neither."""
+    return _SUFFIXES.get(os.path.splitext(os.fspath(path))[1].lower())
+
+
+def detect_format(path: "os.PathLike[str] | str") -> str:
+    """The format of an existing file: its suffix, else a look at its first bytes."""
+    by_suffix = format_from_suffix(path)
+    if by_suffix is not None:
+        return by_suffix
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise FormatError(path, f"cannot open: {exc.strerror}") from None
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "ckpt"
+
+
+def open_reader(path: "os.PathLike[str] | str", *, format: Optional[str] = None,
+                verify_crc: bool = True) -> TensorReader:
+    """Index a checkpoint file; `verify_crc` applies to `.ckpt` CRC trailers."""
+    if os.path.isdir(path):
+        raise FormatError(path, "is a directory, not a checkpoint file")
+    fmt = format or detect_format(path)
+    if fmt == "ckpt":
+        return ckpt.CkptReader(path, verify_crc=verify_crc)
+    if fmt == "safetensors":
+        return safetensors.SafetensorsReader(path)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def open_writer(path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo], *, format: str,
+                metadata: Mapping[str, str], crc: bool = False) -> TensorWriter:
+    """A writer for `tensors`; `metadata` goes to safetensors, `crc` to `.ckpt`."""
+    if format == "ckpt":
+        return ckpt.CkptWriter(path, tensors, crc=crc)
+    if format == "safetensors":
+        if crc:
+            raise UnsupportedError(path, "--crc applies to .ckpt output only")
+        return safetensors.SafetensorsWriter(path, tensors, metadata)
+    raise ValueError(f"unknown format {format!r}")
+
+
+def planned_size(tensors: Sequence[TensorInfo], *, format: str,
+                 metadata: Mapping[str, str], crc: bool = False) -> int:
+    """Exact byte size of the file `open_writer` would write for `tensors`."""
+    if format == "ckpt":
+        return ckpt.planned_size(tensors, crc=crc)
+    return safetensors.planned_size(tensors, metadata)
+
+
+__all__ = ["FORMATS", "TensorInfo", "TensorReader", "TensorWriter", "detect_format",
+           "format_from_suffix", "open_reader", "open_writer", "planned_size"]
