@@ -1,0 +1,84 @@
+"""Shared test fixtures: MindSpore-written reference files and Llama-shaped checkpoints."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import pytest
+
+# Keep MindSpore's C++ log quiet in test output (read when mindspore is imported).
+os.environ.setdefault("GLOG_v", "3")
+
+#: Files written by real MindSpore 2.10 (shared/ sits beside the checkout).
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mindspore-2.10"
+
+#: A tiny Llama2 with GQA, under MindFormers names.
+TINY = dict(layers=2, hidden=64, kv=32, ffn=128, vocab=100)
+
+
+def llama_shapes(layers: int, hidden: int, kv: int, ffn: int, vocab: int,
+                 qkv_concat: bool = False) -> Dict[str, Tuple[int, ...]]:
+    """MindFormers LlamaForCausalLM parameter names and shapes, in save order."""
+    shapes: Dict[str, Tuple[int, ...]] = {"model.tok_embeddings.embedding_weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes[p + "attention_norm.weight"] = (hidden,)
+        if qkv_concat:
+            shapes[p + "attention.w_qkv.weight"] = (hidden + 2 * kv, hidden)
+        else:
+            shapes[p + "attention.wq.weight"] = (hidden, hidden)
+            shapes[p + "attention.wk.weight"] = (kv, hidden)
+            shapes[p + "attention.wv.weight"] = (kv, hidden)
+        shapes[p + "attention.wo.weight"] = (hidden, hidden)
+        shapes[p + "ffn_norm.weight"] = (hidden,)
+        if qkv_concat:
+            shapes[p + "feed_forward.w_gate_hidden.weight"] = (2 * ffn, hidden)
+        else:
+            shapes[p + "feed_forward.w1.weight"] = (ffn, hidden)
+            shapes[p + "feed_forward.w3.weight"] = (ffn, hidden)
+        shapes[p + "feed_forward.w2.weight"] = (hidden, ffn)
+    shapes["model.norm_out.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def llama_weights(seed: int = 0, qkv_concat: bool = False, **dims: int) -> Dict[str, np.ndarray]:
+    """Random float32 weights (std 0.02, norms 1) for `llama_shapes`."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in llama_shapes(**{**TINY, **dims}, qkv_concat=qkv_concat).items():
+        if name.endswith("norm.weight") or name.endswith("norm_out.weight"):
+            out[name] = np.ones(shape, np.float32)
+        else:
+            out[name] = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+    return out
+
+
+def ms_save(path: "os.PathLike[str] | str", arrays: Dict[str, np.ndarray], ms_dtype=None,
+            **kwargs: object) -> None:
+    """Save with mindspore.save_checkpoint, casting every tensor to `ms_dtype` if given."""
+    import mindspore as ms
+    items = [{"name": k, "data": ms.Tensor(v, dtype=ms_dtype) if ms_dtype is not None
+              else ms.Tensor(v)} for k, v in arrays.items()]
+    fmt = "safetensors" if os.fspath(path).endswith(".safetensors") else "ckpt"
+    ms.save_checkpoint(items, os.fspath(path), format=fmt, **kwargs)
+
+
+def ms_load(path: "os.PathLike[str] | str", **kwargs: object) -> dict:
+    import mindspore as ms
+    fmt = "safetensors" if os.fspath(path).endswith(".safetensors") else "ckpt"
+    return ms.load_checkpoint(os.fspath(path), format=fmt, **kwargs)
+
+
+def ms_bytes(value: object) -> bytes:
+    """Raw little-endian bytes of a loaded MindSpore Parameter (bf16 included)."""
+    array = value.asnumpy()
+    return np.ascontiguousarray(array).tobytes()
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    assert FIXTURES.is_dir(), f"missing shared fixtures at {FIXTURES}"
+    return FIXTURES

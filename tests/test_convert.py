@@ -1,0 +1,161 @@
+"""End to end: MindSpore-saved Llama checkpoints -> ckpt-rtn convert -> mindspore.load_checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import mindspore as ms
+
+from ckpt_rtn import converter
+from ckpt_rtn.cli import main
+from ckpt_rtn.numerics import FloatFormat
+from ckpt_rtn.rules import load_rules
+
+from conftest import llama_weights, ms_bytes, ms_load, ms_save
+from test_rtn import golden_stick_reference
+
+LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+           "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def run(*args: str) -> None:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def expected_names(weights: Dict[str, np.ndarray]) -> Dict[str, str]:
+    """Golden Stick's output tensor set: name -> dtype name (for an fp16 model)."""
+    out = {}
+    for name in weights:
+        layer = name[:-len(".weight")]
+        if any(layer.endswith(l) for l in LINEARS):
+            out[layer + "._handler.weight"] = "Int8"
+            out[layer + "._weight_quantizer.scale"] = "Float16"
+            out[layer + "._weight_quantizer.zp_neg"] = "Float16"
+        else:
+            out[name] = "Float16"
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16_llama(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("llama")
+    weights = llama_weights()
+    ms_save(root / "llama.ckpt", weights, ms_dtype=ms.float16)
+    return root, {k: v.astype(np.float16) for k, v in weights.items()}
+
+
+@pytest.mark.parametrize("out_name", ["w8a16.ckpt", "w8a16.safetensors"])
+def test_mindspore_llama_converts_to_golden_stick_tensor_set(fp16_llama, tmp_path: Path,
+                                                             out_name: str) -> None:
+    root, weights = fp16_llama
+    out = tmp_path / out_name
+    run("convert", str(root / "llama.ckpt"), str(out), "-q")
+    loaded = ms_load(out)
+    assert {k: str(v.dtype) for k, v in loaded.items()} == expected_names(weights)
+    for name, w in weights.items():
+        layer = name[:-len(".weight")]
+        if any(layer.endswith(l) for l in LINEARS):
+            q = loaded[layer + "._handler.weight"]
+            scale = loaded[layer + "._weight_quantizer.scale"]
+            zp = loaded[layer + "._weight_quantizer.zp_neg"]
+            assert tuple(q.shape) == w.shape and tuple(scale.shape) == tuple(zp.shape) == w.shape[:1]
+            q_ref, scale_ref = golden_stick_reference(w, FloatFormat.FLOAT16)
+            np.testing.assert_array_equal(q.asnumpy(), q_ref)
+            assert ms_bytes(scale) == scale_ref.tobytes()
+            assert not zp.asnumpy().any()
+        else:  # embeddings, norms, blacklisted lm_head: bit for bit
+            assert ms_bytes(loaded[name]) == w.tobytes(), name
+
+
+def test_ckpt_and_safetensors_outputs_hold_the_same_tensors(fp16_llama, tmp_path: Path) -> None:
+    root, _ = fp16_llama
+    run("convert", str(root / "llama.ckpt"), str(tmp_path / "a.ckpt"), "-q")
+    run("convert", str(root / "llama.ckpt"), str(tmp_path / "b.safetensors"), "-q")
+    run("convert", str(root / "llama.ckpt"), str(tmp_path / "c.ckpt"), "-q")
+    a, b = ms_load(tmp_path / "a.ckpt"), ms_load(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert ms_bytes(a[name]) == ms_bytes(b[name]), name
+    assert (tmp_path / "a.ckpt").read_bytes() == (tmp_path / "c.ckpt").read_bytes()
+
+
+def test_safetensors_input_and_mixed_formats(fp16_llama, tmp_path: Path) -> None:
+    root, weights = fp16_llama
+    ms_save(tmp_path / "llama.safetensors", weights)
+    run("convert", str(tmp_path / "llama.safetensors"), str(tmp_path / "from_st.ckpt"), "-q")
+    run("convert", str(root / "llama.ckpt"), str(tmp_path / "from_ckpt.ckpt"), "-q")
+    a, b = ms_load(tmp_path / "from_st.ckpt"), ms_load(tmp_path / "from_ckpt.ckpt")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert ms_bytes(a[name]) == ms_bytes(b[name]), name
+
+
+@pytest.mark.parametrize("ms_dtype,fmt,scale_dtype", [
+    (ms.bfloat16, FloatFormat.BFLOAT16, "BFloat16"),
+    (ms.float32, FloatFormat.FLOAT32, "Float32"),
+])
+def test_bf16_and_fp32_models_keep_their_scale_dtype(tmp_path: Path, ms_dtype, fmt,
+                                                     scale_dtype: str) -> None:
+    weights = llama_weights(layers=1)
+    ms_save(tmp_path / "in.ckpt", weights, ms_dtype=ms_dtype)
+    run("convert", str(tmp_path / "in.ckpt"), str(tmp_path / "out.ckpt"), "-q", "--crc")
+    loaded = ms_load(tmp_path / "out.ckpt", crc_check=True)
+    source = ms_load(tmp_path / "in.ckpt")
+    scale = loaded["model.layers.0.attention.wq._weight_quantizer.scale"]
+    assert str(scale.dtype) == scale_dtype
+    raw = np.frombuffer(ms_bytes(source["model.layers.0.attention.wq.weight"]), fmt.storage)
+    q_ref, scale_ref = golden_stick_reference(raw.reshape(64, 64), fmt)
+    np.testing.assert_array_equal(loaded["model.layers.0.attention.wq._handler.weight"].asnumpy(),
+                                  q_ref)
+    assert ms_bytes(scale) == scale_ref.tobytes()
+
+
+def test_fused_qkv_and_gate_hidden_are_quantized(tmp_path: Path) -> None:
+    weights = llama_weights(layers=1, qkv_concat=True)
+    ms_save(tmp_path / "in.ckpt", weights, ms_dtype=ms.float16)
+    run("convert", str(tmp_path / "in.ckpt"), str(tmp_path / "out.ckpt"), "-q")
+    loaded = ms_load(tmp_path / "out.ckpt")
+    assert tuple(loaded["model.layers.0.attention.w_qkv._handler.weight"].shape) == (128, 64)
+    assert tuple(loaded["model.layers.0.feed_forward.w_gate_hidden._weight_quantizer.scale"]
+                 .shape) == (256,)
+
+
+def test_bias_of_a_quantized_linear_moves_under_handler(tmp_path: Path) -> None:
+    weights = llama_weights(layers=1)
+    weights["model.layers.0.attention.wq.bias"] = np.arange(64, dtype=np.float32)
+    ms_save(tmp_path / "in.ckpt", weights, ms_dtype=ms.float16)
+    run("convert", str(tmp_path / "in.ckpt"), str(tmp_path / "out.ckpt"), "-q")
+    loaded = ms_load(tmp_path / "out.ckpt")
+    assert "model.layers.0.attention.wq.bias" not in loaded
+    bias = loaded["model.layers.0.attention.wq._handler.bias"]
+    assert bias.asnumpy().tolist() == list(range(64))
+
+
+def test_blacklist_is_golden_stick_substring_match(tmp_path: Path) -> None:
+    weights = llama_weights(layers=12, hidden=8, kv=8, ffn=16, vocab=10)
+    ms_save(tmp_path / "in.ckpt", weights, ms_dtype=ms.float16)
+    rules = load_rules("llama2").with_overrides(blacklist=["layers.1"])
+    with converter.formats.open_reader(tmp_path / "in.ckpt") as reader:
+        plan = converter.make_plan(reader, rules, "ckpt")
+    quantized_layers = {s.layer.split(".")[2] for s in plan.quantized}
+    assert quantized_layers == {"0", "2", "3", "4", "5", "6", "7", "8", "9"}  # 1, 10, 11 skipped
+    everything = load_rules("llama2").with_overrides(keep_default_blacklist=False)
+    with converter.formats.open_reader(tmp_path / "in.ckpt") as reader:
+        plan = converter.make_plan(reader, everything, "ckpt")
+    assert "lm_head" in {s.layer for s in plan.quantized}
+
+
+def test_safetensors_metadata_is_kept_but_stale_crc_dropped(fp16_llama, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    _, weights = fp16_llama
+    save_file(weights, str(tmp_path / "in.safetensors"),
+              metadata={"crc_num": "123", "remove_redundancy": "False"})
+    run("convert", str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"), "-q")
+    with safe_open(str(tmp_path / "out.safetensors"), framework="numpy") as f:
+        assert f.metadata() == {"format": "ms", "remove_redundancy": "False"}

@@ -1,0 +1,148 @@
+"""RTN math against an independent MindSpore-ops implementation of Golden Stick's formula."""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from ckpt_rtn.numerics import FloatFormat, bf16_to_float32, float32_to_bf16, to_storage, to_work
+from ckpt_rtn.rtn import NonFiniteWeightError, dequantize_w8, quantize_w8
+
+MS_DTYPE = {FloatFormat.FLOAT16: ms.float16, FloatFormat.BFLOAT16: ms.bfloat16,
+            FloatFormat.FLOAT32: ms.float32}
+
+
+def golden_stick_reference(w: np.ndarray, fmt: FloatFormat) -> Tuple[np.ndarray, np.ndarray]:
+    """q and scale (raw `fmt` values) computed with MindSpore ops, as Golden Stick does.
+
+    Min/max in float32; scale = (a - (-a)) / 255 in float32 for fp16 (v0.5.0)
+    and float64 otherwise (v1.0+); the division in the weight's own dtype;
+    ops.round (half to even); clip to [-128, 127]. Rows whose scale is 0 get
+    q = 0 (Golden Stick leaves them undefined; we document q = 0).
+    """
+    dtype = MS_DTYPE[fmt]
+    weight = Tensor(to_work(w, fmt).astype(np.float32), dtype)
+    wf = ops.cast(weight, ms.float32)
+    high, low = ops.amax(wf, axis=1), ops.amin(wf, axis=1)
+    a = ops.maximum(ops.abs(high), ops.abs(low))
+    if fmt is FloatFormat.FLOAT16:
+        scale32 = ops.div(ops.sub(a, ops.neg(a)), 255.0)
+    else:
+        a64 = ops.cast(a, ms.float64)
+        scale32 = ops.cast(ops.div(ops.sub(a64, ops.neg(a64)), 255.0), ms.float32)
+    if bool(ops.equal(high, low).all()):
+        scale32 = ops.ones_like(scale32)
+    scale = ops.cast(scale32, dtype)
+    quotient = ops.div(weight, ops.expand_dims(scale, 1))  # in the weight's dtype
+    q = ops.clip_by_value(ops.round(ops.cast(quotient, ms.float32)), -128.0, 127.0)
+    zero_rows = ops.expand_dims(ops.equal(ops.cast(scale, ms.float32), 0.0), 1)
+    q = ops.select(ops.broadcast_to(zero_rows, q.shape), ops.zeros_like(q), q)
+    raw_scale = scale.asnumpy()
+    if fmt is FloatFormat.BFLOAT16:
+        raw_scale = raw_scale.view(np.uint16)
+    return ops.cast(q, ms.int8).asnumpy(), raw_scale
+
+
+def adversarial_weights(fmt: FloatFormat) -> Dict[str, np.ndarray]:
+    """float32 values exactly representable in `fmt`, by case."""
+    rng = np.random.default_rng(7)
+    big = 60000.0 if fmt is FloatFormat.FLOAT16 else 3.0e38
+    # fp16: subnormal weights and scales. bf16/fp32: MindSpore's CPU casts flush
+    # float32 subnormals to zero, so stay small but normal there.
+    tiny = 6e-8 if fmt is FloatFormat.FLOAT16 else 1e-30
+    step = 2.0 ** -6
+    ties = step * (np.arange(-128, 128) + 0.5)  # exact k + 0.5 quotients; a = 127.5 * step
+    cases = {
+        "normal": rng.standard_normal((64, 96)) * 0.02,
+        "ties": np.stack([ties, -ties, ties[::-1] * 4, ties * 0.5]),
+        "huge": np.stack([np.linspace(-big, big, 96), np.full(96, big), rng.uniform(-big, big, 96)]),
+        "tiny": np.stack([np.linspace(-tiny, tiny, 96) * 8, np.full(96, tiny), rng.uniform(-1, 1, 96)]),
+        "zero_and_constant_rows": np.stack([np.zeros(96), np.full(96, 0.3), np.full(96, -2.0),
+                                            rng.standard_normal(96)]),
+        "all_rows_constant": np.stack([np.full(40, v) for v in (1.0, -2.5, 0.7, 0.0, 3.5)]),
+        "mixed_magnitudes": np.where(rng.random((16, 96)) < 0.1, 10.0, 1e-3) * rng.standard_normal((16, 96)),
+        "many_rows": rng.standard_normal((600, 40)),
+    }
+    return {k: to_storage(v.astype(np.float32), fmt) if fmt is not FloatFormat.FLOAT32
+            else v.astype(np.float32) for k, v in cases.items()}
+
+
+CASES = [(fmt, case) for fmt in MS_DTYPE for case in adversarial_weights(fmt)]
+
+
+@pytest.mark.parametrize("fmt,case", CASES, ids=[f"{f.value}-{c}" for f, c in CASES])
+def test_bit_exact_with_mindspore_ops_reference(fmt: FloatFormat, case: str) -> None:
+    w = adversarial_weights(fmt)[case]
+    result = quantize_w8(w, fmt, block_rows=100)
+    q_ref, scale_ref = golden_stick_reference(w, fmt)
+    assert result.scale.dtype == fmt.storage and result.scale.shape == (w.shape[0],)
+    np.testing.assert_array_equal(result.scale.view(np.uint8), scale_ref.view(np.uint8))
+    np.testing.assert_array_equal(result.q, q_ref)
+    assert result.q.dtype == np.int8 and result.q.shape == w.shape
+    assert not to_work(result.zp_neg, fmt).any() and not np.signbit(to_work(result.zp_neg, fmt)).any()
+
+
+def test_ties_round_half_to_even() -> None:
+    w = to_storage(np.float32(2.0 ** -6) * np.float32([[0.5, 1.5, 2.5, -0.5, -2.5, 127.5, -127.5]]),
+                   FloatFormat.FLOAT16)
+    result = quantize_w8(w, FloatFormat.FLOAT16)
+    assert to_work(result.scale, FloatFormat.FLOAT16)[0] == 2.0 ** -6
+    assert result.q.tolist() == [[0, 2, 2, 0, -2, 127, -128]]
+
+
+def test_degenerate_cases() -> None:
+    ones = np.ones((3, 4), np.float16)
+    result = quantize_w8(ones, FloatFormat.FLOAT16)  # every row constant: scale 1
+    assert result.q.tolist() == [[1] * 4] * 3 and result.scale.tolist() == [1.0] * 3
+    mixed = np.array([[0, 0, 0], [0.5, -1, 0.25]], np.float16)
+    result = quantize_w8(mixed, FloatFormat.FLOAT16)  # a zero row: scale 0, q 0
+    assert result.q[0].tolist() == [0, 0, 0] and result.scale[0] == 0
+    assert result.q[1].tolist() == [64, -128, 32]
+
+
+#: Worst |q - w/s| over a whole tensor, in units of its row's scale.
+ERROR_BOUND = {FloatFormat.FLOAT16: 0.5625, FloatFormat.BFLOAT16: 1.0, FloatFormat.FLOAT32: 0.5 + 2**-16}
+
+
+@pytest.mark.parametrize("fmt", list(MS_DTYPE))
+def test_dequantization_error_bound(fmt: FloatFormat) -> None:
+    """|q*s - w| <= s/2 for every unclamped element, up to the rounding of w/s to `fmt`.
+
+    Golden Stick rounds the quotient to the weight's dtype before rounding to
+    an integer, and the scale itself is rounded, so the top code can sit just
+    over 127.5 before clamping. In real arithmetic that bounds the error by
+    0.5625 * s for fp16 (the largest quotient is 127.5 * (1 + 2^-11)) and by
+    1.0 * s for bf16, whose quotients in [64, 128) are spaced 0.5 apart.
+    """
+    rng = np.random.default_rng(11)
+    w = to_storage((rng.standard_normal((256, 512)) * rng.uniform(1e-3, 2, (256, 1)))
+                   .astype(np.float32), fmt)
+    result = quantize_w8(w, fmt)
+    wf = to_work(w, fmt).astype(np.float64)
+    s = to_work(result.scale, fmt).astype(np.float64)[:, None]
+    error = np.abs(dequantize_w8(result, fmt).astype(np.float64) - wf)
+    assert (error <= ERROR_BOUND[fmt] * s).all()
+    quotient = to_work(to_storage((wf / s).astype(fmt.work), fmt), fmt)  # what is rounded
+    unclamped = (quotient > -128.5) & (quotient < 127.5)
+    assert (np.abs(result.q - quotient)[unclamped] <= 0.5).all()
+    assert unclamped.mean() > 0.99
+
+
+def test_non_finite_weights_are_refused() -> None:
+    w = np.array([[1.0, np.inf]], np.float16)
+    with pytest.raises(NonFiniteWeightError):
+        quantize_w8(w, FloatFormat.FLOAT16)
+    with pytest.raises(NonFiniteWeightError):
+        quantize_w8(np.array([[np.nan, 1.0]], np.float32), FloatFormat.FLOAT32)
+
+
+def test_bf16_helpers_round_half_to_even() -> None:
+    values = np.array([1.0, 1.00390625, 1.01171875, -3.0e38, np.inf, 1e-40], np.float32)
+    bits = float32_to_bf16(values)
+    ref = Tensor(values, ms.bfloat16).asnumpy().view(np.uint16)
+    np.testing.assert_array_equal(bits, ref)
+    assert np.isnan(bf16_to_float32(float32_to_bf16(np.float32([np.nan])))).all()
