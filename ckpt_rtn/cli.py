@@ -94,17 +94,24 @@ def convert(src: str, dst: str, config: str, include: Sequence[str], blacklist: 
     rules = load_rules(config).with_overrides(include=include, blacklist=blacklist,
                                               keep_default_blacklist=not no_default_blacklist)
     if dry_run:
-        plan = converter.plan_conversion(src, dst, rules, out_format=out_format, crc=crc,
+        plan = converter.plan_conversion(src, dst, rules, out_format=out_format,
+                                         overwrite=overwrite, crc=crc,
                                          verify_crc=not no_verify_crc)
         _print_dry_run(plan, os.path.getsize(src), rules)
         return
-    with tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
-              disable=quiet, leave=False) as bar:
-        def progress(advance: int, total: int) -> None:
-            bar.total = total
-            bar.update(advance)
+    bars = []
+
+    def progress(advance: int, total: int) -> None:
+        if not bars:  # first tensor done: every check has passed
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc="convert", leave=False, disable=True if quiet else None))
+        bars[0].update(advance)
+    try:
         result = converter.convert(src, dst, rules, out_format=out_format, overwrite=overwrite,
                                    crc=crc, verify_crc=not no_verify_crc, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     _warn_about(result.plan, rules)
     if not quiet:
         plan = result.plan

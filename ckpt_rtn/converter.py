@@ -117,12 +117,14 @@ def _quantized_outputs(layer: str, info: TensorInfo) -> Tuple[TensorInfo, ...]:
             TensorInfo.of(names.zp_neg, info.dtype, (rows,)))
 
 
-def output_format(dst: "os.PathLike[str] | str", requested: Optional[str]) -> str:
-    """--format if given, else the output's suffix."""
+def output_format(dst: "os.PathLike[str] | str", requested: Optional[str], crc: bool) -> str:
+    """--format if given, else the output's suffix; --crc needs .ckpt output."""
     fmt = requested or formats.format_from_suffix(dst)
     if fmt is None:
         raise OutputError(dst, "cannot tell the output format from the file name: "
                           "name it .ckpt or .safetensors, or pass --format")
+    if crc and fmt != "ckpt":
+        raise UnsupportedError(dst, "--crc applies to .ckpt output only")
     return fmt
 
 
@@ -145,10 +147,11 @@ def check_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
 
 
 def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", rules: Rules,
-                    *, out_format: Optional[str] = None, crc: bool = False,
-                    verify_crc: bool = True) -> Plan:
-    """The plan `convert` would follow, without writing anything (for --dry-run)."""
-    fmt = output_format(dst, out_format)
+                    *, out_format: Optional[str] = None, overwrite: bool = False,
+                    crc: bool = False, verify_crc: bool = True) -> Plan:
+    """The plan `convert` would follow, after the same checks, writing nothing (--dry-run)."""
+    fmt = output_format(dst, out_format, crc)
+    check_output(src, dst, overwrite)
     with formats.open_reader(src, verify_crc=verify_crc) as reader:
         return make_plan(reader, rules, fmt, crc=crc)
 
@@ -161,7 +164,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", rules:
     `progress` is called after each tensor with its input bytes and the total.
     """
     started = time.perf_counter()
-    fmt = output_format(dst, out_format)
+    fmt = output_format(dst, out_format, crc)
     check_output(src, dst, overwrite)
     with formats.open_reader(src, verify_crc=verify_crc) as reader:
         plan = make_plan(reader, rules, fmt, crc=crc)

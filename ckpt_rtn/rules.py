@@ -79,7 +79,7 @@ def load_rules(config: "str | os.PathLike[str] | None" = None) -> Rules:
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(path, f"invalid YAML: {exc}") from None
+        raise ConfigError(path, f"invalid YAML: {_one_line(exc)}") from None
     return _rules_from(path, data)
 
 
@@ -101,3 +101,10 @@ def _compile(pattern: str, where: str) -> "re.Pattern[str]":
         return re.compile(pattern)
     except re.error as exc:
         raise ConfigError(None, f"{where}: invalid regular expression {pattern!r}: {exc}") from None
+
+
+def _one_line(exc: "yaml.YAMLError") -> str:
+    """PyYAML's multi-line message as 'problem at line L, column C'."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem

@@ -56,6 +56,17 @@ def llama_weights(seed: int = 0, qkv_concat: bool = False, **dims: int) -> Dict[
     return out
 
 
+def cli(*args: object):
+    """Run `ckpt-rtn ARGS` in-process; stdout and stderr stay apart."""
+    from click.testing import CliRunner
+    from ckpt_rtn.cli import main
+    try:  # click < 8.2 mixes stderr into stdout unless told not to
+        runner = CliRunner(mix_stderr=False)  # type: ignore[call-arg]
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, [os.fspath(a) if isinstance(a, Path) else a for a in args])
+
+
 def ms_save(path: "os.PathLike[str] | str", arrays: Dict[str, np.ndarray], ms_dtype=None,
             **kwargs: object) -> None:
     """Save with mindspore.save_checkpoint, casting every tensor to `ms_dtype` if given."""

@@ -27,6 +27,14 @@ def run(*args: str) -> None:
     assert result.exit_code == 0, result.output
 
 
+def assert_same_tensors(a_path: Path, b_path: Path) -> None:
+    """MindSpore loads the same names and bytes from both files."""
+    a, b = ms_load(a_path), ms_load(b_path)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert ms_bytes(a[name]) == ms_bytes(b[name]), name
+
+
 def expected_names(weights: Dict[str, np.ndarray]) -> Dict[str, str]:
     """Golden Stick's output tensor set: name -> dtype name (for an fp16 model)."""
     out = {}
@@ -77,10 +85,7 @@ def test_ckpt_and_safetensors_outputs_hold_the_same_tensors(fp16_llama, tmp_path
     run("convert", str(root / "llama.ckpt"), str(tmp_path / "a.ckpt"), "-q")
     run("convert", str(root / "llama.ckpt"), str(tmp_path / "b.safetensors"), "-q")
     run("convert", str(root / "llama.ckpt"), str(tmp_path / "c.ckpt"), "-q")
-    a, b = ms_load(tmp_path / "a.ckpt"), ms_load(tmp_path / "b.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert ms_bytes(a[name]) == ms_bytes(b[name]), name
+    assert_same_tensors(tmp_path / "a.ckpt", tmp_path / "b.safetensors")
     assert (tmp_path / "a.ckpt").read_bytes() == (tmp_path / "c.ckpt").read_bytes()
 
 
@@ -89,10 +94,7 @@ def test_safetensors_input_and_mixed_formats(fp16_llama, tmp_path: Path) -> None
     ms_save(tmp_path / "llama.safetensors", weights)
     run("convert", str(tmp_path / "llama.safetensors"), str(tmp_path / "from_st.ckpt"), "-q")
     run("convert", str(root / "llama.ckpt"), str(tmp_path / "from_ckpt.ckpt"), "-q")
-    a, b = ms_load(tmp_path / "from_st.ckpt"), ms_load(tmp_path / "from_ckpt.ckpt")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert ms_bytes(a[name]) == ms_bytes(b[name]), name
+    assert_same_tensors(tmp_path / "from_st.ckpt", tmp_path / "from_ckpt.ckpt")
 
 
 @pytest.mark.parametrize("ms_dtype,fmt,scale_dtype", [

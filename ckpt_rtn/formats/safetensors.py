@@ -73,7 +73,8 @@ class SafetensorsReader(TensorReader):
                data_start: int) -> Tuple[TensorInfo, Tuple[int, int]]:
         if not isinstance(spec, dict):
             raise FormatError(self.path, f"header entry {name!r} is not an object", 8)
-        dtype = dtypes.from_safetensors_code(spec.get("dtype"))  # type: ignore[arg-type]
+        code = spec.get("dtype")
+        dtype = dtypes.from_safetensors_code(code) if isinstance(code, str) else None
         if dtype is None:
             raise UnsupportedError(self.path, f"tensor {name!r} has unknown dtype "
                                    f"{spec.get('dtype')!r}")

@@ -1,0 +1,567 @@
+"""Every bad input a user can hand `ckpt-rtn`, through the real CLI.
+
+Each refusal must: exit 2, print exactly one line on stderr of the form
+`error: <the offending path>: <reason>`, never a traceback, and leave no
+output file (and no `.<name>.ckpt-rtn-*.tmp` temp file) behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import pytest
+from click.testing import Result
+
+from ckpt_rtn import converter, dtypes, formats
+from ckpt_rtn.cli import main
+from ckpt_rtn.errors import QuantizationError
+from ckpt_rtn.formats import TensorInfo
+from ckpt_rtn.rules import load_rules
+
+from conftest import FIXTURES, cli
+SMALL = FIXTURES / "small.ckpt"
+SMALL_CRC = FIXTURES / "small_crc.ckpt"
+SMALL_ENC = FIXTURES / "small_enc.ckpt"
+
+#: Where each record of small.ckpt starts (checked against the file below):
+#: a.fp16 b.fp32 c.bf16 d.int8 e.scalar_i64 f.bool g.f64 h.u8 epoch_num note lr, end.
+SMALL_RECORDS = (0, 39, 80, 116, 146, 181, 206, 240, 264, 296, 335, 358)
+#: a.fp16's tensor bytes lie at [27, 39) (shared/specs/mindspore-ckpt-format.md, section 2).
+SMALL_A_FP16_DATA = (27, 39)
+
+TEMP_GLOB = ".*.ckpt-rtn-*.tmp"
+OFFSET_RE = re.compile(r"\(at byte (\d+)\)$")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def run(*args: object) -> Result:
+    return cli(*args)
+
+
+def temp_files(directory: Path) -> List[Path]:
+    return sorted(directory.glob(TEMP_GLOB))
+
+
+def assert_refused(result: Result, path: "Path | str", reason: str, *,
+                   leaves: Iterable[Path] = (), directory: Optional[Path] = None,
+                   offset: Optional[bool] = None) -> str:
+    """The CLI refused cleanly; returns the error line.
+
+    `reason`: a regex that must occur in the error line (case-insensitive).
+    `leaves`: paths that must not exist afterwards. `directory`: where no
+    temp file may remain. `offset`: True if the line must end in
+    "(at byte N)".
+    """
+    context = f"exit {result.exit_code}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"uncaught {result.exception!r} (a traceback for the user)\n{context}")
+    assert "Traceback" not in result.output, context
+    assert result.exit_code == 2, context
+    for p in leaves:
+        assert not os.path.lexists(p), f"{p} was left behind\n{context}"
+    if directory is not None:
+        assert temp_files(directory) == [], context
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected exactly one line on stderr\n{context}"
+    line = lines[0]
+    prefix = f"error: {os.fspath(path)}: "
+    assert line.startswith(prefix), f"expected {prefix!r}...\n{context}"
+    assert re.search(reason, line[len(prefix):], re.IGNORECASE), (
+        f"reason /{reason}/ not named\n{context}")
+    if offset is True:
+        assert OFFSET_RE.search(line), f"expected '(at byte N)'\n{context}"
+    return line
+
+
+def offset_of(line: str) -> int:
+    match = OFFSET_RE.search(line)
+    assert match, line
+    return int(match.group(1))
+
+
+def llama_infos(layers: int = 2) -> List[TensorInfo]:
+    f16 = dtypes.FLOAT16
+    infos = [TensorInfo.of("model.tok_embeddings.embedding_weight", f16, [32, 64])]
+    for i in range(layers):
+        for w in ("wq", "wk", "wv", "wo"):
+            infos.append(TensorInfo.of(f"model.layers.{i}.attention.{w}.weight", f16, [64, 64]))
+        for w in ("w1", "w2", "w3"):
+            infos.append(TensorInfo.of(f"model.layers.{i}.feed_forward.{w}.weight", f16,
+                                       [64, 64]))
+        infos.append(TensorInfo.of(f"model.layers.{i}.attention_norm.weight", f16, [64]))
+    infos.append(TensorInfo.of("model.norm_out.weight", f16, [64]))
+    infos.append(TensorInfo.of("lm_head.weight", f16, [32, 64]))
+    return infos
+
+
+def write_llama_ckpt(path: Path, *, crc: bool = False) -> Path:
+    """A small Llama-shaped .ckpt written by our own writer (14 quantizable weights)."""
+    rng = np.random.default_rng(1234)
+    infos = llama_infos()
+    with formats.open_writer(path, infos, format="ckpt", metadata={}, crc=crc) as writer:
+        for info in infos:
+            writer.write(info.name, rng.standard_normal(info.shape).astype(np.float16))
+    return path
+
+
+def write_safetensors(path: Path, header: object, data: bytes, *,
+                      header_len: Optional[int] = None) -> Path:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(raw) if header_len is None else header_len
+    path.write_bytes(struct.pack("<Q", n) + raw + data)
+    return path
+
+
+def copy_of(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)  # not copy(): the fixtures are read-only
+    os.chmod(dst, 0o644)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def llama_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_llama_ckpt(tmp_path_factory.mktemp("llama") / "llama.ckpt")
+
+
+@pytest.fixture
+def llama_copy(tmp_path: Path, llama_ckpt: Path) -> Path:
+    return copy_of(llama_ckpt, tmp_path / "in.ckpt")
+
+
+def test_fixture_layout_is_what_these_tests_assume() -> None:
+    data = SMALL.read_bytes()
+    assert len(data) == SMALL_RECORDS[-1]
+    assert all(data[start] == 0x0A for start in SMALL_RECORDS[:-1])
+    assert SMALL_ENC.read_bytes()[:4] == bytes.fromhex("d85e3a7f")
+    assert SMALL_CRC.read_bytes()[-17:-10] == b"crc_num"
+
+
+# --------------------------------------------------------------------------- input files
+
+COMMANDS = ("inspect", "convert")
+
+
+def run_on_input(command: str, src: Path, tmp_path: Path, *extra: str) -> "tuple[Result, Path]":
+    """`inspect SRC` or `convert SRC <tmp>/out/out.ckpt`; returns the result and the output."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    dst = out_dir / "out.ckpt"
+    if command == "inspect":
+        return run("inspect", src, *extra), dst
+    return run("convert", src, dst, *extra), dst
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("name, reason", [("empty.ckpt", r"empty"),
+                                          ("empty.safetensors", r"empty|too short")])
+def test_empty_file(tmp_path: Path, command: str, name: str, reason: str) -> None:
+    src = tmp_path / name
+    src.write_bytes(b"")
+    result, dst = run_on_input(command, src, tmp_path)
+    assert_refused(result, src, reason, leaves=[dst], directory=dst.parent)
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("cut", [1, 2, 5, 20, 30, 33, 38, 60, 100, 200, 300, 357])
+def test_fixture_truncated_mid_record(tmp_path: Path, command: str, cut: int) -> None:
+    """small.ckpt cut inside a record: in a length, the tag, the dtype name, the data."""
+    src = tmp_path / "cut.ckpt"
+    src.write_bytes(SMALL.read_bytes()[:cut])
+    result, dst = run_on_input(command, src, tmp_path)
+    line = assert_refused(result, src, r"truncated|corrupt", leaves=[dst],
+                          directory=dst.parent, offset=True)
+    # the offset points into the record that was cut, not somewhere arbitrary
+    record = max(start for start in SMALL_RECORDS if start < cut)
+    assert record <= offset_of(line) <= cut, line
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("where", ["first record header", "first tensor data", "middle",
+                                   "last byte"])
+def test_our_ckpt_truncated(tmp_path: Path, llama_ckpt: Path, command: str, where: str) -> None:
+    data = llama_ckpt.read_bytes()
+    first_data = data.index(b"Float16") + len(b"Float16") + 3  # after 0x1a + 2-byte length
+    cut = {"first record header": 12, "first tensor data": first_data + 100,
+           "middle": len(data) // 2, "last byte": len(data) - 1}[where]
+    src = tmp_path / "cut.ckpt"
+    src.write_bytes(data[:cut])
+    result, dst = run_on_input(command, src, tmp_path)
+    line = assert_refused(result, src, r"truncated|corrupt", leaves=[dst],
+                          directory=dst.parent, offset=True)
+    assert 0 <= offset_of(line) <= cut
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_crc_trailer_cut_short(tmp_path: Path, command: str) -> None:
+    src = tmp_path / "cut.ckpt"
+    src.write_bytes(SMALL_CRC.read_bytes()[:-5])
+    result, dst = run_on_input(command, src, tmp_path)
+    line = assert_refused(result, src, r"truncated|corrupt", leaves=[dst],
+                          directory=dst.parent, offset=True)
+    # the error points at the (now unrecognisable) trailer, not into the intact records
+    assert SMALL_RECORDS[-1] <= offset_of(line) <= len(SMALL_CRC.read_bytes()) - 5
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("name, first, reason", [
+    ("random.ckpt", None, r"not a MindSpore checkpoint|corrupt"),
+    ("random_0a.ckpt", b"\x0a", r"corrupt|truncated"),  # passes the first-byte test
+    ("random.safetensors", None, r"header length|not a safetensors|truncated"),
+])
+def test_random_bytes(tmp_path: Path, command: str, name: str, first: Optional[bytes],
+                      reason: str) -> None:
+    payload = np.random.default_rng(20240531).bytes(4096)
+    src = tmp_path / name
+    src.write_bytes((first or b"") + payload)
+    result, dst = run_on_input(command, src, tmp_path)
+    assert_refused(result, src, reason, leaves=[dst], directory=dst.parent, offset=True)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_bytes_never_crash(tmp_path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for size in (1, 7, 8, 9, 17, 64, 1000):
+        for name in ("r.ckpt", "r.safetensors"):
+            src = tmp_path / name
+            src.write_bytes(rng.bytes(size))
+            assert_refused(run("inspect", src), src, r".")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_encrypted_checkpoint(tmp_path: Path, command: str) -> None:
+    result, dst = run_on_input(command, SMALL_ENC, tmp_path)
+    line = assert_refused(result, SMALL_ENC, r"encrypted", leaves=[dst], directory=dst.parent)
+    assert "AES-GCM" in line
+
+
+@pytest.fixture
+def crc_damaged(tmp_path: Path) -> Path:
+    src = copy_of(SMALL_CRC, tmp_path / "damaged.ckpt")
+    data = bytearray(src.read_bytes())
+    start, end = SMALL_A_FP16_DATA
+    data[start + 3] ^= 0x40  # one byte of a.fp16's data
+    src.write_bytes(bytes(data))
+    return src
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_crc_mismatch(tmp_path: Path, crc_damaged: Path, command: str) -> None:
+    result, dst = run_on_input(command, crc_damaged, tmp_path)
+    line = assert_refused(result, crc_damaged, r"CRC mismatch", leaves=[dst],
+                          directory=dst.parent)
+    assert "--no-verify-crc" in line  # tells the user the way out
+
+
+def test_crc_mismatch_no_verify_crc_reads_it(tmp_path: Path, crc_damaged: Path) -> None:
+    result = run("inspect", "--no-verify-crc", crc_damaged)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    assert "not checked" in result.stdout
+    for name in ("a.fp16", "b.fp32", "note", "lr"):
+        assert re.search(rf"^{re.escape(name)}\s", result.stdout, re.M)
+    assert re.search(r"^11 tensors, 96 bytes of data", result.stdout, re.M)
+
+    dst = tmp_path / "out" / "copy.ckpt"
+    dst.parent.mkdir()
+    result = run("convert", "--quiet", "--no-verify-crc", crc_damaged, dst)
+    assert result.exit_code == 0, result.stderr
+    assert dst.is_file() and temp_files(dst.parent) == []
+
+
+# --------------------------------------------------------------------------- lying safetensors
+
+def _f16(name: str, shape: Sequence[int], begin: int, end: int) -> dict:
+    return {name: {"dtype": "F16", "shape": list(shape), "data_offsets": [begin, end]}}
+
+
+def _header(*entries: dict, metadata: Optional[dict] = None) -> dict:
+    header: dict = {"__metadata__": metadata} if metadata is not None else {}
+    for entry in entries:
+        header.update(entry)
+    return header
+
+
+SAFETENSORS_CASES = {
+    # name: (header, data bytes, header_len override, reason regex, offset expected)
+    "overlap": (_header(_f16("a", [4], 0, 8), _f16("b", [4], 4, 12)), 12, None,
+                r"data_offsets.*overlap", True),
+    "gap": (_header(_f16("a", [4], 0, 8), _f16("b", [4], 10, 18)), 18, None,
+            r"data_offsets.*gap", True),
+    "past_end": (_header(_f16("a", [4], 0, 8), _f16("b", [4], 8, 16)), 12, None,
+                 r"data_offsets.*past the end", True),
+    "wrong_span": (_header(_f16("a", [2, 3], 0, 8)), 8, None,
+                   r"data_offsets.*span 8 bytes.*needs 12", True),
+    "reversed_offsets": (_header(_f16("a", [0], 8, 0)), 8, None,
+                         r"invalid data_offsets", True),
+    "trailing_bytes": (_header(_f16("a", [4], 0, 8)), 16, None,
+                       r"not described by the header", True),
+    "header_len_past_eof": (_header(_f16("a", [4], 0, 8)), 8, 10_000, r"header length", True),
+    "header_not_json": (b'{"a": {"dtype": "F16", ', 8, None, r"not valid JSON", True),
+    "header_not_object": (b"[1, 2, 3]", 0, None, r"not a JSON object", True),
+    "header_not_utf8": (b'{"\xff\xfe": 1}  ', 0, None, r"not valid JSON", True),
+    "negative_shape": (_header(_f16("a", [-4], 0, 8)), 8, None, r"invalid shape", True),
+    "unknown_dtype": (_header({"a": {"dtype": "Q7", "shape": [4], "data_offsets": [0, 4]}}),
+                      4, None, r"unknown dtype", None),
+    "dtype_not_a_string": (_header({"a": {"dtype": ["F16"], "shape": [4],
+                                          "data_offsets": [0, 8]}}), 8, None, r"dtype", None),
+    "metadata_not_strings": (_header(_f16("a", [4], 0, 8), metadata={"format": 1}), 8, None,
+                             r"__metadata__", True),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", sorted(SAFETENSORS_CASES))
+def test_lying_safetensors_header(tmp_path: Path, command: str, case: str) -> None:
+    header, data_len, header_len, reason, offset = SAFETENSORS_CASES[case]
+    src = write_safetensors(tmp_path / f"{case}.safetensors", header, bytes(range(data_len)),
+                            header_len=header_len)
+    result, dst = run_on_input(command, src, tmp_path)
+    line = assert_refused(result, src, reason, leaves=[dst], directory=dst.parent,
+                          offset=offset)
+    if offset:
+        assert 0 <= offset_of(line) <= src.stat().st_size
+
+
+def test_consistent_hand_made_safetensors_is_accepted(tmp_path: Path) -> None:
+    """The same builder with honest offsets works: the refusals above are about the lies."""
+    header = _header(_f16("b", [4], 8, 16), _f16("a", [2, 2], 0, 8), metadata={"format": "ms"})
+    src = write_safetensors(tmp_path / "ok.safetensors", header, bytes(16))
+    result = run("inspect", src)
+    assert result.exit_code == 0, result.stderr
+    assert re.search(r"^2 tensors, 16 bytes of data", result.stdout, re.M)
+
+
+# --------------------------------------------------------------------------- output paths
+
+def test_output_exists_is_refused_then_overwritten(tmp_path: Path, llama_copy: Path) -> None:
+    dst = tmp_path / "out.ckpt"
+    dst.write_bytes(b"previous result")
+    os.chmod(dst, 0o400)  # as MindSpore leaves its checkpoints
+    result = run("convert", llama_copy, dst)
+    assert_refused(result, dst, r"already exists.*--overwrite", directory=tmp_path)
+    assert dst.read_bytes() == b"previous result"
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o400
+
+    result = run("convert", "--overwrite", llama_copy, dst)
+    assert result.exit_code == 0, result.stderr
+    assert temp_files(tmp_path) == []
+    with formats.open_reader(dst) as reader:
+        names = {t.name for t in reader.tensors}
+    assert "model.layers.0.attention.wq._handler.weight" in names
+    assert "model.layers.0.attention.wq.weight" not in names
+
+
+def test_output_exists_safetensors(tmp_path: Path, llama_copy: Path) -> None:
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"x")
+    assert_refused(run("convert", llama_copy, dst), dst, r"already exists", directory=tmp_path)
+    assert dst.read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("spelling", ["same", "dot_slash", "absolute_vs_relative", "symlink",
+                                      "hardlink"])
+def test_input_is_output(tmp_path: Path, llama_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                         spelling: str, overwrite: bool) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = llama_copy.read_bytes()
+    src = "in.ckpt"
+    if spelling == "same":
+        dst = "in.ckpt"
+    elif spelling == "dot_slash":
+        dst = "./in.ckpt"
+    elif spelling == "absolute_vs_relative":
+        dst = str(tmp_path / "sub" / ".." / "in.ckpt")
+        (tmp_path / "sub").mkdir()
+    elif spelling == "symlink":
+        dst = "link.ckpt"
+        os.symlink("in.ckpt", dst)
+    else:
+        dst = "hard.ckpt"
+        os.link("in.ckpt", dst)
+    args = ["convert", src, dst] + (["--overwrite"] if overwrite else [])
+    assert_refused(run(*args), dst, r"is the input", directory=tmp_path)
+    assert llama_copy.read_bytes() == before
+    assert os.path.lexists(dst)
+
+
+def test_input_is_output_safetensors(tmp_path: Path, llama_copy: Path) -> None:
+    src = tmp_path / "m.safetensors"
+    assert run("convert", "-q", llama_copy, src).exit_code == 0
+    before = src.read_bytes()
+    assert_refused(run("convert", "--overwrite", src, src), src, r"is the input",
+                   directory=tmp_path)
+    assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["out.bin", "out", "out.ckpt.bak", "out.pt"])
+def test_unknown_output_suffix(tmp_path: Path, llama_copy: Path, name: str) -> None:
+    dst = tmp_path / name
+    assert_refused(run("convert", llama_copy, dst), dst, r"output format.*--format",
+                   leaves=[dst], directory=tmp_path)
+
+
+def test_output_directory_missing(tmp_path: Path, llama_copy: Path) -> None:
+    dst = tmp_path / "no" / "such" / "dir" / "out.ckpt"
+    assert_refused(run("convert", llama_copy, dst), dst, r"does not exist", leaves=[dst])
+
+
+def test_output_is_a_directory(tmp_path: Path, llama_copy: Path) -> None:
+    dst = tmp_path / "outdir.ckpt"
+    dst.mkdir()
+    assert_refused(run("convert", "--overwrite", llama_copy, dst), dst, r"directory",
+                   directory=tmp_path)
+    assert dst.is_dir() and list(dst.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("name", ["missing.ckpt", "missing.safetensors", "missing.bin"])
+def test_missing_input(tmp_path: Path, command: str, name: str) -> None:
+    src = tmp_path / name
+    result, dst = run_on_input(command, src, tmp_path)
+    assert_refused(result, src, r"No such file|does not exist|cannot open", leaves=[dst],
+                   directory=dst.parent)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_input_is_a_directory(tmp_path: Path, command: str) -> None:
+    src = tmp_path / "model.ckpt"
+    src.mkdir()
+    result, dst = run_on_input(command, src, tmp_path)
+    assert_refused(result, src, r"directory", leaves=[dst], directory=dst.parent)
+
+
+def test_crc_with_safetensors_output(tmp_path: Path, llama_copy: Path) -> None:
+    dst = tmp_path / "out.safetensors"
+    assert_refused(run("convert", "--crc", llama_copy, dst), dst, r"--crc", leaves=[dst],
+                   directory=tmp_path)
+
+
+@pytest.mark.parametrize("case", ["crc_with_safetensors", "output_is_input", "output_exists"])
+def test_dry_run_refuses_what_convert_refuses(tmp_path: Path, llama_copy: Path,
+                                              case: str) -> None:
+    """--dry-run must not promise an output size for a conversion that would be refused."""
+    if case == "crc_with_safetensors":
+        dst, extra, reason = tmp_path / "out.safetensors", ["--crc"], r"--crc"
+    elif case == "output_is_input":
+        dst, extra, reason = llama_copy, [], r"is the input"
+    else:
+        dst, extra, reason = tmp_path / "old.ckpt", [], r"already exists"
+        dst.write_bytes(b"old")
+    real = run("convert", *extra, llama_copy, dst)
+    assert real.exit_code == 2
+    dry = run("convert", "--dry-run", *extra, llama_copy, dst)
+    assert_refused(dry, dst, reason, directory=tmp_path)
+
+
+# --------------------------------------------------------------------------- dropped str tensor
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_str_tensor_dropped_from_safetensors_with_warning(tmp_path: Path, quiet: bool) -> None:
+    dst = tmp_path / "small.safetensors"
+    result = run("convert", *(["--quiet"] if quiet else []), SMALL, dst)
+    assert result.exit_code == 0, result.stderr
+    assert result.exception is None
+    warnings = [l for l in result.stderr.splitlines() if l.startswith("warning:")]
+    assert any("'note'" in w and "dropped" in w for w in warnings), result.stderr
+    assert temp_files(tmp_path) == []
+    with formats.open_reader(dst) as reader:
+        names = [t.name for t in reader.tensors]
+        assert sorted(names) == sorted(["a.fp16", "b.fp32", "c.bf16", "d.int8", "e.scalar_i64",
+                                        "f.bool", "g.f64", "h.u8", "epoch_num", "lr"])
+        assert reader.metadata.get("format") == "ms"
+
+
+def test_str_tensor_kept_in_ckpt_output(tmp_path: Path) -> None:
+    dst = tmp_path / "small.ckpt"
+    result = run("convert", "--quiet", SMALL, dst)
+    assert result.exit_code == 0, result.stderr
+    assert "dropped" not in result.stderr
+
+
+# --------------------------------------------------------------------------- failure mid-write
+
+def _fail_on_call(n: int, exc_factory):
+    calls = {"n": 0}
+    real = converter.quantize_w8
+
+    def fake(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc_factory()
+        return real(*args, **kwargs)
+    return fake, calls
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_failure_mid_write_leaves_nothing(tmp_path: Path, llama_copy: Path,
+                                          monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    fake, calls = _fail_on_call(3, lambda: QuantizationError(
+        str(llama_copy), "tensor 'x': injected failure"))
+    monkeypatch.setattr(converter, "quantize_w8", fake)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = out_dir / f"w8{suffix}"
+    result = run("convert", llama_copy, dst)
+    assert calls["n"] == 3  # it did fail part-way, after writing two quantized tensors
+    assert_refused(result, llama_copy, r"injected failure", leaves=[dst], directory=out_dir)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_failure_mid_overwrite_keeps_the_old_file(tmp_path: Path, llama_copy: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, _ = _fail_on_call(3, lambda: QuantizationError(str(llama_copy), "injected failure"))
+    monkeypatch.setattr(converter, "quantize_w8", fake)
+    dst = tmp_path / "old.ckpt"
+    dst.write_bytes(b"old result")
+    assert_refused(run("convert", "--overwrite", llama_copy, dst), llama_copy, r"injected",
+                   directory=tmp_path)
+    assert dst.read_bytes() == b"old result"
+
+
+def test_interrupt_mid_write_leaves_nothing(tmp_path: Path, llama_copy: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, _ = _fail_on_call(3, KeyboardInterrupt)
+    monkeypatch.setattr(converter, "quantize_w8", fake)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run("convert", llama_copy, out_dir / "w8.ckpt")
+    assert result.exit_code == 130, result.stderr
+    assert "interrupted" in result.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def test_unexpected_error_mid_write_leaves_nothing(tmp_path: Path, llama_copy: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even a bug (not one of our errors) must not leave a half-written file."""
+    fake, _ = _fail_on_call(3, lambda: RuntimeError("boom"))
+    monkeypatch.setattr(converter, "quantize_w8", fake)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        converter.convert(llama_copy, out_dir / "w8.safetensors", load_rules("llama2"))
+    assert list(out_dir.iterdir()) == []
+
+
+def test_non_finite_weight_is_refused(tmp_path: Path) -> None:
+    """A selected weight holding inf/NaN: a clear error naming the tensor, no output."""
+    src = tmp_path / "nan.ckpt"
+    info = TensorInfo.of("model.layers.0.attention.wq.weight", dtypes.FLOAT16, [64, 64])
+    weight = np.ones((64, 64), dtype=np.float16)
+    weight[5, 7] = np.inf
+    with formats.open_writer(src, [info], format="ckpt", metadata={}) as writer:
+        writer.write(info.name, weight)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = out_dir / "w8.ckpt"
+    assert_refused(run("convert", src, dst), src, r"attention\.wq\.weight", leaves=[dst],
+                   directory=out_dir)

@@ -1,0 +1,423 @@
+"""The `ckpt-rtn` command line: help, inspect, convert options, dry-run, summary."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Set
+
+import numpy as np
+import pytest
+from click.testing import Result
+
+from ckpt_rtn import dtypes, formats
+from ckpt_rtn.cli import main
+from ckpt_rtn.formats import TensorInfo
+
+from conftest import FIXTURES, cli
+SMALL = FIXTURES / "small.ckpt"
+SMALL_CRC = FIXTURES / "small_crc.ckpt"
+
+#: small.ckpt as the fixtures README describes it: name -> (dtype, shape, bytes).
+SMALL_TENSORS = {
+    "a.fp16": ("Float16", "[2, 3]", 12),
+    "b.fp32": ("Float32", "[4]", 16),
+    "c.bf16": ("BFloat16", "[2, 2]", 8),
+    "d.int8": ("Int8", "[2, 3]", 6),
+    "e.scalar_i64": ("Int64", "[]", 8),
+    "f.bool": ("Bool", "[3]", 3),
+    "g.f64": ("Float64", "[1, 1]", 8),
+    "h.u8": ("UInt8", "[3]", 3),
+    "epoch_num": ("Int64", "[]", 8),
+    "note": ("str", "[]", 20),
+    "lr": ("Float32", "[]", 4),
+}
+
+LAYERS = 2
+ATTENTION = ("wq", "wk", "wv", "wo")
+FEED_FORWARD = ("w1", "w2", "w3")
+HANDLER = "._handler.weight"
+
+
+def run(*args: object) -> Result:
+    return cli(*args)
+
+
+def ok(result: Result) -> Result:
+    assert result.exception is None, (result.exception, result.stderr)
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def linear_layers() -> List[str]:
+    layers = []
+    for i in range(LAYERS):
+        layers += [f"model.layers.{i}.attention.{w}" for w in ATTENTION]
+        layers += [f"model.layers.{i}.feed_forward.{w}" for w in FEED_FORWARD]
+    return layers
+
+
+def llama_infos() -> List[TensorInfo]:
+    f16 = dtypes.FLOAT16
+    infos = [TensorInfo.of("model.tok_embeddings.embedding_weight", f16, [32, 64])]
+    for i in range(LAYERS):
+        infos += [TensorInfo.of(f"model.layers.{i}.attention.{w}.weight", f16, [64, 64])
+                  for w in ATTENTION]
+        infos += [TensorInfo.of(f"model.layers.{i}.feed_forward.{w}.weight", f16, [64, 64])
+                  for w in FEED_FORWARD]
+        infos.append(TensorInfo.of(f"model.layers.{i}.attention_norm.weight", f16, [64]))
+    infos.append(TensorInfo.of("model.norm_out.weight", f16, [64]))
+    infos.append(TensorInfo.of("lm_head.weight", f16, [32, 64]))
+    return infos
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama-shaped fp16 .ckpt from our own writer: 14 Linear weights + lm_head."""
+    path = tmp_path_factory.mktemp("llama") / "llama.ckpt"
+    rng = np.random.default_rng(7)
+    infos = llama_infos()
+    with formats.open_writer(path, infos, format="ckpt", metadata={}) as writer:
+        for info in infos:
+            writer.write(info.name, rng.standard_normal(info.shape).astype(np.float16))
+    return path
+
+
+def quantized_layers(path: Path, fmt: Optional[str] = None) -> Set[str]:
+    """Layers `<p>` that a converted file holds as `<p>._handler.weight` (+ scale, zp_neg)."""
+    with formats.open_reader(path, format=fmt) as reader:
+        tensors: Dict[str, TensorInfo] = {t.name: t for t in reader.tensors}
+    layers = {n[:-len(HANDLER)] for n in tensors if n.endswith(HANDLER)}
+    for layer in layers:
+        assert tensors[layer + HANDLER].dtype is dtypes.INT8
+        assert layer + ".weight" not in tensors
+        for part in ("._weight_quantizer.scale", "._weight_quantizer.zp_neg"):
+            assert tensors[layer + part].dtype is dtypes.FLOAT16
+            assert tensors[layer + part].shape == (tensors[layer + HANDLER].shape[0],)
+    return layers
+
+
+def summary_count(result: Result, dst: Path) -> int:
+    match = re.search(rf"^{re.escape(os.fspath(dst))}: quantized (\d+) tensors, copied (\d+);",
+                      result.stdout, re.M)
+    assert match, result.stdout
+    return int(match.group(1))
+
+
+# --------------------------------------------------------------------------- help
+
+def test_main_help() -> None:
+    out = ok(run("--help")).stdout
+    for word in ("convert", "inspect", "--version", "--help"):
+        assert word in out
+    assert ok(run("-h")).stdout == out
+
+
+def test_version() -> None:
+    import ckpt_rtn
+    assert ckpt_rtn.__version__ in ok(run("--version")).stdout
+
+
+def test_convert_help() -> None:
+    out = ok(run("convert", "--help")).stdout
+    for option in ("--config", "--include", "--blacklist", "--no-default-blacklist", "--format",
+                   "--crc", "--no-verify-crc", "--overwrite", "--dry-run", "--quiet", "-q",
+                   "SRC", "DST", "llama2", "lm_head", "safetensors"):
+        assert option in out, option
+
+
+def test_inspect_help() -> None:
+    out = ok(run("inspect", "--help")).stdout
+    assert "--no-verify-crc" in out and "PATH" in out
+
+
+# --------------------------------------------------------------------------- inspect
+
+def test_inspect_small_fixture() -> None:
+    result = ok(run("inspect", SMALL))
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["name", "dtype", "shape", "bytes"]
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert list(rows) == list(SMALL_TENSORS)  # every tensor, in file order
+    for name, (dtype, shape, nbytes) in SMALL_TENSORS.items():
+        assert re.fullmatch(rf"{re.escape(name)}\s+{dtype}\s+{re.escape(shape)}\s+{nbytes}",
+                            rows[name]), rows[name]
+    assert lines[-1] == "11 tensors, 96 bytes of data (96 B); file 358 bytes, ckpt"
+
+
+def test_inspect_crc_fixture_reports_verified_crc() -> None:
+    result = ok(run("inspect", SMALL_CRC))
+    assert result.stdout.splitlines()[-1] == (
+        "11 tensors, 96 bytes of data (96 B); file 375 bytes, ckpt, CRC 0x8c674f81 verified")
+    result = ok(run("inspect", "--no-verify-crc", SMALL_CRC))
+    assert result.stdout.splitlines()[-1].endswith("CRC 0x8c674f81 not checked")
+
+
+def test_inspect_mindspore_safetensors() -> None:
+    result = ok(run("inspect", FIXTURES / "ms.safetensors"))
+    for name, dtype in (("e.scalar", "Int64"), ("a.fp32", "Float32"), ("b.bf16", "BFloat16"),
+                        ("z.fp16", "Float16"), ("c.int8", "Int8"), ("d.bool", "Bool")):
+        assert re.search(rf"^{re.escape(name)}\s+{dtype}\s", result.stdout, re.M), name
+    last = result.stdout.splitlines()[-1]
+    assert last.startswith("8 tensors, ") and "file 580 bytes, safetensors" in last
+    assert "'format': 'ms'" in last
+
+
+def test_inspect_int4_fixture() -> None:
+    result = ok(run("inspect", FIXTURES / "int4.ckpt"))
+    assert re.search(r"Int4\s+\[1, 2\]\s+2$", result.stdout, re.M), result.stdout
+
+
+# --------------------------------------------------------------------------- convert
+
+EXPECTED_DEFAULT = set(linear_layers())  # lm_head is blacklisted by the llama2 family
+
+
+def test_convert_default_summary(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    result = ok(run("convert", llama, dst))
+    assert summary_count(result, dst) == len(EXPECTED_DEFAULT) == 14
+    assert re.search(r"copied 5; ", result.stdout)  # embedding, 2 norms, norm_out, lm_head
+    assert quantized_layers(dst) == EXPECTED_DEFAULT
+    assert result.stdout.count("\n") == 1  # only the summary line
+
+
+def test_convert_progress_bar_stays_off_a_non_tty_stderr(tmp_path: Path, llama: Path) -> None:
+    """A clean conversion says nothing on stderr when stderr is a pipe or a log file."""
+    result = ok(run("convert", llama, tmp_path / "w8.ckpt"))
+    assert result.stderr == "", repr(result.stderr)
+
+
+def test_quiet_prints_nothing(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    for flag in ("--quiet", "-q"):
+        result = ok(run("convert", flag, "--overwrite", llama, dst))
+        assert result.stdout == ""
+        assert result.stderr == ""
+        assert quantized_layers(dst) == EXPECTED_DEFAULT
+
+
+def _dry_run_size(result: Result, fmt: str) -> int:
+    match = re.search(rf"output {fmt}: (\d+) bytes", result.stdout)
+    assert match, result.stdout
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize("source, name, extra, fmt", [
+    ("llama", "w8.ckpt", [], "ckpt"),
+    ("llama", "w8.ckpt", ["--crc"], "ckpt"),
+    ("llama", "w8.safetensors", [], "safetensors"),
+    ("llama", "w8.bin", ["--format", "safetensors"], "safetensors"),
+    ("llama", "w8.ckpt", ["--no-default-blacklist"], "ckpt"),
+    ("small", "copy.safetensors", [], "safetensors"),  # drops the str tensor
+    ("small_crc", "copy.ckpt", ["--crc"], "ckpt"),
+])
+def test_dry_run_size_is_exact(tmp_path: Path, llama: Path, source: str, name: str,
+                               extra: List[str], fmt: str) -> None:
+    src = {"llama": llama, "small": SMALL, "small_crc": SMALL_CRC}[source]
+    dst = tmp_path / name
+    dry = ok(run("convert", "--dry-run", *extra, src, dst))
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+    size = _dry_run_size(dry, fmt)
+    real = ok(run("convert", "--quiet", *extra, src, dst))
+    assert dst.stat().st_size == size
+    if source == "llama":
+        listed = set(re.findall(r"^(\S+)\.weight\s+Float16\s+\[", dry.stdout, re.M))
+        assert listed == quantized_layers(dst, fmt)
+        n = len(listed)
+        assert re.search(rf"^{n} of 19 tensors would be quantized", dry.stdout, re.M)
+    assert real.stdout == ""
+
+
+def test_dry_run_lists_what_it_would_quantize(tmp_path: Path, llama: Path) -> None:
+    result = ok(run("convert", "--dry-run", llama, tmp_path / "w8.ckpt"))
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["would", "quantize"]
+    listed = [line.split()[0] for line in lines[1:-1]]
+    assert listed == [layer + ".weight" for layer in linear_layers()]
+    assert "lm_head.weight" not in result.stdout
+    assert re.search(r"14 of 19 tensors would be quantized \(llama2 rules, blacklist: lm_head\)",
+                     lines[-1])
+    for line in lines[1:-1]:
+        assert re.search(r"Float16\s+\[64, 64\]\s+8\.19 kB\s+4\.35 kB$", line), line
+
+
+def test_crc_output_is_verified_on_read(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    ok(run("convert", "-q", "--crc", llama, dst))
+    assert dst.read_bytes()[-17:-10] == b"crc_num"
+    assert re.search(r", CRC 0x[0-9a-f]{8} verified$", ok(run("inspect", dst)).stdout, re.M)
+
+
+def test_blacklist(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    result = ok(run("convert", "--blacklist", "layers.0.", llama, dst))
+    expected = {layer for layer in linear_layers() if ".layers.1." in layer}
+    assert quantized_layers(dst) == expected
+    assert summary_count(result, dst) == 7
+
+
+def test_blacklist_repeatable_and_keeps_default(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    ok(run("convert", "-q", "--blacklist", "feed_forward", "--blacklist", "wq", llama, dst))
+    expected = {layer for layer in linear_layers() if "attention" in layer and "wq" not in layer}
+    assert quantized_layers(dst) == expected  # and lm_head stays blacklisted
+
+
+def test_no_default_blacklist_quantizes_lm_head(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    result = ok(run("convert", "--no-default-blacklist", llama, dst))
+    assert quantized_layers(dst) == EXPECTED_DEFAULT | {"lm_head"}
+    assert summary_count(result, dst) == 15
+
+
+def test_include_regex(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    result = ok(run("convert", "--include", r"attention\.wq\.weight$", llama, dst))
+    assert quantized_layers(dst) == {f"model.layers.{i}.attention.wq" for i in range(LAYERS)}
+    assert summary_count(result, dst) == 2
+
+
+def test_include_repeatable_only_takes_2d_weights(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    # "norm" matches the 1-D attention_norm / norm_out weights: they must not be quantized
+    ok(run("convert", "-q", "--include", "norm", "--include", r"\.w2\.", llama, dst))
+    assert quantized_layers(dst) == {f"model.layers.{i}.feed_forward.w2" for i in range(LAYERS)}
+
+
+def test_include_respects_blacklist(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    ok(run("convert", "-q", "--include", "lm_head", llama, dst))
+    assert quantized_layers(dst) == set()
+    ok(run("convert", "-q", "--overwrite", "--include", "lm_head", "--no-default-blacklist",
+           llama, dst))
+    assert quantized_layers(dst) == {"lm_head"}
+
+
+def test_config_llama2_is_the_default(tmp_path: Path, llama: Path) -> None:
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    ok(run("convert", "-q", "--config", "llama2", llama, a))
+    ok(run("convert", "-q", llama, b))
+    assert a.read_bytes() == b.read_bytes()
+    assert quantized_layers(a) == EXPECTED_DEFAULT
+
+
+def test_config_custom_yaml(tmp_path: Path, llama: Path) -> None:
+    config = tmp_path / "rules" / "custom.yaml"
+    config.parent.mkdir()
+    config.write_text("family: tiny\n"
+                      "linear_weights:\n"
+                      "  - '\\.feed_forward\\.w(1|3)\\.weight$'\n"
+                      "  - '^lm_head\\.weight$'\n"
+                      "blacklist:\n"
+                      "  - layers.1.\n")
+    dst = tmp_path / "w8.ckpt"
+    dry = ok(run("convert", "--dry-run", "--config", config, llama, dst))
+    assert "(tiny rules, blacklist: layers.1.)" in dry.stdout
+    result = ok(run("convert", "--config", config, llama, dst))
+    assert quantized_layers(dst) == {"model.layers.0.feed_forward.w1",
+                                     "model.layers.0.feed_forward.w3", "lm_head"}
+    assert summary_count(result, dst) == 3
+
+
+def _assert_one_error_line(result: Result, pattern: str) -> None:
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_config_unknown_family(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    result = run("convert", "--config", "nosuchfamily", llama, dst)
+    _assert_one_error_line(result, r"unknown model family 'nosuchfamily'.*llama2")
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (None, r"cannot read"),
+    ("linear_weights: [unclosed\n", r"invalid YAML"),
+    ("family: x\nlinear_weights: []\n", r"linear_weights"),
+    ("linear_weights: ['(']\n", r"invalid regular expression"),
+    ("linear_weights: ['wq']\nblacklist: ['']\n", r"blacklist"),
+])
+def test_config_bad_yaml(tmp_path: Path, llama: Path, content: Optional[str],
+                         pattern: str) -> None:
+    config = tmp_path / "bad.yaml"
+    if content is not None:
+        config.write_text(content)
+    dst = tmp_path / "w8.ckpt"
+    _assert_one_error_line(run("convert", "--config", config, llama, dst), pattern)
+    assert not dst.exists()
+
+
+def test_empty_blacklist_entry_is_refused(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    _assert_one_error_line(run("convert", "--blacklist", "", llama, dst), r"--blacklist")
+    _assert_one_error_line(run("convert", "--dry-run", "--blacklist", "", llama, dst),
+                           r"--blacklist")
+    assert not dst.exists()
+
+
+def test_invalid_include_regex_is_refused(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    _assert_one_error_line(run("convert", "--include", "(", llama, dst),
+                           r"--include.*regular expression")
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_format_option_with_bin_name(tmp_path: Path, llama: Path, fmt: str) -> None:
+    dst = tmp_path / "w8.bin"
+    result = ok(run("convert", "--format", fmt, llama, dst))
+    assert summary_count(result, dst) == 14
+    assert formats.detect_format(dst) == fmt  # sniffed from the bytes, not the name
+    assert quantized_layers(dst, fmt) == EXPECTED_DEFAULT
+    assert re.search(rf"^47 tensors, .*, {fmt}", ok(run("inspect", dst)).stdout, re.M)
+    if fmt == "safetensors":
+        from safetensors.numpy import load_file  # an independent reader
+        loaded = load_file(os.fspath(dst))
+        assert len(loaded) == 47
+        assert loaded["model.layers.0.attention.wq._handler.weight"].dtype == np.int8
+
+
+def test_format_option_overrides_suffix(tmp_path: Path, llama: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    ok(run("convert", "-q", "--format", "safetensors", llama, dst))
+    with open(dst, "rb") as f:
+        head = f.read(9)
+    assert head[8:9] == b"{"  # a safetensors header despite the .ckpt name
+
+
+def test_no_matching_tensor_warns_and_copies(tmp_path: Path) -> None:
+    dst = tmp_path / "copy.ckpt"
+    result = ok(run("convert", SMALL, dst))
+    warnings = [l for l in result.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and "no tensor matched the llama2 rules" in warnings[0], warnings
+    assert summary_count(result, dst) == 0
+    assert "copied 11;" in result.stdout
+    # every tensor copied bit for bit: our records are MindSpore's, so the file is identical
+    assert dst.read_bytes() == SMALL.read_bytes()
+
+
+def test_no_matching_tensor_warns_in_dry_run(tmp_path: Path) -> None:
+    result = ok(run("convert", "--dry-run", SMALL, tmp_path / "copy.ckpt"))
+    assert any(l.startswith("warning: no tensor matched") for l in result.stderr.splitlines())
+    assert re.search(r"^0 of 11 tensors would be quantized", result.stdout, re.M)
+    assert _dry_run_size(result, "ckpt") == SMALL.stat().st_size
+
+
+def test_safetensors_round_trip_back_to_ckpt(tmp_path: Path, llama: Path) -> None:
+    """convert reads its own safetensors output and writes the same ckpt as directly."""
+    direct, via = tmp_path / "direct.ckpt", tmp_path / "via.ckpt"
+    st = tmp_path / "w8.safetensors"
+    ok(run("convert", "-q", llama, direct))
+    ok(run("convert", "-q", llama, st))
+    result = ok(run("convert", st, via))
+    assert summary_count(result, via) == 0  # nothing left to quantize
+    with formats.open_reader(direct) as a, formats.open_reader(via) as b:
+        assert {t.name: t for t in a.tensors} == {t.name: t for t in b.tensors}
+        for info in a.tensors:
+            assert np.array_equal(a.read(info), b.read(info)), info.name

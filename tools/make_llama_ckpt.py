@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Write a Llama2-shaped FP16 checkpoint with random weights, for benchmarks.
+
+Real Llama2 tensor shapes and MindFormers names; `--layers` sets the size
+(7b: ~0.4 GB per layer, 70b: ~1.7 GB per layer, plus embeddings and head).
+By default the file is streamed out with ckpt-rtn's own writer, so even a
+20 GB file needs little memory; `--writer mindspore` builds it in memory and
+saves it with mindspore.save_checkpoint instead, as a user's training run
+would.
+
+    python tools/make_llama_ckpt.py --preset 7b --layers 2 /tmp/llama_1gb.ckpt
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, Tuple
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ckpt_rtn import dtypes  # noqa: E402
+from ckpt_rtn.formats import format_from_suffix, open_writer  # noqa: E402
+from ckpt_rtn.formats.tensor import TensorInfo  # noqa: E402
+
+#: hidden, ffn, query heads, kv heads, vocab (Llama2 papers / HF configs).
+PRESETS = {
+    "7b": (4096, 11008, 32, 32, 32000),
+    "13b": (5120, 13824, 40, 40, 32000),
+    "70b": (8192, 28672, 64, 8, 32000),
+}
+
+
+def llama2_shapes(preset: str, layers: int) -> Dict[str, Tuple[int, ...]]:
+    hidden, ffn, heads, kv_heads, vocab = PRESETS[preset]
+    kv = hidden // heads * kv_heads
+    shapes: Dict[str, Tuple[int, ...]] = {"model.tok_embeddings.embedding_weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "attention_norm.weight": (hidden,),
+            p + "attention.wq.weight": (hidden, hidden),
+            p + "attention.wk.weight": (kv, hidden),
+            p + "attention.wv.weight": (kv, hidden),
+            p + "attention.wo.weight": (hidden, hidden),
+            p + "ffn_norm.weight": (hidden,),
+            p + "feed_forward.w1.weight": (ffn, hidden),
+            p + "feed_forward.w3.weight": (ffn, hidden),
+            p + "feed_forward.w2.weight": (hidden, ffn),
+        })
+    shapes["model.norm_out.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def random_fp16(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
+    if len(shape) == 1:
+        return np.ones(shape, np.float16)
+    out = np.empty(shape, np.float16)
+    for start in range(0, shape[0], 1024):  # float32 temporaries of a few MB only
+        block = rng.standard_normal((min(1024, shape[0] - start),) + shape[1:], np.float32)
+        out[start:start + len(block)] = block * np.float32(0.02)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", help=".ckpt or .safetensors path")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="7b")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--writer", choices=("ckpt-rtn", "mindspore"), default="ckpt-rtn")
+    args = parser.parse_args()
+    shapes = llama2_shapes(args.preset, args.layers)
+    rng = np.random.default_rng(args.seed)
+    if args.writer == "mindspore":
+        import mindspore as ms
+        fmt = "safetensors" if args.output.endswith(".safetensors") else "ckpt"
+        ms.save_checkpoint([{"name": k, "data": ms.Tensor(random_fp16(rng, s))}
+                            for k, s in shapes.items()], args.output, format=fmt)
+    else:
+        infos = [TensorInfo.of(k, dtypes.FLOAT16, s) for k, s in shapes.items()]
+        fmt = format_from_suffix(args.output) or "ckpt"
+        with open_writer(args.output, infos, format=fmt, metadata={"format": "ms"}) as writer:
+            for name, shape in shapes.items():
+                writer.write(name, random_fp16(rng, shape))
+    print(f"{args.output}: {len(shapes)} tensors, {os.path.getsize(args.output)} bytes")
+
+
+if __name__ == "__main__":
+    main()
