@@ -19,23 +19,49 @@ Golden Stick does for a bf16 network, whose compute dtype is bf16), and is
 the correctly rounded value of a/127.5 computed in float64 (as Golden Stick
 v1.0+ does), so huge float32 weights cannot overflow it.
 
-Rows are independent, so the work is done in blocks of rows: temporaries
-stay a few MB whatever the tensor's size.
+Speed: numpy's float16 arithmetic and casts are scalar loops, so the kernel
+never touches a float16 array. It widens fp16/bf16 bit patterns to float32
+with integer shifts, divides in float32, and rounds the quotient to the
+weight's precision with integer round-half-to-even on the bit pattern:
+the same bits as dividing in fp16/bf16, because float32 has more than 2p+2
+significand bits (double rounding is innocuous for division). Rows are
+independent, so the work runs in cache-sized blocks of rows, on several
+threads when given a pool (numpy releases the GIL), with identical output.
 """
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .numerics import FloatFormat, round_to_format_inplace, to_storage, to_work
+from .numerics import FloatFormat, to_storage, to_work
 
 QMIN, QMAX = -128, 127
 #: 2 * a / 255 == a / 127.5 exactly in real numbers, and 127.5 is exact in
 #: binary, so one division gives the same rounding without 2*a overflowing.
 HALF_RANGE = (QMAX - QMIN) / 2
-#: Rows per block: 256 rows of a 8192-wide fp32 work buffer is 8 MiB.
-BLOCK_ROWS = 256
+#: Rows per block: 128 rows of an 8192-wide float32 buffer is 4 MiB.
+BLOCK_ROWS = 128
+#: fp16 bits shifted into a float32's place are off by 2^112 in exponent.
+_FP16_EXPONENT_FIX = np.float32(2.0 ** 112)
+#: Every finite fp16 is below 2^16; inf/NaN bit patterns widen to >= 2^16.
+_FP16_LIMIT = 65536.0
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    """How far the dequantized weight (q + zp_neg) * scale is from the original.
+
+    `relative` is the Frobenius norm of the error over that of the weight.
+    Measured in float32 arithmetic as the weight is quantized, so the report
+    costs no second pass over the data.
+    """
+
+    max_abs: float
+    mean_abs: float
+    relative: float
 
 
 @dataclass(frozen=True)
@@ -43,45 +69,166 @@ class W8Weights:
     """Golden Stick's three tensors for one quantized Linear.
 
     `scale` and `zp_neg` hold raw values of the weight's float format
-    (uint16 bit patterns for bfloat16).
+    (uint16 bit patterns for bfloat16); `stats` is set when asked for.
     """
 
     q: np.ndarray
     scale: np.ndarray
     zp_neg: np.ndarray
+    stats: Optional[ErrorStats] = None
+
+
+class _RowErrors:
+    """Per-row error sums, filled block by block (by several threads at once)."""
+
+    def __init__(self, rows: int) -> None:
+        self.max_abs = np.zeros(rows)
+        self.sum_abs = np.zeros(rows)
+        self.sum_sq = np.zeros(rows)
+        self.weight_sq = np.zeros(rows)
+
+    def summary(self, count: int) -> ErrorStats:
+        weight_norm = float(np.sqrt(self.weight_sq.sum()))
+        error_norm = float(np.sqrt(self.sum_sq.sum()))
+        return ErrorStats(max_abs=float(self.max_abs.max(initial=0.0)),
+                          mean_abs=float(self.sum_abs.sum() / count) if count else 0.0,
+                          relative=error_norm / weight_norm if weight_norm else 0.0)
 
 
 class NonFiniteWeightError(ValueError):
     """The weight holds inf or NaN: no finite scale exists."""
 
 
-def quantize_w8(weight: np.ndarray, fmt: FloatFormat, *, block_rows: int = BLOCK_ROWS) -> W8Weights:
-    """Quantize a 2-D [out, in] weight of raw `fmt` values per output channel."""
+def quantize_w8(weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor] = None,
+                stats: bool = False, block_rows: int = BLOCK_ROWS) -> W8Weights:
+    """Quantize a 2-D [out, in] weight of raw `fmt` values per output channel.
+
+    With a thread `pool`, row spans are quantized concurrently; the result
+    does not depend on the pool. `stats` also measures the error.
+    """
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {weight.shape}")
     if weight.dtype != fmt.storage:
         raise ValueError(f"{fmt.value} weight must be stored as {fmt.storage}, got {weight.dtype}")
-    rows = weight.shape[0]
+    rows, cols = weight.shape
     q = np.empty(weight.shape, dtype=np.int8)
     scale = np.empty(rows, dtype=fmt.work)
-    constant_rows = 0
-    for start in range(0, rows, block_rows):
-        block = to_work(weight[start:start + block_rows], fmt)
-        high, low = block.max(axis=1), block.min(axis=1)
-        if not (np.isfinite(high).all() and np.isfinite(low).all()):
-            raise NonFiniteWeightError("weight contains inf or NaN values")
-        constant_rows += int(np.count_nonzero(high == low))
-        absmax = np.maximum(np.abs(high), np.abs(low))
-        scale[start:start + block_rows] = _scale_from_absmax(absmax, fmt)
-        _quantize_block(block, scale[start:start + block_rows], fmt, q[start:start + block_rows])
-    if rows and constant_rows == rows and weight.shape[1]:
+    errors = _RowErrors(rows) if stats else None
+    constant = _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
+        weight, fmt, span, block_rows, q, scale, None, errors))
+    if rows and cols and sum(constant) == rows:
         # Golden Stick: when max == min in every channel, scale = 1 everywhere.
         scale[:] = 1
-        for start in range(0, rows, block_rows):
-            block = to_work(weight[start:start + block_rows], fmt)
-            _quantize_block(block, scale[start:start + block_rows], fmt, q[start:start + block_rows])
+        _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
+            weight, fmt, span, block_rows, q, scale, scale, errors))
     stored = to_storage(scale, fmt)
-    return W8Weights(q=q, scale=stored, zp_neg=np.zeros_like(stored))
+    return W8Weights(q=q, scale=stored, zp_neg=np.zeros_like(stored),
+                     stats=errors.summary(q.size) if errors is not None else None)
+
+
+def _spans(rows: int, block_rows: int, pool: Optional[Executor]) -> List[Tuple[int, int]]:
+    """Row ranges, a few per worker so that uneven progress evens out."""
+    parts = 1 if pool is None else 4 * getattr(pool, "_max_workers", 1)
+    step = max(block_rows, -(-rows // parts // block_rows) * block_rows)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _run(pool: Optional[Executor], spans: List[Tuple[int, int]], fn) -> List[int]:
+    if pool is None or len(spans) == 1:
+        return [fn(span) for span in spans]
+    return list(pool.map(fn, spans))
+
+
+def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, span: Tuple[int, int], block_rows: int,
+                   q: np.ndarray, scale: np.ndarray, fixed: Optional[np.ndarray],
+                   errors: Optional[_RowErrors]) -> int:
+    """Quantize rows [start, stop) into q and scale; returns how many rows are constant.
+
+    With `fixed`, those scales are used instead of each row's own; with
+    `errors`, the rows' error sums are recorded there.
+    """
+    start, stop = span
+    cols = weight.shape[1]
+    work = np.empty((min(block_rows, stop - start), cols), dtype=fmt.work)
+    bits = work.view(np.uint32) if fmt.work.itemsize == 4 else None
+    spare = np.empty_like(bits) if bits is not None else None
+    exact = np.empty_like(work) if errors is not None else None
+    constant = 0
+    for first in range(start, stop, block_rows):
+        last = min(first + block_rows, stop)
+        block = work[:last - first]
+        _load(weight[first:last], fmt, block)
+        if fixed is None:
+            high, low = block.max(axis=1), block.min(axis=1)
+            limit = _FP16_LIMIT if fmt is FloatFormat.FLOAT16 else np.inf
+            if not (np.all(np.abs(high) < limit) and np.all(np.abs(low) < limit)):
+                raise NonFiniteWeightError("weight contains inf or NaN values")
+            constant += int(np.count_nonzero(high == low))
+            scale[first:last] = _scale_from_absmax(np.maximum(np.abs(high), np.abs(low)), fmt)
+        row_scale = scale[first:last]
+        divisor = np.where(row_scale == 0, np.inf, row_scale)  # w / inf = 0: zero scale, q = 0
+        np.divide(block, divisor[:, None], out=block)
+        if exact is not None:
+            np.copyto(exact[:last - first], block)
+        if bits is not None and fmt is not FloatFormat.FLOAT32:
+            _round_bits(bits[:last - first], spare[:last - first],
+                        10 if fmt is FloatFormat.FLOAT16 else 7)
+        np.rint(block, out=block)
+        np.minimum(block, QMAX, out=block)
+        np.maximum(block, QMIN, out=block)
+        np.copyto(q[first:last], block, casting="unsafe")
+        if errors is not None:
+            _record_errors(errors, slice(first, last), block, exact[:last - first], row_scale)
+    return constant
+
+
+def _record_errors(errors: _RowErrors, rows: slice, q: np.ndarray, exact: np.ndarray,
+                   row_scale: np.ndarray) -> None:
+    """Error sums of rows whose codes are `q` and exact quotients `exact` (w / scale).
+
+    |q*s - w| = s * |q - w/s|: measured on the quotients, scaled per row.
+    """
+    s = np.abs(row_scale.astype(np.float64))
+    errors.weight_sq[rows] = np.einsum("ij,ij->i", exact, exact) * s * s
+    np.subtract(q, exact, out=exact)
+    errors.sum_sq[rows] = np.einsum("ij,ij->i", exact, exact) * s * s
+    np.abs(exact, out=exact)
+    errors.max_abs[rows] = exact.max(axis=1) * s
+    errors.sum_abs[rows] = exact.sum(axis=1) * s
+
+
+def _load(raw: np.ndarray, fmt: FloatFormat, out: np.ndarray) -> None:
+    """Raw stored values into `out` (work dtype) without numpy's slow fp16 casts."""
+    if fmt is FloatFormat.FLOAT16:
+        # sign to bit 31, exponent+mantissa to bits 27..13, then fix the exponent bias.
+        ints = out.view(np.int32)
+        np.copyto(ints, raw.view(np.uint16), casting="unsafe")
+        np.left_shift(ints, 16, out=ints)
+        np.right_shift(ints, 3, out=ints)  # arithmetic: copies the sign into bits 30..28
+        np.bitwise_and(ints, np.int32(-0x70000001), out=ints)  # 0x8FFFFFFF: clear them
+        np.multiply(out, _FP16_EXPONENT_FIX, out=out)  # exact, subnormals included
+    elif fmt is FloatFormat.BFLOAT16:
+        ints = out.view(np.uint32)
+        np.copyto(ints, raw, casting="unsafe")
+        np.left_shift(ints, 16, out=ints)
+    else:
+        np.copyto(out, raw)
+
+
+def _round_bits(bits: np.ndarray, spare: np.ndarray, mantissa_bits: int) -> None:
+    """Round float32 values (as uint32 bits) to `mantissa_bits`, half to even, in place.
+
+    Quotients below the narrow format's normal range round on a finer grid
+    than it would, but all of them are far below 0.5, so rint gives 0 either
+    way; quotients above its range stay finite instead of becoming inf and
+    are clamped all the same.
+    """
+    drop = 23 - mantissa_bits
+    np.right_shift(bits, drop, out=spare)
+    np.bitwise_and(spare, 1, out=spare)
+    np.add(spare, (1 << (drop - 1)) - 1, out=spare)
+    np.add(bits, spare, out=bits)
+    np.bitwise_and(bits, np.uint32((0xFFFFFFFF >> drop) << drop), out=bits)
 
 
 def _scale_from_absmax(absmax: np.ndarray, fmt: FloatFormat) -> np.ndarray:
@@ -91,16 +238,6 @@ def _scale_from_absmax(absmax: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     else:
         raw = to_storage(absmax.astype(np.float64) / HALF_RANGE, fmt)
     return to_work(raw, fmt)
-
-
-def _quantize_block(block: np.ndarray, scale: np.ndarray, fmt: FloatFormat, out: np.ndarray) -> None:
-    """q = clamp(rne(round_to_fmt(block / scale))) into `out`; `block` is overwritten."""
-    divisor = np.where(scale == 0, np.inf, scale)  # w / inf = 0: a zero scale gives q = 0
-    np.divide(block, divisor[:, None], out=block)
-    round_to_format_inplace(block, fmt)
-    np.rint(block, out=block)
-    np.clip(block, QMIN, QMAX, out=block)
-    out[...] = block
 
 
 def dequantize_w8(w8: W8Weights, fmt: FloatFormat) -> np.ndarray:

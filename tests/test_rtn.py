@@ -146,3 +146,32 @@ def test_bf16_helpers_round_half_to_even() -> None:
     ref = Tensor(values, ms.bfloat16).asnumpy().view(np.uint16)
     np.testing.assert_array_equal(bits, ref)
     assert np.isnan(bf16_to_float32(float32_to_bf16(np.float32([np.nan])))).all()
+
+
+@pytest.mark.parametrize("fmt", list(MS_DTYPE))
+def test_threads_and_block_size_do_not_change_the_result(fmt: FloatFormat) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    w = adversarial_weights(fmt)["many_rows"]
+    serial = quantize_w8(w, fmt)
+    with ThreadPoolExecutor(3) as pool:
+        for block_rows in (1, 7, 128):
+            threaded = quantize_w8(w, fmt, pool=pool, block_rows=block_rows)
+            np.testing.assert_array_equal(threaded.q, serial.q)
+            np.testing.assert_array_equal(threaded.scale, serial.scale)
+        ones = quantize_w8(adversarial_weights(fmt)["all_rows_constant"], fmt, pool=pool,
+                           block_rows=2)
+        assert (to_work(ones.scale, fmt) == 1).all()
+
+
+@pytest.mark.parametrize("fmt", list(MS_DTYPE))
+def test_error_stats_match_a_direct_computation(fmt: FloatFormat) -> None:
+    w = adversarial_weights(fmt)["mixed_magnitudes"]
+    result = quantize_w8(w, fmt, stats=True, block_rows=5)
+    error = dequantize_w8(result, fmt).astype(np.float64) - to_work(w, fmt).astype(np.float64)
+    stats = result.stats
+    assert stats is not None
+    assert stats.max_abs == pytest.approx(np.abs(error).max(), rel=1e-5)
+    assert stats.mean_abs == pytest.approx(np.abs(error).mean(), rel=1e-5)
+    norm = np.sqrt((to_work(w, fmt).astype(np.float64) ** 2).sum())
+    assert stats.relative == pytest.approx(np.sqrt((error ** 2).sum()) / norm, rel=1e-4)
+    assert quantize_w8(w, fmt).stats is None
