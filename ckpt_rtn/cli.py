@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Dict, Optional, Sequence, TypeVar
 
 import click
 from tqdm import tqdm
 
 from . import __version__, converter, formats
-from .errors import CkptRtnError
+from .errors import CkptRtnError, OutputError
 from .rules import DEFAULT_FAMILY, Rules, available_families, load_rules
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -71,13 +72,20 @@ def main() -> None:
 @click.option("--no-verify-crc", is_flag=True,
               help="Do not check the input's CRC trailer (it is checked by default).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N",
+              help="Threads that quantize each weight (default: all cores). The output is "
+                   "identical for any N.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Write a JSON report: sizes, counts, time, throughput and each layer's "
+                   "dequantization error (measured while quantizing; ~30% slower).")
 @click.option("--dry-run", is_flag=True,
               help="List what would be quantized and the exact output size; write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_reported
 def convert(src: str, dst: str, config: str, include: Sequence[str], blacklist: Sequence[str],
             no_default_blacklist: bool, out_format: Optional[str], crc: bool,
-            no_verify_crc: bool, overwrite: bool, dry_run: bool, quiet: bool) -> None:
+            no_verify_crc: bool, overwrite: bool, workers: Optional[int],
+            report_path: Optional[str], dry_run: bool, quiet: bool) -> None:
     """Quantize SRC's Linear weights to W8A16 and write DST.
 
     Each selected weight <p>.weight [out, in] becomes <p>._handler.weight
@@ -108,17 +116,43 @@ def convert(src: str, dst: str, config: str, include: Sequence[str], blacklist: 
         bars[0].update(advance)
     try:
         result = converter.convert(src, dst, rules, out_format=out_format, overwrite=overwrite,
-                                   crc=crc, verify_crc=not no_verify_crc, progress=progress)
+                                   crc=crc, verify_crc=not no_verify_crc, workers=workers,
+                                   stats=report_path is not None, progress=progress)
     finally:
         for bar in bars:
             bar.close()
     _warn_about(result.plan, rules)
+    if report_path is not None:
+        _write_report(report_path, result.to_json())
     if not quiet:
-        plan = result.plan
-        ratio = result.output_size / result.input_size
-        click.echo(f"{dst}: quantized {len(plan.quantized)} tensors, copied "
-                   f"{len(plan.steps) - len(plan.quantized)}; {human_bytes(result.input_size)} -> "
-                   f"{human_bytes(result.output_size)} ({ratio:.1%}) in {result.seconds:.1f} s")
+        _print_summary(dst, result)
+
+
+def _write_report(path: str, report: Dict[str, object]) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    except OSError as exc:
+        raise OutputError(path, f"cannot write the report: {exc.strerror}") from None
+
+
+def _print_summary(dst: str, result: converter.Result) -> None:
+    plan = result.plan
+    ratio = result.output_size / result.input_size
+    speed = result.input_size / result.seconds / 1e9 if result.seconds else float("inf")
+    click.echo(f"{dst}: quantized {len(plan.quantized)} tensors, copied "
+               f"{len(plan.steps) - len(plan.quantized)}; {human_bytes(result.input_size)} -> "
+               f"{human_bytes(result.output_size)} ({ratio:.1%}) in {result.seconds:.1f} s "
+               f"({speed:.2f} GB/s, {result.workers} workers)")
+    if result.errors:
+        worst = sorted(result.errors, key=lambda e: e.relative, reverse=True)[:5]
+        mean = sum(e.relative for e in result.errors) / len(result.errors)
+        click.echo(f"dequantization error: mean relative {mean:.3%} over "
+                   f"{len(result.errors)} layers; largest:")
+        _table(("layer", "max abs", "mean abs", "relative"),
+               [(e.layer, f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.relative:.3%}")
+                for e in worst], right=(1, 2, 3))
 
 
 def _warn_about(plan: converter.Plan, rules: Rules) -> None:

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import dtypes, formats, golden_stick
+from . import __version__, dtypes, formats, golden_stick
 from .errors import FormatError, OutputError, QuantizationError, UnsupportedError
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
-from .rtn import NonFiniteWeightError, quantize_w8
+from .pipeline import run_pipeline
+from .rtn import NonFiniteWeightError, W8Weights, quantize_w8
 from .rules import Rules
 
 _FLOAT_FORMATS = {
@@ -74,11 +76,44 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class LayerError:
+    """Dequantization error of one quantized Linear (see rtn.ErrorStats)."""
+
+    layer: str
+    shape: Tuple[int, ...]
+    dtype: str
+    max_abs: float
+    mean_abs: float
+    relative: float
+
+
+@dataclass(frozen=True)
 class Result:
     plan: Plan
     input_size: int
     output_size: int
     seconds: float
+    workers: int
+    errors: List[LayerError]
+
+    def to_json(self) -> Dict[str, object]:
+        """The --report document."""
+        plan = self.plan
+        return {
+            "tool": "ckpt-rtn", "version": __version__, "scheme": "w8a16",
+            "format": plan.out_format, "workers": self.workers,
+            "input_bytes": self.input_size, "output_bytes": self.output_size,
+            "ratio": self.output_size / self.input_size if self.input_size else None,
+            "tensors_quantized": len(plan.quantized),
+            "tensors_copied": len(plan.steps) - len(plan.quantized),
+            "tensors_dropped": [t.name for t in plan.dropped],
+            "seconds": round(self.seconds, 3),
+            "throughput_gb_per_s": round(self.input_size / self.seconds / 1e9, 4)
+            if self.seconds else None,
+            "layers": [{"layer": e.layer, "shape": list(e.shape), "dtype": e.dtype,
+                        "max_abs_error": e.max_abs, "mean_abs_error": e.mean_abs,
+                        "relative_error": e.relative} for e in self.errors],
+        }
 
 
 def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool = False) -> Plan:
@@ -156,38 +191,60 @@ def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str"
         return make_plan(reader, rules, fmt, crc=crc)
 
 
+def default_workers() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", rules: Rules, *,
             out_format: Optional[str] = None, overwrite: bool = False, crc: bool = False,
-            verify_crc: bool = True, progress: Optional[ProgressFn] = None) -> Result:
+            verify_crc: bool = True, workers: Optional[int] = None, stats: bool = False,
+            progress: Optional[ProgressFn] = None) -> Result:
     """Convert `src` to a W8A16 checkpoint at `dst`; returns what was done.
 
+    Tensors stream through a read-ahead / quantize / write-behind pipeline;
+    `workers` threads share each weight's rows (the output does not depend
+    on their number). `stats` measures each layer's dequantization error.
     `progress` is called after each tensor with its input bytes and the total.
     """
     started = time.perf_counter()
     fmt = output_format(dst, out_format, crc)
     check_output(src, dst, overwrite)
-    with formats.open_reader(src, verify_crc=verify_crc) as reader:
+    workers = workers or default_workers()
+    errors: List[LayerError] = []
+    with formats.open_reader(src, verify_crc=verify_crc) as reader, \
+            ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-rtn") as pool:
         plan = make_plan(reader, rules, fmt, crc=crc)
+        total = reader.nbytes
+
+        def quantize(step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
+            if not step.quantized:
+                return (data,)
+            w8 = _quantize(reader.path, step, data, pool if workers > 1 else None, stats)
+            if w8.stats is not None:
+                errors.append(LayerError(step.layer or "", step.source.shape,
+                                         step.source.dtype.name, w8.stats.max_abs,
+                                         w8.stats.mean_abs, w8.stats.relative))
+            return w8.q, w8.scale, w8.zp_neg
+
         with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
                                  crc=crc) as writer:
-            total = reader.nbytes
-            for step in plan.steps:
-                data = reader.read(step.source)
-                for info, array in zip(step.outputs, _transform(reader.path, step, data)):
+            def store(step: Step, arrays: Tuple[np.ndarray, ...]) -> None:
+                for info, array in zip(step.outputs, arrays):
                     writer.write(info.name, array)
                 if progress is not None:
                     progress(step.source.nbytes, total)
+
+            run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store)
             if progress is not None and plan.dropped:
                 progress(sum(t.nbytes for t in plan.dropped), total)
     return Result(plan, os.path.getsize(src), os.path.getsize(dst),
-                  time.perf_counter() - started)
+                  time.perf_counter() - started, workers, errors)
 
 
-def _transform(path: str, step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
-    if not step.quantized:
-        return (data,)
+def _quantize(path: str, step: Step, data: np.ndarray, pool: Optional[ThreadPoolExecutor],
+              stats: bool) -> W8Weights:
     try:
-        w8 = quantize_w8(data, _FLOAT_FORMATS[step.source.dtype])
+        return quantize_w8(data, _FLOAT_FORMATS[step.source.dtype], pool=pool, stats=stats)
     except NonFiniteWeightError as exc:
         raise QuantizationError(path, f"tensor {step.source.name!r}: {exc}") from None
-    return w8.q, w8.scale, w8.zp_neg

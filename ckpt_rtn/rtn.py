@@ -44,6 +44,8 @@ QMIN, QMAX = -128, 127
 HALF_RANGE = (QMAX - QMIN) / 2
 #: Rows per block: 128 rows of an 8192-wide float32 buffer is 4 MiB.
 BLOCK_ROWS = 128
+#: Row spans a weight is cut into for a thread pool (several per core).
+_POOL_SPANS = 16
 #: fp16 bits shifted into a float32's place are off by 2^112 in exponent.
 _FP16_EXPONENT_FIX = np.float32(2.0 ** 112)
 #: Every finite fp16 is below 2^16; inf/NaN bit patterns widen to >= 2^16.
@@ -127,8 +129,8 @@ def quantize_w8(weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor
 
 
 def _spans(rows: int, block_rows: int, pool: Optional[Executor]) -> List[Tuple[int, int]]:
-    """Row ranges, a few per worker so that uneven progress evens out."""
-    parts = 1 if pool is None else 4 * getattr(pool, "_max_workers", 1)
+    """Row ranges: one without a pool, else enough that uneven progress evens out."""
+    parts = 1 if pool is None else _POOL_SPANS
     step = max(block_rows, -(-rows // parts // block_rows) * block_rows)
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 

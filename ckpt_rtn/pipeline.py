@@ -1,0 +1,95 @@
+"""A three-stage pipeline: read ahead, process, write behind.
+
+Reading a tensor, quantizing it and writing it use different resources
+(the disk, the cores, the disk again), so they overlap: while one tensor is
+quantized the next is read and the previous is written. The queues hold
+one item each, which bounds memory to a handful of tensors whatever the
+model's size. Any stage failing (or Ctrl-C in the main thread) stops the
+others and the first error is raised in the caller.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Iterable, List, Optional, TypeVar
+
+T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
+
+_DONE = object()
+_POLL = 0.1  # seconds between checks for a failed stage
+
+
+def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[T, A], B],
+                 store: Callable[[T, B], None], depth: int = 1) -> None:
+    """load(item) in a thread, process(item, loaded) here, store(item, processed) in a thread."""
+    loaded: "queue.Queue[object]" = queue.Queue(maxsize=depth)
+    processed: "queue.Queue[object]" = queue.Queue(maxsize=depth)
+    abort = threading.Event()
+    errors: List[BaseException] = []
+
+    def put(q: "queue.Queue[object]", value: object) -> bool:
+        while not abort.is_set():
+            try:
+                q.put(value, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(q: "queue.Queue[object]") -> Optional[object]:
+        while not abort.is_set():
+            try:
+                return q.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+        return None
+
+    def guarded(stage: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                stage()
+            except BaseException as exc:  # reported in the caller's thread
+                errors.append(exc)
+                abort.set()
+        return run
+
+    def reader() -> None:
+        for item in items:
+            if not put(loaded, (item, load(item))):
+                return
+        put(loaded, _DONE)
+
+    def writer() -> None:
+        while True:
+            entry = get(processed)
+            if entry is None or entry is _DONE:
+                return
+            item, result = entry  # type: ignore[misc]
+            store(item, result)
+
+    threads = [threading.Thread(target=guarded(reader), name="ckpt-rtn-read", daemon=True),
+               threading.Thread(target=guarded(writer), name="ckpt-rtn-write", daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        while True:
+            entry = get(loaded)
+            if entry is None:  # a stage failed
+                break
+            if entry is _DONE:
+                put(processed, _DONE)
+                break
+            item, data = entry  # type: ignore[misc]
+            if not put(processed, (item, process(item, data))):
+                break
+    except BaseException:
+        abort.set()
+        raise
+    finally:
+        # On success the writer drains the queue up to _DONE; on failure abort stops both.
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Side-by-side convert benchmark: cat vs ckpt-rtn (1 and all workers) vs naive MindSpore.
+
+Generates a Llama2-70B-shaped FP16 checkpoint (hidden 8192, FFN 28672, 8 KV
+heads, vocab 32000; ~1.7 GB per decoder layer plus 1.05 GB of embeddings and
+head), then times, each in its own process with its peak RSS:
+
+  (a) `cat in > out`, the I/O floor (page cache warmed first);
+  (b) `ckpt-rtn convert` with --workers 1 and with all cores;
+  (c) the naive script a MindSpore user would write: mindspore.load_checkpoint,
+      numpy RTN per Linear weight, mindspore.save_checkpoint. It holds the whole
+      model in memory several times over, so it runs on a smaller checkpoint
+      (--naive-layers), next to ckpt-rtn on that same file.
+
+    python tools/bench_convert.py --layers 11 --naive-layers 1 --dir /tmp/bench
+
+Prints a table and the ratios ckpt-rtn/cat and naive/ckpt-rtn; paste it into
+docs/benchmarks.md with the machine's cores and RAM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+#: Measures one command in a fresh process: wall time, peak RSS of its children, exit code.
+_MEASURE = r"""
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+rc = subprocess.run(sys.argv[1], shell=True).returncode
+wall = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"wall": wall, "rss": rss, "rc": rc}))
+"""
+
+#: The baseline: what a MindSpore user writes without a streaming tool.
+_NAIVE = r"""
+import sys, re, numpy as np, mindspore as ms
+src, dst = sys.argv[1], sys.argv[2]
+pattern = re.compile(r"(attention\.(wq|wk|wv|wo)|feed_forward\.(w1|w2|w3))\.weight$")
+params = ms.load_checkpoint(src)
+out = []
+for name, p in params.items():
+    if not pattern.search(name):
+        out.append({"name": name, "data": p})
+        continue
+    w = p.asnumpy().astype(np.float32)
+    scale = (np.abs(w).max(axis=1) / 127.5).astype(np.float16)
+    q = np.clip(np.rint((w / scale.astype(np.float32)[:, None]).astype(np.float16)), -128, 127)
+    layer = name[:-len(".weight")]
+    out.append({"name": layer + "._handler.weight", "data": ms.Tensor(q.astype(np.int8))})
+    out.append({"name": layer + "._weight_quantizer.scale", "data": ms.Tensor(scale)})
+    out.append({"name": layer + "._weight_quantizer.zp_neg",
+                "data": ms.Tensor(np.zeros_like(scale))})
+ms.save_checkpoint(out, dst)
+"""
+
+
+def measure(command: str) -> Dict[str, float]:
+    result = subprocess.run([sys.executable, "-c", _MEASURE, command], check=True,
+                            capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def make(path: str, layers: int) -> int:
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, os.path.join(HERE, "make_llama_ckpt.py"), "--preset",
+                        "70b", "--layers", str(layers), path], check=True)
+    return os.path.getsize(path)
+
+
+def remove(*paths: str) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def row(label: str, size: int, m: Dict[str, float]) -> Dict[str, object]:
+    ok = m["rc"] == 0
+    return {"run": label, "input_gb": size / 1e9, "wall_s": m["wall"] if ok else None,
+            "gb_per_s": size / m["wall"] / 1e9 if ok else None, "peak_rss_gib": m["rss"] / 2**30,
+            "status": "ok" if ok else f"failed (exit {m['rc']})"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=11, help="decoder layers (11: ~20 GB)")
+    parser.add_argument("--naive-layers", type=int, default=1,
+                        help="layers of the naive baseline's checkpoint (0: skip it)")
+    parser.add_argument("--dir", default="/tmp/ckpt-rtn-bench")
+    parser.add_argument("--json", help="also write the rows as JSON here")
+    args = parser.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    cores = len(os.sched_getaffinity(0))
+    big = os.path.join(args.dir, f"llama70b_{args.layers}l.ckpt")
+    out = os.path.join(args.dir, "out.ckpt")
+    size = make(big, args.layers)
+    cli = f"{sys.executable} -m ckpt_rtn convert -q --overwrite"
+    rows: List[Dict[str, object]] = []
+
+    subprocess.run(f"cat {big} > /dev/null", shell=True, check=True)  # warm the page cache
+    rows.append(row("cat in > out", size, measure(f"cat {big} > {out}")))
+    remove(out)
+    for workers in (1, cores):
+        rows.append(row(f"ckpt-rtn --workers {workers}", size,
+                        measure(f"{cli} --workers {workers} {big} {out}")))
+        remove(out)
+    largest = 32000 * 8192 * 2
+    bound = 1.5 * 2**30 + 3 * largest
+    print(f"memory bound 1.5 GiB + 3 x largest tensor ({largest / 1e6:.0f} MB) = "
+          f"{bound / 2**30:.2f} GiB")
+
+    if args.naive_layers:
+        small = os.path.join(args.dir, f"llama70b_{args.naive_layers}l.ckpt")
+        small_size = make(small, args.naive_layers)
+        subprocess.run(f"cat {small} > /dev/null", shell=True, check=True)
+        rows.append(row(f"ckpt-rtn --workers {cores} (naive's input)", small_size,
+                        measure(f"{cli} --workers {cores} {small} {out}")))
+        remove(out)
+        naive = f"{sys.executable} -c '{_NAIVE}' {small} {out}"
+        rows.append(row("naive MindSpore (naive's input)", small_size, measure(naive)))
+        remove(out)
+
+    print(f"machine: {cores} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM")
+    print(f"{'run':40s} {'input GB':>9s} {'wall s':>8s} {'GB/s':>7s} {'peak RSS GiB':>13s}  status")
+    for r in rows:
+        wall = f"{r['wall_s']:.2f}" if r["wall_s"] else "-"
+        speed = f"{r['gb_per_s']:.3f}" if r["gb_per_s"] else "-"
+        print(f"{r['run']:40s} {r['input_gb']:9.2f} {wall:>8s} {speed:>7s} "
+              f"{r['peak_rss_gib']:13.2f}  {r['status']}")
+    by = {r["run"]: r for r in rows}
+
+    def ratio(a: str, b: str) -> Optional[float]:
+        x, y = by.get(a, {}).get("gb_per_s"), by.get(b, {}).get("gb_per_s")
+        return x / y if x and y else None
+
+    all_cores = f"ckpt-rtn --workers {cores}"
+    for label, value in (
+            ("ckpt-rtn (all workers) / cat throughput", ratio(all_cores, "cat in > out")),
+            ("ckpt-rtn (1 worker) / cat throughput", ratio("ckpt-rtn --workers 1", "cat in > out")),
+            ("ckpt-rtn / naive throughput (same input)",
+             ratio(f"{all_cores} (naive's input)", "naive MindSpore (naive's input)"))):
+        print(f"{label}: {value:.2f}" if value else f"{label}: n/a")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
