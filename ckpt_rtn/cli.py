@@ -1,17 +1,18 @@
 """The `ckpt-rtn` command line: argument parsing and printing only."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from typing import Callable, Dict, Optional, Sequence, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import click
 from tqdm import tqdm
 
-from . import __version__, converter, formats
-from .errors import CkptRtnError, OutputError
+from . import __version__, converter, directory, formats
+from .errors import CkptRtnError, OutputError, UnsupportedError
 from .rules import DEFAULT_FAMILY, Rules, available_families, load_rules
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -72,6 +73,9 @@ def main() -> None:
 @click.option("--no-verify-crc", is_flag=True,
               help="Do not check the input's CRC trailer (it is checked by default).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--resume", is_flag=True,
+              help="Directory input: finish an interrupted run into DST, skipping the files "
+                   "its ckpt-rtn-manifest.json shows complete and intact.")
 @click.option("--workers", type=click.IntRange(min=1), metavar="N",
               help="Threads that quantize each weight (default: all cores). The output is "
                    "identical for any N.")
@@ -84,7 +88,7 @@ def main() -> None:
 @_reported
 def convert(src: str, dst: str, config: str, include: Sequence[str], blacklist: Sequence[str],
             no_default_blacklist: bool, out_format: Optional[str], crc: bool,
-            no_verify_crc: bool, overwrite: bool, workers: Optional[int],
+            no_verify_crc: bool, overwrite: bool, resume: bool, workers: Optional[int],
             report_path: Optional[str], dry_run: bool, quiet: bool) -> None:
     """Quantize SRC's Linear weights to W8A16 and write DST.
 
@@ -93,39 +97,97 @@ def convert(src: str, dst: str, config: str, include: Sequence[str], blacklist: 
     float dtype), exactly as Golden Stick's RoundToNearest saves them. All
     other tensors are copied bit for bit. DST appears only once complete.
 
+    SRC may be a directory of shards (MindSpore rank_N/ folders, or sharded
+    safetensors with an index JSON): each is converted into the same layout
+    under DST, other files are copied, index weight_maps are rewritten, and
+    DST/ckpt-rtn-manifest.json records each finished file for --resume.
+
     \b
     Examples:
       ckpt-rtn convert llama2_7b.ckpt llama2_7b_w8a16.ckpt
       ckpt-rtn convert model.safetensors w8a16.safetensors --blacklist layers.0.
       ckpt-rtn convert llama2_7b.ckpt out.ckpt --dry-run
+      ckpt-rtn convert llama2_70b_tp8/ llama2_70b_w8a16/ --resume
     """
     rules = load_rules(config).with_overrides(include=include, blacklist=blacklist,
                                               keep_default_blacklist=not no_default_blacklist)
+    if os.path.isdir(src):
+        if out_format is not None or dry_run:
+            raise UnsupportedError(src, "--format and --dry-run apply to a single file; a "
+                                   "directory keeps each shard's format")
+        _convert_directory(src, dst, rules, overwrite=overwrite, resume=resume, crc=crc,
+                           verify_crc=not no_verify_crc, workers=workers,
+                           report_path=report_path, quiet=quiet)
+        return
+    if resume:
+        raise UnsupportedError(src, "--resume applies to directory input; a single file is "
+                               "written whole or not at all")
     if dry_run:
         plan = converter.plan_conversion(src, dst, rules, out_format=out_format,
                                          overwrite=overwrite, crc=crc,
                                          verify_crc=not no_verify_crc)
         _print_dry_run(plan, os.path.getsize(src), rules)
         return
-    bars = []
-
-    def progress(advance: int, total: int) -> None:
-        if not bars:  # first tensor done: every check has passed
-            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc="convert", leave=False, disable=True if quiet else None))
-        bars[0].update(advance)
-    try:
+    with _progress_bar(quiet) as progress:
         result = converter.convert(src, dst, rules, out_format=out_format, overwrite=overwrite,
                                    crc=crc, verify_crc=not no_verify_crc, workers=workers,
                                    stats=report_path is not None, progress=progress)
-    finally:
-        for bar in bars:
-            bar.close()
     _warn_about(result.plan, rules)
     if report_path is not None:
         _write_report(report_path, result.to_json())
     if not quiet:
         _print_summary(dst, result)
+
+
+@contextlib.contextmanager
+def _progress_bar(quiet: bool) -> Iterator[converter.ProgressFn]:
+    """A byte progress bar that appears with the first finished tensor.
+
+    By then every check has passed, so an error stays a single line; tqdm
+    stays silent when stderr is not a terminal.
+    """
+    bars: List[tqdm] = []
+
+    def progress(advance: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc="convert", leave=False, disable=True if quiet else None))
+        bars[0].update(advance)
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def _convert_directory(src: str, dst: str, rules: Rules, *, overwrite: bool, resume: bool,
+                       crc: bool, verify_crc: bool, workers: Optional[int],
+                       report_path: Optional[str], quiet: bool) -> None:
+    try:
+        with _progress_bar(quiet) as progress:
+            result = directory.convert_directory(
+                src, dst, rules, overwrite=overwrite, resume=resume, crc=crc,
+                verify_crc=verify_crc, workers=workers, stats=report_path is not None,
+                progress=progress)
+    except KeyboardInterrupt:
+        click.echo(f"error: {dst}: interrupted; finished files are kept, run again with "
+                   "--resume to complete", err=True)
+        sys.exit(130)
+    for shard in result.converted:
+        _warn_about(shard.plan, rules)
+    if report_path is not None:
+        _write_report(report_path, {
+            "input_bytes": result.input_size, "output_bytes": result.output_size,
+            "seconds": round(result.seconds, 3), "skipped": result.skipped,
+            "copied": result.copied, "indexes": result.indexes,
+            "shards": [shard.to_json() for shard in result.converted]})
+    if not quiet:
+        quantized = sum(len(s.plan.quantized) for s in result.converted)
+        click.echo(f"{dst}: converted {len(result.converted)} shards ({quantized} tensors "
+                   f"quantized), skipped {len(result.skipped)} already done, copied "
+                   f"{len(result.copied)} files, rewrote {len(result.indexes)} indexes; "
+                   f"{human_bytes(result.input_size)} -> {human_bytes(result.output_size)} in "
+                   f"{result.seconds:.1f} s")
 
 
 def _write_report(path: str, report: Dict[str, object]) -> None:

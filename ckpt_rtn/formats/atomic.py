@@ -8,9 +8,14 @@ existence. The temporary file lives in the target directory so the final
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from typing import BinaryIO, Optional
 
 from ..errors import OutputError
+
+#: Names of temporary files; left behind only by a killed process.
+TEMP_PATTERN = re.compile(r"\..+\.ckpt-rtn-\d+\.tmp")
 
 
 class AtomicFile:
@@ -43,3 +48,26 @@ class AtomicFile:
                 os.unlink(self.temp_path)
             except FileNotFoundError:
                 pass
+
+
+def write_bytes_atomic(path: "os.PathLike[str] | str", data: bytes) -> None:
+    """Replace `path` with `data`, atomically."""
+    out = AtomicFile(path)
+    try:
+        assert out.file is not None
+        out.file.write(data)
+        out.commit()
+    finally:
+        out.discard()
+
+
+def copy_atomic(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str") -> None:
+    """Copy a file's bytes to `dst`, which appears only once complete."""
+    out = AtomicFile(dst)
+    try:
+        with open(src, "rb") as f:
+            assert out.file is not None
+            shutil.copyfileobj(f, out.file, 16 * 1024 * 1024)
+        out.commit()
+    finally:
+        out.discard()

@@ -1,0 +1,243 @@
+"""Convert a directory of checkpoint shards, keeping its layout, resumably.
+
+Two layouts are common: MindSpore's distributed `rank_<N>/<name>.ckpt` (plus
+strategy files, which are protobuf too and are copied untouched), and
+Hugging Face-style sharded safetensors (`*.safetensors` plus an index JSON
+whose `weight_map` names each tensor's shard, rewritten here for the renamed
+and added tensors). Any `.ckpt`/`.safetensors` file is a shard, any JSON with
+a `weight_map` is an index, everything else is copied.
+
+Per-output-channel quantization needs only the rows a shard holds, so a
+rank's slice of a weight split by rows quantizes exactly as those rows of
+the full weight do, and shards are converted independently.
+
+Every output file is written under a temporary name and renamed once
+complete; after each file `ckpt-rtn-manifest.json` records it (size, sha256,
+tensors), so an interrupted run restarted with `resume=True` skips what is
+already done and verified.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from . import __version__, converter
+from .errors import ConfigError, FormatError, OutputError
+from .formats import format_from_suffix
+from .formats.atomic import TEMP_PATTERN, copy_atomic, write_bytes_atomic
+from .rules import Rules
+
+MANIFEST = "ckpt-rtn-manifest.json"
+#: First byte of a MindSpore strategy file (ParallelStrategyMap.current_stage, a varint).
+_STRATEGY_FIRST_BYTE = 0x08
+
+
+@dataclass
+class DirectoryResult:
+    converted: List[converter.Result] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    copied: List[str] = field(default_factory=list)
+    indexes: List[str] = field(default_factory=list)
+    input_size: int = 0
+    output_size: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Layout:
+    shards: List[str]
+    indexes: List[str]
+    others: List[str]
+
+
+def convert_directory(src: str, dst: str, rules: Rules, *, overwrite: bool = False,
+                      resume: bool = False, crc: bool = False, verify_crc: bool = True,
+                      workers: Optional[int] = None, stats: bool = False,
+                      progress: Optional[converter.ProgressFn] = None) -> DirectoryResult:
+    """Convert every shard under `src` into the same layout under `dst`."""
+    started = time.perf_counter()
+    _check_directories(src, dst, overwrite, resume)
+    layout = _scan(src)
+    if not layout.shards:
+        raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
+    settings = _settings(rules, crc)
+    os.makedirs(dst, exist_ok=True)
+    manifest = _load_manifest(dst, settings) if resume else _new_manifest(settings)
+    _remove_stale_temp_files(dst)
+    result = DirectoryResult(input_size=sum(os.path.getsize(os.path.join(src, rel))
+                                            for rel in layout.shards + layout.others))
+    total = sum(os.path.getsize(os.path.join(src, rel)) for rel in layout.shards)
+
+    def shard_progress(advance: int, _total: int) -> None:
+        if progress is not None:
+            progress(advance, total)
+
+    for rel in layout.shards:
+        out = os.path.join(dst, rel)
+        size = os.path.getsize(os.path.join(src, rel))
+        if _is_done(manifest, rel, out):
+            result.skipped.append(rel)
+            shard_progress(size, total)
+            continue
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        converted = converter.convert(os.path.join(src, rel), out, rules, overwrite=True, crc=crc,
+                                      verify_crc=verify_crc, workers=workers, stats=stats,
+                                      progress=shard_progress)
+        result.converted.append(converted)
+        _record(dst, manifest, rel, out, [
+            {"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "nbytes": t.nbytes}
+            for t in converted.plan.outputs])
+    for rel in layout.others:
+        out = os.path.join(dst, rel)
+        if _is_done(manifest, rel, out):
+            result.skipped.append(rel)
+            continue
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        copy_atomic(os.path.join(src, rel), out)
+        result.copied.append(rel)
+        _record(dst, manifest, rel, out, None)
+    for rel in layout.indexes:
+        _rewrite_index(src, dst, rel, manifest)
+        _record(dst, manifest, rel, os.path.join(dst, rel), None)
+        result.indexes.append(rel)
+    result.output_size = sum(entry["size"] for entry in manifest["files"].values())
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check_directories(src: str, dst: str, overwrite: bool, resume: bool) -> None:
+    src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
+    if src_real == dst_real:
+        raise OutputError(dst, "output is the input directory; write to another path")
+    if dst_real.startswith(src_real + os.sep):
+        raise OutputError(dst, "output directory is inside the input directory")
+    if os.path.exists(dst):
+        if not os.path.isdir(dst):
+            raise OutputError(dst, "input is a directory, so the output must be one too")
+        if os.listdir(dst) and not (overwrite or resume):
+            raise OutputError(dst, "already exists and is not empty; pass --resume to finish "
+                              "an interrupted run, or --overwrite")
+    elif not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
+        raise OutputError(dst, f"directory {os.path.dirname(os.path.abspath(dst))} does not exist")
+
+
+def _scan(src: str) -> _Layout:
+    layout = _Layout([], [], [])
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, src)
+            if TEMP_PATTERN.fullmatch(name):
+                continue
+            if format_from_suffix(name) is not None and not _is_strategy(path):
+                layout.shards.append(rel)
+            elif name.endswith(".json") and _is_index(path):
+                layout.indexes.append(rel)
+            elif name != MANIFEST:
+                layout.others.append(rel)
+    return layout
+
+
+def _is_strategy(path: str) -> bool:
+    """MindSpore strategy files are protobuf `.ckpt`s too, but start with another field."""
+    with open(path, "rb") as f:
+        return f.read(1) == bytes([_STRATEGY_FIRST_BYTE])
+
+
+def _is_index(path: str) -> bool:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("weight_map"), dict)
+
+
+def _settings(rules: Rules, crc: bool) -> Dict[str, object]:
+    return {"scheme": "w8a16", "family": rules.family,
+            "linear_weights": [p.pattern for p in rules.linear_weights],
+            "blacklist": list(rules.blacklist), "crc": crc}
+
+
+def _new_manifest(settings: Dict[str, object]) -> Dict[str, object]:
+    return {"tool": "ckpt-rtn", "version": __version__, "settings": settings, "files": {}}
+
+
+def _load_manifest(dst: str, settings: Dict[str, object]) -> Dict[str, object]:
+    path = os.path.join(dst, MANIFEST)
+    if not os.path.exists(path):
+        return _new_manifest(settings)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, AssertionError):
+        raise ConfigError(path, "unreadable manifest; remove it (and the output) to start "
+                          "over") from None
+    if manifest.get("settings") != settings:
+        raise ConfigError(path, "was written with other settings "
+                          f"({manifest.get('settings')}); resume with the same options, or "
+                          "start over in a new directory")
+    return manifest
+
+
+def _is_done(manifest: Dict[str, object], rel: str, out: str) -> bool:
+    """The output exists and is byte for byte what the manifest recorded."""
+    entry = manifest["files"].get(rel)  # type: ignore[union-attr]
+    if entry is None or not os.path.isfile(out) or os.path.getsize(out) != entry["size"]:
+        return False
+    return sha256_of(out) == entry["sha256"]
+
+
+def _record(dst: str, manifest: Dict[str, object], rel: str, out: str,
+            tensors: Optional[List[Dict[str, object]]]) -> None:
+    """Add an output file to the manifest and save it (atomically)."""
+    entry: Dict[str, object] = {"size": os.path.getsize(out), "sha256": sha256_of(out)}
+    if tensors is not None:
+        entry["tensor_count"] = len(tensors)
+        entry["tensors"] = tensors
+    manifest["files"][rel] = entry  # type: ignore[index]
+    write_bytes_atomic(os.path.join(dst, MANIFEST), json.dumps(manifest, indent=1).encode())
+
+
+def _rewrite_index(src: str, dst: str, rel: str, manifest: Dict[str, object]) -> None:
+    """Point every output tensor at its shard; total_size becomes the output's tensor bytes."""
+    path = os.path.join(src, rel)
+    with open(path) as f:
+        index = json.load(f)
+    files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
+    weight_map: Dict[str, str] = {}
+    total = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        entry = files.get(os.path.normpath(os.path.join(os.path.dirname(rel), shard)))
+        if entry is None or "tensors" not in entry:
+            raise FormatError(path, f"weight_map names {shard!r}, which is not a converted shard")
+        for tensor in entry["tensors"]:  # type: ignore[union-attr]
+            weight_map[tensor["name"]] = shard
+            total += tensor["nbytes"]
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    metadata = index.get("metadata")
+    index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "total_size": total}
+    write_bytes_atomic(os.path.join(dst, rel), json.dumps(index, indent=2).encode() + b"\n")
+
+
+def _remove_stale_temp_files(dst: str) -> None:
+    """Temporary files of a killed run: never valid output, safe to delete."""
+    for root, _, files in os.walk(dst):
+        for name in files:
+            if TEMP_PATTERN.fullmatch(name):
+                os.unlink(os.path.join(root, name))
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 * 1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()

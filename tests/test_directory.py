@@ -1,0 +1,207 @@
+"""Sharded checkpoints: MindSpore rank_N layouts, sharded safetensors, manifest and --resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+
+from ckpt_rtn import dtypes
+from ckpt_rtn.directory import MANIFEST, sha256_of
+from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
+from ckpt_rtn.formats.atomic import TEMP_PATTERN
+from ckpt_rtn.numerics import FloatFormat
+from ckpt_rtn.rtn import quantize_w8
+
+from conftest import cli, llama_weights, ms_bytes, ms_load, ms_save
+
+#: A MindSpore strategy file starts with ParallelStrategyMap.current_stage (field 1, varint).
+STRATEGY_BYTES = b"\x08\x00\x1a\x0c\x0a\x04wq.w\x12\x04\x28\x00\x30\x00"
+
+
+def read_all(path: Path) -> Dict[str, np.ndarray]:
+    with open_reader(path) as reader:
+        return {t.name: reader.read(t) for t in reader.tensors}
+
+
+def write_ckpt(path: Path, arrays: Dict[str, np.ndarray]) -> None:
+    infos = [TensorInfo.of(k, dtypes.FLOAT16, a.shape) for k, a in arrays.items()]
+    with open_writer(path, infos, format="ckpt", metadata={}) as writer:
+        for k, a in arrays.items():
+            writer.write(k, a)
+
+
+def test_rank_layout_row_split_equals_quantizing_the_whole(tmp_path: Path) -> None:
+    full = {k: v.astype(np.float16) for k, v in llama_weights(layers=1).items()}
+    src = tmp_path / "tp2"
+    for rank in (0, 1):
+        (src / f"rank_{rank}").mkdir(parents=True)
+        local = {k: np.array_split(v, 2)[rank] if k.endswith(("wq.weight", "w1.weight")) else v
+                 for k, v in full.items()}
+        ms_save(src / f"rank_{rank}" / "llama-1_1.ckpt", local)
+    (src / "strategy").mkdir()
+    (src / "strategy" / "ckpt_strategy_rank_0.ckpt").write_bytes(STRATEGY_BYTES)
+    result = cli("convert", src, tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "out"
+    assert (out / "strategy" / "ckpt_strategy_rank_0.ckpt").read_bytes() == STRATEGY_BYTES
+    ranks = [ms_load(out / f"rank_{r}" / "llama-1_1.ckpt") for r in (0, 1)]
+    for layer in ("model.layers.0.attention.wq", "model.layers.0.feed_forward.w1"):
+        whole = quantize_w8(full[layer + ".weight"], FloatFormat.FLOAT16)
+        q = np.concatenate([r[layer + "._handler.weight"].asnumpy() for r in ranks])
+        scale = b"".join(ms_bytes(r[layer + "._weight_quantizer.scale"]) for r in ranks)
+        np.testing.assert_array_equal(q, whole.q)
+        assert scale == whole.scale.tobytes()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert set(manifest["files"]) == {"rank_0/llama-1_1.ckpt", "rank_1/llama-1_1.ckpt",
+                                      "strategy/ckpt_strategy_rank_0.ckpt"}
+    for rel, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_of(str(out / rel))
+        assert entry["size"] == (out / rel).stat().st_size
+    entry = manifest["files"]["rank_0/llama-1_1.ckpt"]
+    assert entry["tensor_count"] == len(ranks[0]) == len(entry["tensors"])
+    assert {"name": "model.layers.0.attention.wq._handler.weight", "dtype": "Int8",
+            "shape": [32, 64], "nbytes": 2048} in entry["tensors"]
+
+
+def test_sharded_safetensors_index_is_rewritten(tmp_path: Path) -> None:
+    weights = {k: v.astype(np.float16) for k, v in llama_weights(layers=2).items()}
+    names = list(weights)
+    src = tmp_path / "hf"
+    src.mkdir()
+    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        ms_save(src / shard, {k: weights[k] for k in keys})
+    index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values()), "note": "x"},
+             "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    (src / "config.json").write_text('{"hidden_size": 64}')
+    result = cli("convert", src, tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert "converted 2 shards" in result.stdout and "rewrote 1 indexes" in result.stdout
+    out = tmp_path / "out"
+    assert (out / "config.json").read_text() == '{"hidden_size": 64}'
+    new_index = json.loads((out / "model.safetensors.index.json").read_text())
+    on_disk = {}
+    total = 0
+    for shard in shards:
+        with open_reader(out / shard) as reader:
+            assert reader.metadata["format"] == "ms"
+            for info in reader.tensors:
+                on_disk[info.name] = shard
+                total += info.nbytes
+    assert new_index["weight_map"] == on_disk
+    assert "model.layers.0.attention.wq._weight_quantizer.scale" in on_disk
+    assert "model.layers.0.attention.wq.weight" not in on_disk
+    assert new_index["metadata"] == {"total_size": total, "note": "x"}
+
+
+def make_shards(src: Path, count: int, rows: int = 4096, cols: int = 4096) -> None:
+    """`count` rank directories of one large weight each (~rows*cols*2 bytes)."""
+    block = np.random.default_rng(0).standard_normal((256, cols)).astype(np.float16)
+    for rank in range(count):
+        (src / f"rank_{rank}").mkdir(parents=True)
+        weight = np.tile(block, (rows // 256, 1)) * np.float16(rank + 1)
+        write_ckpt(src / f"rank_{rank}" / "net.ckpt",
+                   {f"model.layers.{rank}.attention.wq.weight": weight})
+
+
+def output_files(out: Path) -> List[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def shard_dirs(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("shards")
+    make_shards(root / "src", 12)
+    result = cli("convert", root / "src", root / "reference", "-q")
+    assert result.exit_code == 0, result.stderr
+    return root / "src", root / "reference"
+
+
+def start_convert(src: Path, dst: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ckpt_rtn", "convert", "-q", "--workers", "1",
+                             str(src), str(dst), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_first_shard(dst: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads((dst / MANIFEST).read_text())["files"]:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.002)
+    raise AssertionError(f"no shard finished before the run ended (exit {proc.poll()})")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["crash", "ctrl-c"])
+def test_killed_run_leaves_no_partial_file_and_resume_finishes(shard_dirs, tmp_path: Path,
+                                                               how: signal.Signals) -> None:
+    src, reference = shard_dirs
+    dst = tmp_path / "out"
+    proc = start_convert(src, dst)
+    wait_for_first_shard(dst, proc)
+    proc.send_signal(how)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be interrupted"
+    if how == signal.SIGINT:
+        assert proc.returncode == 130 and "--resume" in stderr
+        assert not [p for p in dst.rglob("*") if TEMP_PATTERN.fullmatch(p.name)]
+    finished = [f for f in output_files(dst) if f != MANIFEST and not
+                TEMP_PATTERN.fullmatch(os.path.basename(f))]
+    assert 0 < len(finished) < 12
+    for rel in finished:  # whatever carries a final name is complete and correct
+        assert (dst / rel).read_bytes() == (reference / rel).read_bytes(), rel
+
+    again = cli("convert", src, dst, "--resume")
+    assert again.exit_code == 0, again.stderr
+    assert int(again.stdout.split("skipped ")[1].split()[0]) >= 1  # finished shards kept
+    assert output_files(dst) == output_files(reference)
+    for rel in output_files(reference):
+        assert (dst / rel).read_bytes() == (reference / rel).read_bytes(), rel
+
+
+def test_resume_redoes_a_damaged_output(shard_dirs, tmp_path: Path) -> None:
+    src, reference = shard_dirs
+    dst = tmp_path / "out"
+    assert cli("convert", src, dst, "-q").exit_code == 0
+    damaged = dst / "rank_3" / "net.ckpt"
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    result = cli("convert", src, dst, "--resume")
+    assert result.exit_code == 0 and "converted 1 shards" in result.stdout
+    assert damaged.read_bytes() == (reference / "rank_3" / "net.ckpt").read_bytes()
+
+
+def test_resume_with_other_settings_is_refused(shard_dirs, tmp_path: Path) -> None:
+    src, _ = shard_dirs
+    dst = tmp_path / "out"
+    assert cli("convert", src, dst, "-q").exit_code == 0
+    result = cli("convert", src, dst, "--resume", "--blacklist", "layers.3")
+    assert result.exit_code == 2 and "other settings" in result.stderr
+    result = cli("convert", src, dst)
+    assert result.exit_code == 2 and "--resume" in result.stderr
+
+
+def test_directory_options_that_do_not_apply(shard_dirs, tmp_path: Path) -> None:
+    src, _ = shard_dirs
+    for extra in (["--format", "ckpt"], ["--dry-run"]):
+        result = cli("convert", src, tmp_path / "out", *extra)
+        assert result.exit_code == 2 and "directory" in result.stderr
+    single = src / "rank_0" / "net.ckpt"
+    result = cli("convert", single, tmp_path / "x.ckpt", "--resume")
+    assert result.exit_code == 2 and "--resume" in result.stderr
+    result = cli("convert", src, src / "inside")
+    assert result.exit_code == 2 and "inside the input" in result.stderr
