@@ -161,3 +161,38 @@ def test_safetensors_metadata_is_kept_but_stale_crc_dropped(fp16_llama, tmp_path
     run("convert", str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"), "-q")
     with safe_open(str(tmp_path / "out.safetensors"), framework="numpy") as f:
         assert f.metadata() == {"format": "ms", "remove_redundancy": "False"}
+
+
+def test_output_is_byte_identical_for_any_number_of_workers(tmp_path: Path) -> None:
+    weights = llama_weights(layers=2, hidden=512, kv=128, ffn=1024, vocab=300)
+    ms_save(tmp_path / "in.ckpt", weights, ms_dtype=ms.float16)
+    outputs = []
+    for workers in (1, 2, 5):
+        out = tmp_path / f"out{workers}.safetensors"
+        run("convert", str(tmp_path / "in.ckpt"), str(out), "-q", "--workers", str(workers))
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_report_has_sizes_counts_and_layer_errors(fp16_llama, tmp_path: Path) -> None:
+    import json
+    root, weights = fp16_llama
+    out, report = tmp_path / "out.ckpt", tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["convert", str(root / "llama.ckpt"), str(out),
+                                       "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "dequantization error" in result.output and "GB/s" in result.output
+    data = json.loads(report.read_text())
+    assert data["input_bytes"] == (root / "llama.ckpt").stat().st_size
+    assert data["output_bytes"] == out.stat().st_size
+    assert data["tensors_quantized"] == 14 and data["tensors_copied"] == 7
+    assert len(data["layers"]) == 14
+    wq = next(l for l in data["layers"] if l["layer"] == "model.layers.0.attention.wq")
+    w = weights["model.layers.0.attention.wq.weight"].astype(np.float64)
+    loaded = ms_load(out)
+    q = loaded["model.layers.0.attention.wq._handler.weight"].asnumpy().astype(np.float64)
+    scale = loaded["model.layers.0.attention.wq._weight_quantizer.scale"].asnumpy()
+    error = np.abs(q * scale.astype(np.float64)[:, None] - w)
+    assert wq["max_abs_error"] == pytest.approx(error.max(), rel=1e-4)
+    assert wq["mean_abs_error"] == pytest.approx(error.mean(), rel=1e-4)
+    assert 0 < wq["relative_error"] < 0.02
