@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
 import numpy as np
 import pytest
 
-# Keep MindSpore's C++ log quiet in test output (read when mindspore is imported).
+# Keep MindSpore's C++ log quiet in test output (read when mindspore is imported), and
+# MindFormers' ./output/log out of the checkout.
 os.environ.setdefault("GLOG_v", "3")
+os.environ.setdefault("LOCAL_DEFAULT_PATH", tempfile.mkdtemp(prefix="ckpt-rtn-tests-mindformers-"))
 
 #: Files written by real MindSpore 2.10 (shared/ sits beside the checkout).
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mindspore-2.10"

@@ -1,0 +1,165 @@
+"""Deploy loader: a MindFormers Llama2 runs the W8A16 checkpoint on CPU (GRAPH_MODE)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindformers import LlamaConfig, LlamaForCausalLM
+
+from ckpt_rtn import deploy, dtypes
+from ckpt_rtn.deploy import (DeployError, W8A16Linear, generate_greedy, load_fp, load_quantized,
+                             quantize_network)
+from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
+
+from conftest import cli
+
+SEQ = 64
+CONFIG = dict(batch_size=1, seq_length=SEQ, hidden_size=64, num_layers=2, num_heads=4,
+              n_kv_heads=2, vocab_size=128, intermediate_size=128, use_past=False,
+              use_rope_slice=True, fused_rms_norm=False, compute_dtype="float32",
+              param_init_type="float32", layernorm_compute_type="float32",
+              softmax_compute_type="float32", rotary_dtype="float32")
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    net = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    net.set_train(False)
+    return net
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory):
+    """Random FP weights saved by MindSpore, and their ckpt-rtn W8A16 conversion."""
+    root = tmp_path_factory.mktemp("deploy")
+    rng = np.random.default_rng(0)
+    arrays: Dict[str, np.ndarray] = {}
+    for p in tiny_llama().get_parameters():
+        std = 1.0 if ("lm_head" in p.name or "embedding" in p.name) else 0.1
+        arrays[p.name] = (np.ones(p.shape, np.float32) if len(p.shape) == 1 else
+                          (rng.standard_normal(p.shape) * std).astype(np.float32))
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()],
+                       str(root / "fp.ckpt"))
+    result = cli("convert", root / "fp.ckpt", root / "w8a16.ckpt", "-q")
+    assert result.exit_code == 0, result.stderr
+    return root / "fp.ckpt", root / "w8a16.ckpt"
+
+
+@pytest.fixture(scope="module")
+def networks(checkpoints):
+    fp_path, w8_path = checkpoints
+    fp = tiny_llama()
+    load_fp(fp, fp_path)
+    quantized = tiny_llama()
+    layers = quantize_network(quantized)
+    load_quantized(quantized, w8_path)
+    return fp, quantized, layers
+
+
+def test_quantized_logits_match_the_fp_network(networks) -> None:
+    fp, quantized, layers = networks
+    assert len(layers) == 14 and "lm_head" not in layers
+    ids = ms.Tensor(np.random.default_rng(1).integers(1, 128, (1, SEQ)).astype(np.int32))
+    a, b = fp(ids)[0].asnumpy(), quantized(ids)[0].asnumpy()
+    assert a.shape == b.shape == (1, SEQ, 128)
+    cosine = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cosine >= 0.999
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.95
+
+
+def test_greedy_generation_is_identical(networks) -> None:
+    fp, quantized, _ = networks
+    prompt = [5, 17, 99, 3, 42]
+    expected = generate_greedy(fp, prompt, 8, SEQ)
+    assert len(expected) == 8
+    assert generate_greedy(quantized, prompt, 8, SEQ) == expected
+
+
+def test_network_parameters_equal_the_checkpoint_tensor_set(networks, checkpoints) -> None:
+    _, quantized, _ = networks
+    net_params = {p.name: (str(p.dtype), tuple(p.shape)) for p in quantized.get_parameters()}
+    with open_reader(checkpoints[1]) as reader:
+        ckpt_tensors = {t.name: (t.dtype.name, t.shape) for t in reader.tensors}
+    assert net_params == ckpt_tensors
+    assert net_params["model.layers.0.feed_forward.w1._handler.weight"] == ("Int8", (128, 64))
+    assert net_params["model.layers.1.attention.wk._weight_quantizer.scale"] == ("Float32", (32,))
+
+
+def rewrite(src: Path, dst: Path, edit) -> Path:
+    """Copy a checkpoint, letting `edit(name, array)` return (name, array) or None to drop."""
+    with open_reader(src) as reader:
+        tensors = [(t, reader.read(t)) for t in reader.tensors]
+    kept = [r for r in (edit(t.name, a) for t, a in tensors) if r is not None]
+    infos = [TensorInfo.of(n, dtypes.from_mindspore_name(
+        {np.dtype(np.int8): "Int8", np.dtype(np.float16): "Float16",
+         np.dtype(np.float32): "Float32"}[a.dtype]), a.shape) for n, a in kept]
+    with open_writer(dst, infos, format="ckpt", metadata={}) as writer:
+        for name, array in kept:
+            writer.write(name, array)
+    return dst
+
+
+SCALE = "model.layers.0.attention.wq._weight_quantizer.scale"
+
+
+@pytest.mark.parametrize("case,edit,message", [
+    ("missing scale", lambda n, a: None if n == SCALE else (n, a), f"missing 1: {SCALE}"),
+    ("wrong dtype", lambda n, a: (n, a.astype(np.float16)) if n == SCALE else (n, a),
+     f"mismatched 1: {SCALE} (network Float32 (64,), checkpoint Float16 (64,))"),
+    ("wrong shape", lambda n, a: (n, a[:32]) if n == SCALE else (n, a),
+     f"mismatched 1: {SCALE} (network Float32 (64,), checkpoint Float32 (32,))"),
+    ("extra tensor", lambda n, a: (n + ".extra", a) if n == SCALE else (n, a),
+     "unexpected 1: " + SCALE + ".extra"),
+])
+def test_a_checkpoint_that_does_not_fit_is_refused(networks, checkpoints, tmp_path: Path,
+                                                   case: str, edit, message: str) -> None:
+    _, quantized, _ = networks
+    bad = rewrite(checkpoints[1], tmp_path / "bad.ckpt", edit)
+    with pytest.raises(DeployError) as info:
+        load_quantized(quantized, bad)
+    assert str(info.value).startswith(f"{bad}: does not match the network: ")
+    assert message in str(info.value)
+
+
+def test_fp_checkpoint_into_a_quantized_network_is_refused(networks, checkpoints) -> None:
+    _, quantized, _ = networks
+    with pytest.raises(DeployError, match="missing 42.*unexpected 14"):
+        load_quantized(quantized, checkpoints[0])
+
+
+def test_ascend_path_builds_the_fused_op_with_the_same_parameters() -> None:
+    net = tiny_llama()
+    quantize_network(net, fused=True)
+    cell = net.model.layers[0].attention.wq
+    assert isinstance(cell, W8A16Linear) and cell.fused
+    op = cell.weight_quant_matmul
+    assert op.transpose_x is False and op.transpose_weight is True
+    cpu = tiny_llama()
+    quantize_network(cpu, fused=False)
+    assert ([(p.name, str(p.dtype), tuple(p.shape)) for p in net.get_parameters()]
+            == [(p.name, str(p.dtype), tuple(p.shape)) for p in cpu.get_parameters()])
+
+
+def test_the_path_follows_the_device_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert deploy.use_fused_kernel() is False  # this machine runs the CPU target
+    monkeypatch.setattr(ms, "get_context", lambda key: "Ascend" if key == "device_target" else None)
+    assert deploy.use_fused_kernel() is True
+    net = tiny_llama()
+    quantize_network(net)
+    assert net.model.layers[1].feed_forward.w2.fused
+
+
+def test_blacklist_and_activation_are_kept() -> None:
+    net = tiny_llama()
+    layers = quantize_network(net, blacklist=["layers.1", "lm_head"])
+    assert sorted(layers) == sorted(f"model.layers.0.{n}" for n in (
+        "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"))
+    w1 = net.model.layers[0].feed_forward.w1
+    assert w1.activation_flag and w1._handler.activation is not None  # SiLU stays
+    everything = tiny_llama()
+    assert "lm_head" in quantize_network(everything, blacklist=[])
