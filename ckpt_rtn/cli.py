@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from . import __version__, converter, directory, formats
 from .errors import CkptRtnError, OutputError, UnsupportedError
-from .rules import DEFAULT_FAMILY, Rules, available_families, load_rules
+from .rules import RuleChoice, available_families
+from .schemes import SCHEME_NAMES, Scheme, get_scheme
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -54,10 +55,15 @@ def main() -> None:
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
-@click.option("--config", "config", metavar="FAMILY|FILE", default=DEFAULT_FAMILY,
-              show_default=True,
+@click.option("--config", "config", metavar="FAMILY|FILE",
               help=f"Selection rules: a built-in family ({', '.join(available_families())}) "
-                   "or a YAML file.")
+                   "or a YAML file. Default: detected from the tensor names.")
+@click.option("--scheme", type=click.Choice(SCHEME_NAMES), default="w8a16", show_default=True,
+              help="w8a16: Golden Stick RoundToNearest (v0.5) names; w8a16-ptq: the same int8 "
+                   "codes under the PTQ framework's names (v1.0+); w4a16: int4 per group, "
+                   "packed qint4x2, PTQ names.")
+@click.option("--group-size", type=click.Choice(["64", "128"]), default=None,
+              help="Input channels per scale for --scheme w4a16 (default 128).")
 @click.option("--include", multiple=True, metavar="REGEX",
               help="Quantize 2-D float '*.weight' tensors whose name matches REGEX, instead of "
                    "the family's Linear patterns. Repeatable.")
@@ -86,7 +92,8 @@ def main() -> None:
               help="List what would be quantized and the exact output size; write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_reported
-def convert(src: str, dst: str, config: str, include: Sequence[str], blacklist: Sequence[str],
+def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: Optional[str],
+            include: Sequence[str], blacklist: Sequence[str],
             no_default_blacklist: bool, out_format: Optional[str], crc: bool,
             no_verify_crc: bool, overwrite: bool, resume: bool, workers: Optional[int],
             report_path: Optional[str], dry_run: bool, quiet: bool) -> None:
@@ -109,13 +116,16 @@ def convert(src: str, dst: str, config: str, include: Sequence[str], blacklist: 
       ckpt-rtn convert llama2_7b.ckpt out.ckpt --dry-run
       ckpt-rtn convert llama2_70b_tp8/ llama2_70b_w8a16/ --resume
     """
-    rules = load_rules(config).with_overrides(include=include, blacklist=blacklist,
-                                              keep_default_blacklist=not no_default_blacklist)
+    rules = RuleChoice(config, tuple(include), tuple(blacklist), not no_default_blacklist)
+    try:
+        chosen = get_scheme(scheme, None if group_size is None else int(group_size))
+    except ValueError as exc:
+        raise UnsupportedError(None, str(exc)) from None
     if os.path.isdir(src):
         if out_format is not None or dry_run:
             raise UnsupportedError(src, "--format and --dry-run apply to a single file; a "
                                    "directory keeps each shard's format")
-        _convert_directory(src, dst, rules, overwrite=overwrite, resume=resume, crc=crc,
+        _convert_directory(src, dst, rules, chosen, overwrite=overwrite, resume=resume, crc=crc,
                            verify_crc=not no_verify_crc, workers=workers,
                            report_path=report_path, quiet=quiet)
         return
@@ -125,14 +135,15 @@ def convert(src: str, dst: str, config: str, include: Sequence[str], blacklist: 
     if dry_run:
         plan = converter.plan_conversion(src, dst, rules, out_format=out_format,
                                          overwrite=overwrite, crc=crc,
-                                         verify_crc=not no_verify_crc)
-        _print_dry_run(plan, os.path.getsize(src), rules)
+                                         verify_crc=not no_verify_crc, scheme=chosen)
+        _print_dry_run(plan, os.path.getsize(src))
         return
     with _progress_bar(quiet) as progress:
         result = converter.convert(src, dst, rules, out_format=out_format, overwrite=overwrite,
+                                   scheme=chosen,
                                    crc=crc, verify_crc=not no_verify_crc, workers=workers,
                                    stats=report_path is not None, progress=progress)
-    _warn_about(result.plan, rules)
+    _warn_about(result.plan)
     if report_path is not None:
         _write_report(report_path, result.to_json())
     if not quiet:
@@ -160,13 +171,14 @@ def _progress_bar(quiet: bool) -> Iterator[converter.ProgressFn]:
             bar.close()
 
 
-def _convert_directory(src: str, dst: str, rules: Rules, *, overwrite: bool, resume: bool,
+def _convert_directory(src: str, dst: str, rules: RuleChoice, scheme: Scheme, *,
+                       overwrite: bool, resume: bool,
                        crc: bool, verify_crc: bool, workers: Optional[int],
                        report_path: Optional[str], quiet: bool) -> None:
     try:
         with _progress_bar(quiet) as progress:
             result = directory.convert_directory(
-                src, dst, rules, overwrite=overwrite, resume=resume, crc=crc,
+                src, dst, rules, scheme=scheme, overwrite=overwrite, resume=resume, crc=crc,
                 verify_crc=verify_crc, workers=workers, stats=report_path is not None,
                 progress=progress)
     except KeyboardInterrupt:
@@ -174,7 +186,7 @@ def _convert_directory(src: str, dst: str, rules: Rules, *, overwrite: bool, res
                    "--resume to complete", err=True)
         sys.exit(130)
     for shard in result.converted:
-        _warn_about(shard.plan, rules)
+        _warn_about(shard.plan)
     if report_path is not None:
         _write_report(report_path, {
             "input_bytes": result.input_size, "output_bytes": result.output_size,
@@ -203,7 +215,8 @@ def _print_summary(dst: str, result: converter.Result) -> None:
     plan = result.plan
     ratio = result.output_size / result.input_size
     speed = result.input_size / result.seconds / 1e9 if result.seconds else float("inf")
-    click.echo(f"{dst}: quantized {len(plan.quantized)} tensors, copied "
+    click.echo(f"{dst}: {plan.rules.family} {plan.scheme.name}: quantized "
+               f"{len(plan.quantized)} tensors, copied "
                f"{len(plan.steps) - len(plan.quantized)}; {human_bytes(result.input_size)} -> "
                f"{human_bytes(result.output_size)} ({ratio:.1%}) in {result.seconds:.1f} s "
                f"({speed:.2f} GB/s, {result.workers} workers)")
@@ -217,24 +230,26 @@ def _print_summary(dst: str, result: converter.Result) -> None:
                 for e in worst], right=(1, 2, 3))
 
 
-def _warn_about(plan: converter.Plan, rules: Rules) -> None:
+def _warn_about(plan: converter.Plan) -> None:
     for info in plan.dropped:
         click.echo(f"warning: dropped {info.name!r}: safetensors cannot store {info.dtype} values",
                    err=True)
     if not plan.quantized:
-        click.echo(f"warning: no tensor matched the {rules.family} rules; the output is a copy "
+        click.echo(f"warning: no tensor matched the {plan.rules.family} rules; the output is a copy "
                    "(see --config / --include)", err=True)
 
 
-def _print_dry_run(plan: converter.Plan, input_size: int, rules: Rules) -> None:
+def _print_dry_run(plan: converter.Plan, input_size: int) -> None:
     rows = [(s.source.name, str(s.source.dtype), _shape(s.source.shape),
              human_bytes(s.source.nbytes), human_bytes(sum(o.nbytes for o in s.outputs)))
             for s in plan.quantized]
     _table(("would quantize", "dtype", "shape", "bytes in", "bytes out"), rows)
-    _warn_about(plan, rules)
+    _warn_about(plan)
+    rules = plan.rules
     size = plan.output_size
     click.echo(f"{len(plan.quantized)} of {len(plan.steps) + len(plan.dropped)} tensors would be "
-               f"quantized ({rules.family} rules, blacklist: {', '.join(rules.blacklist) or '-'}); "
+               f"quantized ({rules.family} rules, {plan.scheme.name}, blacklist: "
+               f"{', '.join(rules.blacklist) or '-'}); "
                f"output {plan.out_format}: {size} bytes ({human_bytes(size)}, "
                f"{size / input_size:.1%} of the input)")
 

@@ -13,18 +13,19 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import __version__, dtypes, formats, golden_stick
-from .errors import FormatError, OutputError, QuantizationError, UnsupportedError
+from . import __version__, dtypes, formats
+from .errors import ConfigError, FormatError, OutputError, QuantizationError, UnsupportedError
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
 from .pipeline import run_pipeline
-from .rtn import NonFiniteWeightError, W8Weights, quantize_w8
-from .rules import Rules
+from .rtn import NonFiniteWeightError
+from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
+from .schemes import Quantized, Scheme, get_scheme
 
 _FLOAT_FORMATS = {
     dtypes.FLOAT16: FloatFormat.FLOAT16,
@@ -32,6 +33,8 @@ _FLOAT_FORMATS = {
     dtypes.FLOAT32: FloatFormat.FLOAT32,
     dtypes.FLOAT64: FloatFormat.FLOAT64,
 }
+
+DEFAULT_SCHEME = get_scheme()
 
 #: Called as progress(advance, total) with input bytes done since the last call.
 ProgressFn = Callable[[int, int], None]
@@ -43,11 +46,15 @@ class Step:
 
     source: TensorInfo
     outputs: Tuple[TensorInfo, ...]
-    layer: Optional[str] = None
+    selection: Optional[Selection] = None
 
     @property
     def quantized(self) -> bool:
-        return self.layer is not None
+        return self.selection is not None
+
+    @property
+    def layer(self) -> Optional[str]:
+        return None if self.selection is None else self.selection.layer
 
 
 @dataclass
@@ -58,6 +65,8 @@ class Plan:
     out_format: str
     metadata: Dict[str, str]
     crc: bool
+    rules: Rules
+    scheme: Scheme
     dropped: List[TensorInfo] = field(default_factory=list)
 
     @property
@@ -100,7 +109,8 @@ class Result:
         """The --report document."""
         plan = self.plan
         return {
-            "tool": "ckpt-rtn", "version": __version__, "scheme": "w8a16",
+            "tool": "ckpt-rtn", "version": __version__, "scheme": plan.scheme.name,
+            "group_size": plan.scheme.spec.group_size or None, "family": plan.rules.family,
             "format": plan.out_format, "workers": self.workers,
             "input_bytes": self.input_size, "output_bytes": self.output_size,
             "ratio": self.output_size / self.input_size if self.input_size else None,
@@ -116,40 +126,50 @@ class Result:
         }
 
 
-def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool = False) -> Plan:
-    """Decide every output tensor from the input's index and the rules."""
+def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool = False,
+              scheme: Scheme = DEFAULT_SCHEME) -> Plan:
+    """Decide every output tensor from the input's index, the rules and the scheme."""
     if not reader.tensors:
         raise FormatError(reader.path, "contains no tensors")
-    layers = {info.name: rules.layer_of(info) for info in reader.tensors}
-    quantized = {layer for layer in layers.values() if layer is not None}
+    selections = {info.name: rules.select(info) for info in reader.tensors}
+    quantized = {s.layer for s in selections.values() if s is not None}
     steps, dropped = [], []
     for info in reader.tensors:
-        layer = layers[info.name]
+        selection = selections[info.name]
         if out_format == "safetensors" and info.dtype.safetensors is None:
             if info.dtype is not dtypes.STRING:
                 raise UnsupportedError(reader.path, f"tensor {info.name!r} is {info.dtype}, which "
                                        "safetensors cannot store; write a .ckpt instead")
             dropped.append(info)  # append_dict strings: training metadata safetensors cannot hold
             continue
-        if layer is not None:
-            steps.append(Step(info, _quantized_outputs(layer, info), layer))
+        if selection is not None:
+            outputs = _quantized_outputs(reader.path, scheme, selection, info)
+            steps.append(Step(info, outputs, selection))
         elif info.name.endswith(".bias") and info.name[:-len(".bias")] in quantized:
-            renamed = golden_stick.w8a16_names(info.name[:-len(".bias")]).bias
+            renamed = scheme.names(info.name[:-len(".bias")]).bias
             steps.append(Step(info, (TensorInfo(renamed, info.dtype, info.shape, info.nbytes),)))
         else:
             steps.append(Step(info, (info,)))
     metadata = {k: v for k, v in reader.metadata.items()
-                if k != "crc_num" and k not in layers}  # stale CRC, per-tensor marks
+                if k != "crc_num" and k not in selections}  # stale CRC, per-tensor marks
     metadata["format"] = "ms"
-    return Plan(steps, out_format, metadata, crc, dropped)
+    return Plan(steps, out_format, metadata, crc, rules, scheme, dropped)
 
 
-def _quantized_outputs(layer: str, info: TensorInfo) -> Tuple[TensorInfo, ...]:
-    names = golden_stick.w8a16_names(layer)
-    rows = info.shape[0]
-    return (TensorInfo.of(names.weight, dtypes.INT8, info.shape),
-            TensorInfo.of(names.scale, info.dtype, (rows,)),
-            TensorInfo.of(names.zp_neg, info.dtype, (rows,)))
+def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
+                       info: TensorInfo) -> Tuple[TensorInfo, ...]:
+    if selection.layout is None:
+        raise QuantizationError(path, f"tensor {info.name!r}: the rules do not say whether it is "
+                                "stored [out, in] or [in, out]; give it a layout in a config "
+                                "YAML (--config FILE) instead of --include")
+    out_channels, in_channels = info.shape if selection.layout == OUT_IN else info.shape[::-1]
+    reason = scheme.check(out_channels, in_channels)
+    if reason is not None:
+        raise QuantizationError(path, f"tensor {info.name!r} {list(info.shape)}: {reason}")
+    outputs = scheme.outputs(selection.layer, info.dtype, out_channels, in_channels)
+    if selection.layout == IN_OUT and not scheme.packs_int4:  # int8 codes keep the layout
+        outputs = (replace(outputs[0], shape=info.shape),) + outputs[1:]
+    return outputs
 
 
 def output_format(dst: "os.PathLike[str] | str", requested: Optional[str], crc: bool) -> str:
@@ -181,14 +201,25 @@ def check_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
         raise OutputError(dst, f"directory {parent} does not exist")
 
 
-def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", rules: Rules,
-                    *, out_format: Optional[str] = None, overwrite: bool = False,
-                    crc: bool = False, verify_crc: bool = True) -> Plan:
+def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
+                    rules: "Rules | RuleChoice", *, out_format: Optional[str] = None,
+                    overwrite: bool = False, crc: bool = False, verify_crc: bool = True,
+                    scheme: Scheme = DEFAULT_SCHEME) -> Plan:
     """The plan `convert` would follow, after the same checks, writing nothing (--dry-run)."""
     fmt = output_format(dst, out_format, crc)
     check_output(src, dst, overwrite)
     with formats.open_reader(src, verify_crc=verify_crc) as reader:
-        return make_plan(reader, rules, fmt, crc=crc)
+        return make_plan(reader, resolve_rules(rules, reader), fmt, crc=crc, scheme=scheme)
+
+
+def resolve_rules(rules: "Rules | RuleChoice", reader: TensorReader) -> Rules:
+    """Rules as given, or chosen from the checkpoint's tensor names (family detection)."""
+    if isinstance(rules, Rules):
+        return rules
+    try:
+        return rules.resolve(t.name for t in reader.tensors)
+    except ConfigError as exc:
+        raise ConfigError(reader.path, exc.reason) from None
 
 
 def default_workers() -> int:
@@ -196,10 +227,11 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", rules: Rules, *,
-            out_format: Optional[str] = None, overwrite: bool = False, crc: bool = False,
-            verify_crc: bool = True, workers: Optional[int] = None, stats: bool = False,
-            progress: Optional[ProgressFn] = None) -> Result:
+def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
+            rules: "Rules | RuleChoice", *, out_format: Optional[str] = None,
+            overwrite: bool = False, crc: bool = False, verify_crc: bool = True,
+            workers: Optional[int] = None, stats: bool = False,
+            scheme: Scheme = DEFAULT_SCHEME, progress: Optional[ProgressFn] = None) -> Result:
     """Convert `src` to a W8A16 checkpoint at `dst`; returns what was done.
 
     Tensors stream through a read-ahead / quantize / write-behind pipeline;
@@ -214,18 +246,19 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", rules:
     errors: List[LayerError] = []
     with formats.open_reader(src, verify_crc=verify_crc) as reader, \
             ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-rtn") as pool:
-        plan = make_plan(reader, rules, fmt, crc=crc)
+        plan = make_plan(reader, resolve_rules(rules, reader), fmt, crc=crc, scheme=scheme)
         total = reader.nbytes
 
         def quantize(step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
             if not step.quantized:
                 return (data,)
-            w8 = _quantize(reader.path, step, data, pool if workers > 1 else None, stats)
-            if w8.stats is not None:
+            result = _quantize(reader.path, step, data, scheme, pool if workers > 1 else None,
+                               stats)
+            if result.stats is not None:
                 errors.append(LayerError(step.layer or "", step.source.shape,
-                                         step.source.dtype.name, w8.stats.max_abs,
-                                         w8.stats.mean_abs, w8.stats.relative))
-            return w8.q, w8.scale, w8.zp_neg
+                                         step.source.dtype.name, result.stats.max_abs,
+                                         result.stats.mean_abs, result.stats.relative))
+            return result.arrays
 
         with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
                                  crc=crc) as writer:
@@ -242,9 +275,18 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str", rules:
                   time.perf_counter() - started, workers, errors)
 
 
-def _quantize(path: str, step: Step, data: np.ndarray, pool: Optional[ThreadPoolExecutor],
-              stats: bool) -> W8Weights:
+def _quantize(path: str, step: Step, data: np.ndarray, scheme: Scheme,
+              pool: Optional[ThreadPoolExecutor], stats: bool) -> Quantized:
+    """The scheme's arrays for a selected weight, given in its stored layout."""
+    assert step.selection is not None
+    in_out = step.selection.layout == IN_OUT
+    weight = np.ascontiguousarray(data.T) if in_out else data
     try:
-        return quantize_w8(data, _FLOAT_FORMATS[step.source.dtype], pool=pool, stats=stats)
+        result = scheme.quantize(weight, _FLOAT_FORMATS[step.source.dtype], pool=pool,
+                                 stats=stats)
     except NonFiniteWeightError as exc:
         raise QuantizationError(path, f"tensor {step.source.name!r}: {exc}") from None
+    if in_out and not scheme.packs_int4:
+        q, *rest = result.arrays
+        return Quantized((np.ascontiguousarray(q.T), *rest), result.stats)
+    return result

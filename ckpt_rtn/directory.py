@@ -27,9 +27,10 @@ from typing import Dict, List, Optional
 
 from . import __version__, converter
 from .errors import ConfigError, FormatError, OutputError
-from .formats import format_from_suffix
+from .formats import format_from_suffix, open_reader
 from .formats.atomic import TEMP_PATTERN, copy_atomic, write_bytes_atomic
-from .rules import Rules
+from .rules import RuleChoice, Rules
+from .schemes import Scheme
 
 MANIFEST = "ckpt-rtn-manifest.json"
 #: First byte of a MindSpore strategy file (ParallelStrategyMap.current_stage, a varint).
@@ -54,17 +55,23 @@ class _Layout:
     others: List[str]
 
 
-def convert_directory(src: str, dst: str, rules: Rules, *, overwrite: bool = False,
+def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
+                      scheme: Scheme = converter.DEFAULT_SCHEME, overwrite: bool = False,
                       resume: bool = False, crc: bool = False, verify_crc: bool = True,
                       workers: Optional[int] = None, stats: bool = False,
                       progress: Optional[converter.ProgressFn] = None) -> DirectoryResult:
-    """Convert every shard under `src` into the same layout under `dst`."""
+    """Convert every shard under `src` into the same layout under `dst`.
+
+    Without an explicit family, it is detected from the first shard's names.
+    """
     started = time.perf_counter()
     _check_directories(src, dst, overwrite, resume)
     layout = _scan(src)
     if not layout.shards:
         raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
-    settings = _settings(rules, crc)
+    with open_reader(os.path.join(src, layout.shards[0]), verify_crc=False) as first:
+        rules = converter.resolve_rules(rules, first)
+    settings = _settings(rules, scheme, crc)
     os.makedirs(dst, exist_ok=True)
     manifest = _load_manifest(dst, settings) if resume else _new_manifest(settings)
     _remove_stale_temp_files(dst)
@@ -86,7 +93,7 @@ def convert_directory(src: str, dst: str, rules: Rules, *, overwrite: bool = Fal
         os.makedirs(os.path.dirname(out), exist_ok=True)
         converted = converter.convert(os.path.join(src, rel), out, rules, overwrite=True, crc=crc,
                                       verify_crc=verify_crc, workers=workers, stats=stats,
-                                      progress=shard_progress)
+                                      scheme=scheme, progress=shard_progress)
         result.converted.append(converted)
         _record(dst, manifest, rel, out, [
             {"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "nbytes": t.nbytes}
@@ -158,9 +165,9 @@ def _is_index(path: str) -> bool:
     return isinstance(data, dict) and isinstance(data.get("weight_map"), dict)
 
 
-def _settings(rules: Rules, crc: bool) -> Dict[str, object]:
-    return {"scheme": "w8a16", "family": rules.family,
-            "linear_weights": [p.pattern for p in rules.linear_weights],
+def _settings(rules: Rules, scheme: Scheme, crc: bool) -> Dict[str, object]:
+    return {"scheme": scheme.name, "group_size": scheme.spec.group_size, "family": rules.family,
+            "linear_weights": [[p.regex.pattern, p.layout] for p in rules.linear_weights],
             "blacklist": list(rules.blacklist), "crc": crc}
 
 

@@ -38,10 +38,39 @@ import numpy as np
 
 from .numerics import FloatFormat, to_storage, to_work
 
-QMIN, QMAX = -128, 127
-#: 2 * a / 255 == a / 127.5 exactly in real numbers, and 127.5 is exact in
-#: binary, so one division gives the same rounding without 2*a overflowing.
-HALF_RANGE = (QMAX - QMIN) / 2
+
+
+@dataclass(frozen=True)
+class RtnSpec:
+    """Integer width and grouping of one RTN variant.
+
+    `group_size` 0 means one scale per output channel; otherwise one per
+    `group_size` consecutive input channels of a row (Golden Stick PTQ's
+    per-group mode). `float64_scale` computes the scale in float64, as the
+    PTQ framework (v1.0+) does, instead of the legacy class's float32.
+    """
+
+    bits: int = 8
+    group_size: int = 0
+    float64_scale: bool = False
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def half_range(self) -> float:
+        """(qmax - qmin) / 2: 2*a/255 == a/127.5 exactly, and 127.5 (or 7.5) is exact
+        in binary, so one division rounds the same without 2*a overflowing."""
+        return (self.qmax - self.qmin) / 2
+
+
+#: Golden Stick v0.5.0 RoundToNearest defaults: int8, per channel, float32 scale.
+W8 = RtnSpec()
 #: Rows per block: 128 rows of an 8192-wide float32 buffer is 4 MiB.
 BLOCK_ROWS = 128
 #: Row spans a weight is cut into for a thread pool (several per core).
@@ -67,11 +96,13 @@ class ErrorStats:
 
 
 @dataclass(frozen=True)
-class W8Weights:
-    """Golden Stick's three tensors for one quantized Linear.
+class RtnWeights:
+    """Integer codes, scale and negated zero point of one quantized weight.
 
-    `scale` and `zp_neg` hold raw values of the weight's float format
-    (uint16 bit patterns for bfloat16); `stats` is set when asked for.
+    `q` holds the codes (int8 storage, [out, in]); `scale` and `zp_neg` hold
+    raw values of the weight's float format (uint16 bit patterns for
+    bfloat16), shaped [out] per channel or [out, in / group_size] per group;
+    `stats` is set when asked for.
     """
 
     q: np.ndarray
@@ -101,9 +132,10 @@ class NonFiniteWeightError(ValueError):
     """The weight holds inf or NaN: no finite scale exists."""
 
 
-def quantize_w8(weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor] = None,
-                stats: bool = False, block_rows: int = BLOCK_ROWS) -> W8Weights:
-    """Quantize a 2-D [out, in] weight of raw `fmt` values per output channel.
+def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
+                 pool: Optional[Executor] = None, stats: bool = False,
+                 block_rows: int = BLOCK_ROWS) -> RtnWeights:
+    """Quantize a 2-D [out, in] weight of raw `fmt` values per output channel (or group).
 
     With a thread `pool`, row spans are quantized concurrently; the result
     does not depend on the pool. `stats` also measures the error.
@@ -112,20 +144,30 @@ def quantize_w8(weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {weight.shape}")
     if weight.dtype != fmt.storage:
         raise ValueError(f"{fmt.value} weight must be stored as {fmt.storage}, got {weight.dtype}")
+    out_channels, in_channels = weight.shape
+    if spec.group_size:
+        if in_channels % spec.group_size:
+            raise ValueError(f"{in_channels} input channels do not split into groups of "
+                             f"{spec.group_size}")
+        # Each group of consecutive input channels becomes a row of its own.
+        weight = np.ascontiguousarray(weight).reshape(-1, spec.group_size)
     rows, cols = weight.shape
     q = np.empty(weight.shape, dtype=np.int8)
     scale = np.empty(rows, dtype=fmt.work)
     errors = _RowErrors(rows) if stats else None
     constant = _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
-        weight, fmt, span, block_rows, q, scale, None, errors))
+        weight, fmt, spec, span, block_rows, q, scale, None, errors))
     if rows and cols and sum(constant) == rows:
         # Golden Stick: when max == min in every channel, scale = 1 everywhere.
         scale[:] = 1
         _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
-            weight, fmt, span, block_rows, q, scale, scale, errors))
+            weight, fmt, spec, span, block_rows, q, scale, scale, errors))
     stored = to_storage(scale, fmt)
-    return W8Weights(q=q, scale=stored, zp_neg=np.zeros_like(stored),
-                     stats=errors.summary(q.size) if errors is not None else None)
+    if spec.group_size:
+        stored = stored.reshape(out_channels, -1)
+    return RtnWeights(q=q.reshape(out_channels, in_channels), scale=stored,
+                      zp_neg=np.zeros_like(stored),
+                      stats=errors.summary(q.size) if errors is not None else None)
 
 
 def _spans(rows: int, block_rows: int, pool: Optional[Executor]) -> List[Tuple[int, int]]:
@@ -141,7 +183,8 @@ def _run(pool: Optional[Executor], spans: List[Tuple[int, int]], fn) -> List[int
     return list(pool.map(fn, spans))
 
 
-def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, span: Tuple[int, int], block_rows: int,
+def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec, span: Tuple[int, int],
+                   block_rows: int,
                    q: np.ndarray, scale: np.ndarray, fixed: Optional[np.ndarray],
                    errors: Optional[_RowErrors]) -> int:
     """Quantize rows [start, stop) into q and scale; returns how many rows are constant.
@@ -166,7 +209,8 @@ def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, span: Tuple[int, int], 
             if not (np.all(np.abs(high) < limit) and np.all(np.abs(low) < limit)):
                 raise NonFiniteWeightError("weight contains inf or NaN values")
             constant += int(np.count_nonzero(high == low))
-            scale[first:last] = _scale_from_absmax(np.maximum(np.abs(high), np.abs(low)), fmt)
+            scale[first:last] = _scale_from_absmax(np.maximum(np.abs(high), np.abs(low)), fmt,
+                                                   spec)
         row_scale = scale[first:last]
         divisor = np.where(row_scale == 0, np.inf, row_scale)  # w / inf = 0: zero scale, q = 0
         np.divide(block, divisor[:, None], out=block)
@@ -176,8 +220,8 @@ def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, span: Tuple[int, int], 
             _round_bits(bits[:last - first], spare[:last - first],
                         10 if fmt is FloatFormat.FLOAT16 else 7)
         np.rint(block, out=block)
-        np.minimum(block, QMAX, out=block)
-        np.maximum(block, QMIN, out=block)
+        np.minimum(block, spec.qmax, out=block)
+        np.maximum(block, spec.qmin, out=block)
         np.copyto(q[first:last], block, casting="unsafe")
         if errors is not None:
             _record_errors(errors, slice(first, last), block, exact[:last - first], row_scale)
@@ -233,17 +277,20 @@ def _round_bits(bits: np.ndarray, spare: np.ndarray, mantissa_bits: int) -> None
     np.bitwise_and(bits, np.uint32((0xFFFFFFFF >> drop) << drop), out=bits)
 
 
-def _scale_from_absmax(absmax: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+def _scale_from_absmax(absmax: np.ndarray, fmt: FloatFormat, spec: RtnSpec) -> np.ndarray:
     """Per-row scale, already rounded to `fmt`, returned in the work dtype."""
-    if fmt is FloatFormat.FLOAT16:
-        raw = (absmax.astype(np.float32) / np.float32(HALF_RANGE)).astype(np.float16)
+    if fmt is FloatFormat.FLOAT16 and not spec.float64_scale:
+        raw = (absmax.astype(np.float32) / np.float32(spec.half_range)).astype(np.float16)
     else:
-        raw = to_storage(absmax.astype(np.float64) / HALF_RANGE, fmt)
+        raw = to_storage(absmax.astype(np.float64) / spec.half_range, fmt)
     return to_work(raw, fmt)
 
 
-def dequantize_w8(w8: W8Weights, fmt: FloatFormat) -> np.ndarray:
-    """(q + zp_neg) * scale in the work dtype: what the deployed network computes."""
-    scale = to_work(w8.scale, fmt)
-    zp_neg = to_work(w8.zp_neg, fmt)
-    return (w8.q.astype(fmt.work) + zp_neg[:, None]) * scale[:, None]
+def dequantize_rtn(weights: RtnWeights, fmt: FloatFormat) -> np.ndarray:
+    """(q + zp_neg) * scale in the work dtype, [out, in]: what the deployed network computes."""
+    scale, zp_neg = to_work(weights.scale, fmt), to_work(weights.zp_neg, fmt)
+    out_channels, in_channels = weights.q.shape
+    groups = scale.reshape(out_channels, -1).shape[1]
+    q = weights.q.astype(fmt.work).reshape(out_channels, groups, -1)
+    return ((q + zp_neg.reshape(out_channels, groups, 1))
+            * scale.reshape(out_channels, groups, 1)).reshape(out_channels, in_channels)

@@ -23,42 +23,113 @@ DEFAULT_FAMILY = "llama2"
 WEIGHT_SUFFIX = ".weight"
 
 
+#: Weight layouts: MindFormers Linear with transpose_b=True stores [out, in].
+OUT_IN, IN_OUT = "out_in", "in_out"
+
+
+@dataclass(frozen=True)
+class WeightPattern:
+    """A regular expression for Linear weights, and how those weights are laid out.
+
+    `layout` None (an --include pattern) means: as the family's own rules say.
+    """
+
+    regex: "re.Pattern[str]"
+    layout: Optional[str] = OUT_IN
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A weight chosen for quantization: its Linear layer path `<p>` and its layout.
+
+    `layout` is None when nothing tells whether the weight is [out, in] or [in, out].
+    """
+
+    layer: str
+    layout: Optional[str]
+
+
 @dataclass(frozen=True)
 class Rules:
     """Selection rules for one model family."""
 
     family: str
-    linear_weights: Tuple["re.Pattern[str]", ...]
+    linear_weights: Tuple[WeightPattern, ...]
     blacklist: Tuple[str, ...]
+    #: A checkpoint is of this family when each of these matches some tensor name.
+    detect: Tuple["re.Pattern[str]", ...] = ()
+    #: The family's own patterns, kept when --include replaces `linear_weights`:
+    #: they still tell the layout of the weights --include selects.
+    family_weights: Tuple[WeightPattern, ...] = ()
 
-    def layer_of(self, info: TensorInfo) -> Optional[str]:
-        """The Linear layer path `<p>` if this tensor is a weight to quantize, else None."""
+    def select(self, info: TensorInfo) -> Optional[Selection]:
+        """Whether this tensor is a Linear weight to quantize, and how it is laid out."""
         if not (info.name.endswith(WEIGHT_SUFFIX) and len(info.shape) == 2
                 and info.dtype.is_float):
             return None
-        if not any(p.search(info.name) for p in self.linear_weights):
-            return None
+        pattern = next((p for p in self.linear_weights if p.regex.search(info.name)), None)
         layer = info.name[:-len(WEIGHT_SUFFIX)]
-        return None if self.is_blacklisted(layer) else layer
+        if pattern is None or self.is_blacklisted(layer):
+            return None
+        return Selection(layer, pattern.layout or self._family_layout(info.name))
+
+    def _family_layout(self, name: str) -> Optional[str]:
+        """The layout the family's rules give this weight, or its only layout, or None."""
+        own = next((p for p in self.family_weights if p.regex.search(name)), None)
+        if own is not None:
+            return own.layout
+        layouts = {p.layout for p in self.family_weights}
+        return layouts.pop() if len(layouts) == 1 else None
+
+    def layer_of(self, info: TensorInfo) -> Optional[str]:
+        """The Linear layer path `<p>` if this tensor is a weight to quantize, else None."""
+        selection = self.select(info)
+        return None if selection is None else selection.layer
 
     def is_blacklisted(self, layer: str) -> bool:
         """Golden Stick's test: an entry is a substring of "root.<layer path>"."""
         path = f"root.{layer}"
         return any(entry in path for entry in self.blacklist)
 
+    def matches(self, names: Iterable[str]) -> bool:
+        """Whether a checkpoint with these tensor names is of this family."""
+        names = list(names)
+        return bool(self.detect) and all(any(d.search(n) for n in names) for d in self.detect)
+
     def with_overrides(self, *, include: Iterable[str] = (), blacklist: Iterable[str] = (),
                        keep_default_blacklist: bool = True) -> "Rules":
         """These rules with the CLI's --include / --blacklist applied.
 
-        --include replaces the family's weight patterns; --blacklist adds to
-        (or, without the defaults, replaces) the family's blacklist.
+        --include replaces the family's weight patterns (the layout of what it
+        selects still comes from the family's rules); --blacklist adds to (or,
+        without the defaults, replaces) the family's blacklist.
         """
         include, blacklist = tuple(include), tuple(blacklist)
-        if not all(blacklist):
-            raise ConfigError(None, "--blacklist: an empty entry would match every layer")
-        patterns = tuple(_compile(p, "--include") for p in include) or self.linear_weights
+        patterns = _include_patterns(include, blacklist) or self.linear_weights
         base = self.blacklist if keep_default_blacklist else ()
         return replace(self, linear_weights=patterns, blacklist=base + blacklist)
+
+
+@dataclass(frozen=True)
+class RuleChoice:
+    """What the user asked for (--config, --include, --blacklist), before the
+    checkpoint's tensor names are known; no config means: detect the family."""
+
+    config: Optional[str] = None
+    include: Tuple[str, ...] = ()
+    blacklist: Tuple[str, ...] = ()
+    keep_default_blacklist: bool = True
+
+    def __post_init__(self) -> None:
+        """Fail on a bad option before any file is read."""
+        _include_patterns(self.include, self.blacklist)
+        if self.config:
+            load_rules(self.config)
+
+    def resolve(self, names: Iterable[str]) -> Rules:
+        base = load_rules(self.config) if self.config else detect_family(names)
+        return base.with_overrides(include=self.include, blacklist=self.blacklist,
+                                   keep_default_blacklist=self.keep_default_blacklist)
 
 
 def available_families() -> List[str]:
@@ -83,17 +154,51 @@ def load_rules(config: "str | os.PathLike[str] | None" = None) -> Rules:
     return _rules_from(path, data)
 
 
+def detect_family(names: Iterable[str]) -> Rules:
+    """The one built-in family whose `detect` patterns all match these tensor names."""
+    names = list(names)
+    found = [rules for rules in map(load_rules, available_families()) if rules.matches(names)]
+    if len(found) != 1:
+        which = ", ".join(r.family for r in found) or "none"
+        raise ConfigError(None, f"cannot tell the model family from the tensor names (matches: "
+                          f"{which}); pass --config FAMILY or a YAML file")
+    return found[0]
+
+
 def _rules_from(path: Path, data: object) -> Rules:
     if not isinstance(data, dict):
         raise ConfigError(path, "expected a mapping with family, linear_weights, blacklist")
     patterns, blacklist = data.get("linear_weights"), data.get("blacklist", [])
-    if not (isinstance(patterns, list) and patterns and all(isinstance(p, str) for p in patterns)):
-        raise ConfigError(path, "linear_weights must be a non-empty list of regular expressions")
+    detect = data.get("detect", [])
+    if not (isinstance(patterns, list) and patterns):
+        raise ConfigError(path, "linear_weights must be a non-empty list")
     if not (isinstance(blacklist, list) and all(isinstance(b, str) and b for b in blacklist)):
         raise ConfigError(path, "blacklist must be a list of non-empty strings")
-    return Rules(family=str(data.get("family", path.stem)),
-                 linear_weights=tuple(_compile(p, str(path)) for p in patterns),
-                 blacklist=tuple(blacklist))
+    if not (isinstance(detect, list) and all(isinstance(d, str) for d in detect)):
+        raise ConfigError(path, "detect must be a list of regular expressions")
+    weights = tuple(_weight_pattern(path, p) for p in patterns)
+    return Rules(family=str(data.get("family", path.stem)), linear_weights=weights,
+                 blacklist=tuple(blacklist),
+                 detect=tuple(_compile(d, str(path)) for d in detect), family_weights=weights)
+
+
+def _weight_pattern(path: Path, entry: object) -> WeightPattern:
+    """A linear_weights entry: a regex ([out, in]) or {pattern: regex, layout: out_in|in_out}."""
+    if isinstance(entry, str):
+        return WeightPattern(_compile(entry, str(path)))
+    if (isinstance(entry, dict) and isinstance(entry.get("pattern"), str)
+            and entry.get("layout", OUT_IN) in (OUT_IN, IN_OUT)):
+        return WeightPattern(_compile(entry["pattern"], str(path)), entry.get("layout", OUT_IN))
+    raise ConfigError(path, f"linear_weights entry {entry!r}: expected a regular expression or "
+                      f"{{pattern: REGEX, layout: {OUT_IN}|{IN_OUT}}}")
+
+
+def _include_patterns(include: Tuple[str, ...],
+                      blacklist: Tuple[str, ...]) -> Tuple[WeightPattern, ...]:
+    """--include as weight patterns of the family's layout, after checking --blacklist."""
+    if not all(blacklist):
+        raise ConfigError(None, "--blacklist: an empty entry would match every layer")
+    return tuple(WeightPattern(_compile(p, "--include"), None) for p in include)
 
 
 def _compile(pattern: str, where: str) -> "re.Pattern[str]":

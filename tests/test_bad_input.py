@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import Result
 
-from ckpt_rtn import converter, dtypes, formats
+from ckpt_rtn import converter, dtypes, formats, schemes
 from ckpt_rtn.cli import main
 from ckpt_rtn.errors import QuantizationError
 from ckpt_rtn.formats import TensorInfo
@@ -272,7 +272,7 @@ def test_crc_mismatch_no_verify_crc_reads_it(tmp_path: Path, crc_damaged: Path) 
 
     dst = tmp_path / "out" / "copy.ckpt"
     dst.parent.mkdir()
-    result = run("convert", "--quiet", "--no-verify-crc", crc_damaged, dst)
+    result = run("convert", "--quiet", "--no-verify-crc", "--config", "llama2", crc_damaged, dst)
     assert result.exit_code == 0, result.stderr
     assert dst.is_file() and temp_files(dst.parent) == []
 
@@ -468,7 +468,7 @@ def test_dry_run_refuses_what_convert_refuses(tmp_path: Path, llama_copy: Path,
 @pytest.mark.parametrize("quiet", [False, True])
 def test_str_tensor_dropped_from_safetensors_with_warning(tmp_path: Path, quiet: bool) -> None:
     dst = tmp_path / "small.safetensors"
-    result = run("convert", *(["--quiet"] if quiet else []), SMALL, dst)
+    result = run("convert", *(["--quiet"] if quiet else []), "--config", "llama2", SMALL, dst)
     assert result.exit_code == 0, result.stderr
     assert result.exception is None
     warnings = [l for l in result.stderr.splitlines() if l.startswith("warning:")]
@@ -483,7 +483,7 @@ def test_str_tensor_dropped_from_safetensors_with_warning(tmp_path: Path, quiet:
 
 def test_str_tensor_kept_in_ckpt_output(tmp_path: Path) -> None:
     dst = tmp_path / "small.ckpt"
-    result = run("convert", "--quiet", SMALL, dst)
+    result = run("convert", "--quiet", "--config", "llama2", SMALL, dst)
     assert result.exit_code == 0, result.stderr
     assert "dropped" not in result.stderr
 
@@ -492,7 +492,7 @@ def test_str_tensor_kept_in_ckpt_output(tmp_path: Path) -> None:
 
 def _fail_on_call(n: int, exc_factory):
     calls = {"n": 0}
-    real = converter.quantize_w8
+    real = schemes.quantize_rtn
 
     def fake(*args, **kwargs):
         calls["n"] += 1
@@ -507,7 +507,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path, llama_copy: Path,
                                           monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
     fake, calls = _fail_on_call(3, lambda: QuantizationError(
         str(llama_copy), "tensor 'x': injected failure"))
-    monkeypatch.setattr(converter, "quantize_w8", fake)
+    monkeypatch.setattr(schemes, "quantize_rtn", fake)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     dst = out_dir / f"w8{suffix}"
@@ -520,7 +520,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path, llama_copy: Path,
 def test_failure_mid_overwrite_keeps_the_old_file(tmp_path: Path, llama_copy: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     fake, _ = _fail_on_call(3, lambda: QuantizationError(str(llama_copy), "injected failure"))
-    monkeypatch.setattr(converter, "quantize_w8", fake)
+    monkeypatch.setattr(schemes, "quantize_rtn", fake)
     dst = tmp_path / "old.ckpt"
     dst.write_bytes(b"old result")
     assert_refused(run("convert", "--overwrite", llama_copy, dst), llama_copy, r"injected",
@@ -531,7 +531,7 @@ def test_failure_mid_overwrite_keeps_the_old_file(tmp_path: Path, llama_copy: Pa
 def test_interrupt_mid_write_leaves_nothing(tmp_path: Path, llama_copy: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     fake, _ = _fail_on_call(3, KeyboardInterrupt)
-    monkeypatch.setattr(converter, "quantize_w8", fake)
+    monkeypatch.setattr(schemes, "quantize_rtn", fake)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     result = run("convert", llama_copy, out_dir / "w8.ckpt")
@@ -544,7 +544,7 @@ def test_unexpected_error_mid_write_leaves_nothing(tmp_path: Path, llama_copy: P
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Even a bug (not one of our errors) must not leave a half-written file."""
     fake, _ = _fail_on_call(3, lambda: RuntimeError("boom"))
-    monkeypatch.setattr(converter, "quantize_w8", fake)
+    monkeypatch.setattr(schemes, "quantize_rtn", fake)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(RuntimeError, match="boom"):
@@ -563,5 +563,6 @@ def test_non_finite_weight_is_refused(tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     dst = out_dir / "w8.ckpt"
-    assert_refused(run("convert", src, dst), src, r"attention\.wq\.weight", leaves=[dst],
+    assert_refused(run("convert", "--config", "llama2", src, dst), src, r"attention\.wq\.weight",
+                   leaves=[dst],
                    directory=out_dir)

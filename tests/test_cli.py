@@ -98,7 +98,8 @@ def quantized_layers(path: Path, fmt: Optional[str] = None) -> Set[str]:
 
 
 def summary_count(result: Result, dst: Path) -> int:
-    match = re.search(rf"^{re.escape(os.fspath(dst))}: quantized (\d+) tensors, copied (\d+);",
+    match = re.search(rf"^{re.escape(os.fspath(dst))}: \S+ \S+: quantized (\d+) tensors, "
+                      r"copied (\d+);",
                       result.stdout, re.M)
     assert match, result.stdout
     return int(match.group(1))
@@ -216,6 +217,8 @@ def _dry_run_size(result: Result, fmt: str) -> int:
 def test_dry_run_size_is_exact(tmp_path: Path, llama: Path, source: str, name: str,
                                extra: List[str], fmt: str) -> None:
     src = {"llama": llama, "small": SMALL, "small_crc": SMALL_CRC}[source]
+    if source != "llama":  # no family to detect in the fixtures
+        extra = [*extra, "--config", "llama2"]
     dst = tmp_path / name
     dry = ok(run("convert", "--dry-run", *extra, src, dst))
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
@@ -237,7 +240,8 @@ def test_dry_run_lists_what_it_would_quantize(tmp_path: Path, llama: Path) -> No
     listed = [line.split()[0] for line in lines[1:-1]]
     assert listed == [layer + ".weight" for layer in linear_layers()]
     assert "lm_head.weight" not in result.stdout
-    assert re.search(r"14 of 19 tensors would be quantized \(llama2 rules, blacklist: lm_head\)",
+    assert re.search(r"14 of 19 tensors would be quantized \(llama2 rules, w8a16, blacklist: "
+                     r"lm_head\)",
                      lines[-1])
     for line in lines[1:-1]:
         assert re.search(r"Float16\s+\[64, 64\]\s+8\.19 kB\s+4\.35 kB$", line), line
@@ -314,7 +318,7 @@ def test_config_custom_yaml(tmp_path: Path, llama: Path) -> None:
                       "  - layers.1.\n")
     dst = tmp_path / "w8.ckpt"
     dry = ok(run("convert", "--dry-run", "--config", config, llama, dst))
-    assert "(tiny rules, blacklist: layers.1.)" in dry.stdout
+    assert "(tiny rules, w8a16, blacklist: layers.1.)" in dry.stdout
     result = ok(run("convert", "--config", config, llama, dst))
     assert quantized_layers(dst) == {"model.layers.0.feed_forward.w1",
                                      "model.layers.0.feed_forward.w3", "lm_head"}
@@ -393,7 +397,7 @@ def test_format_option_overrides_suffix(tmp_path: Path, llama: Path) -> None:
 
 def test_no_matching_tensor_warns_and_copies(tmp_path: Path) -> None:
     dst = tmp_path / "copy.ckpt"
-    result = ok(run("convert", SMALL, dst))
+    result = ok(run("convert", "--config", "llama2", SMALL, dst))
     warnings = [l for l in result.stderr.splitlines() if l.startswith("warning:")]
     assert len(warnings) == 1 and "no tensor matched the llama2 rules" in warnings[0], warnings
     assert summary_count(result, dst) == 0
@@ -403,7 +407,7 @@ def test_no_matching_tensor_warns_and_copies(tmp_path: Path) -> None:
 
 
 def test_no_matching_tensor_warns_in_dry_run(tmp_path: Path) -> None:
-    result = ok(run("convert", "--dry-run", SMALL, tmp_path / "copy.ckpt"))
+    result = ok(run("convert", "--dry-run", "--config", "llama2", SMALL, tmp_path / "copy.ckpt"))
     assert any(l.startswith("warning: no tensor matched") for l in result.stderr.splitlines())
     assert re.search(r"^0 of 11 tensors would be quantized", result.stdout, re.M)
     assert _dry_run_size(result, "ckpt") == SMALL.stat().st_size
@@ -415,9 +419,19 @@ def test_safetensors_round_trip_back_to_ckpt(tmp_path: Path, llama: Path) -> Non
     st = tmp_path / "w8.safetensors"
     ok(run("convert", "-q", llama, direct))
     ok(run("convert", "-q", llama, st))
-    result = ok(run("convert", st, via))
+    result = ok(run("convert", "--config", "llama2", st, via))
     assert summary_count(result, via) == 0  # nothing left to quantize
     with formats.open_reader(direct) as a, formats.open_reader(via) as b:
         assert {t.name: t for t in a.tensors} == {t.name: t for t in b.tensors}
         for info in a.tensors:
             assert np.array_equal(a.read(info), b.read(info)), info.name
+
+
+def test_family_is_detected_or_refused(tmp_path: Path, llama: Path) -> None:
+    result = ok(run("convert", llama, tmp_path / "w8.ckpt"))
+    assert ": llama2 w8a16: quantized 14 tensors" in result.stdout
+    refused = run("convert", SMALL, tmp_path / "copy.ckpt")
+    assert refused.exit_code == 2
+    assert refused.stderr == (f"error: {SMALL}: cannot tell the model family from the tensor "
+                              "names (matches: none); pass --config FAMILY or a YAML file\n")
+    assert not (tmp_path / "copy.ckpt").exists()

@@ -18,7 +18,7 @@ from ckpt_rtn.directory import MANIFEST, sha256_of
 from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
 from ckpt_rtn.formats.atomic import TEMP_PATTERN
 from ckpt_rtn.numerics import FloatFormat
-from ckpt_rtn.rtn import quantize_w8
+from ckpt_rtn.rtn import quantize_rtn
 
 from conftest import cli, llama_weights, ms_bytes, ms_load, ms_save
 
@@ -54,7 +54,7 @@ def test_rank_layout_row_split_equals_quantizing_the_whole(tmp_path: Path) -> No
     assert (out / "strategy" / "ckpt_strategy_rank_0.ckpt").read_bytes() == STRATEGY_BYTES
     ranks = [ms_load(out / f"rank_{r}" / "llama-1_1.ckpt") for r in (0, 1)]
     for layer in ("model.layers.0.attention.wq", "model.layers.0.feed_forward.w1"):
-        whole = quantize_w8(full[layer + ".weight"], FloatFormat.FLOAT16)
+        whole = quantize_rtn(full[layer + ".weight"], FloatFormat.FLOAT16)
         q = np.concatenate([r[layer + "._handler.weight"].asnumpy() for r in ranks])
         scale = b"".join(ms_bytes(r[layer + "._weight_quantizer.scale"]) for r in ranks)
         np.testing.assert_array_equal(q, whole.q)
@@ -104,6 +104,10 @@ def test_sharded_safetensors_index_is_rewritten(tmp_path: Path) -> None:
     assert new_index["metadata"] == {"total_size": total, "note": "x"}
 
 
+#: These shards hold one weight each: too few names to detect the family from.
+LLAMA2 = ("--config", "llama2")
+
+
 def make_shards(src: Path, count: int, rows: int = 4096, cols: int = 4096) -> None:
     """`count` rank directories of one large weight each (~rows*cols*2 bytes)."""
     block = np.random.default_rng(0).standard_normal((256, cols)).astype(np.float16)
@@ -122,14 +126,14 @@ def output_files(out: Path) -> List[str]:
 def shard_dirs(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("shards")
     make_shards(root / "src", 12)
-    result = cli("convert", root / "src", root / "reference", "-q")
+    result = cli("convert", root / "src", root / "reference", "-q", *LLAMA2)
     assert result.exit_code == 0, result.stderr
     return root / "src", root / "reference"
 
 
 def start_convert(src: Path, dst: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ckpt_rtn", "convert", "-q", "--workers", "1",
-                             str(src), str(dst), *extra],
+                             *LLAMA2, str(src), str(dst), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -164,7 +168,7 @@ def test_killed_run_leaves_no_partial_file_and_resume_finishes(shard_dirs, tmp_p
     for rel in finished:  # whatever carries a final name is complete and correct
         assert (dst / rel).read_bytes() == (reference / rel).read_bytes(), rel
 
-    again = cli("convert", src, dst, "--resume")
+    again = cli("convert", src, dst, "--resume", *LLAMA2)
     assert again.exit_code == 0, again.stderr
     assert int(again.stdout.split("skipped ")[1].split()[0]) >= 1  # finished shards kept
     assert output_files(dst) == output_files(reference)
@@ -175,12 +179,12 @@ def test_killed_run_leaves_no_partial_file_and_resume_finishes(shard_dirs, tmp_p
 def test_resume_redoes_a_damaged_output(shard_dirs, tmp_path: Path) -> None:
     src, reference = shard_dirs
     dst = tmp_path / "out"
-    assert cli("convert", src, dst, "-q").exit_code == 0
+    assert cli("convert", src, dst, "-q", *LLAMA2).exit_code == 0
     damaged = dst / "rank_3" / "net.ckpt"
     raw = bytearray(damaged.read_bytes())
     raw[-1] ^= 0xFF
     damaged.write_bytes(bytes(raw))
-    result = cli("convert", src, dst, "--resume")
+    result = cli("convert", src, dst, "--resume", *LLAMA2)
     assert result.exit_code == 0 and "converted 1 shards" in result.stdout
     assert damaged.read_bytes() == (reference / "rank_3" / "net.ckpt").read_bytes()
 
@@ -188,10 +192,10 @@ def test_resume_redoes_a_damaged_output(shard_dirs, tmp_path: Path) -> None:
 def test_resume_with_other_settings_is_refused(shard_dirs, tmp_path: Path) -> None:
     src, _ = shard_dirs
     dst = tmp_path / "out"
-    assert cli("convert", src, dst, "-q").exit_code == 0
-    result = cli("convert", src, dst, "--resume", "--blacklist", "layers.3")
+    assert cli("convert", src, dst, "-q", *LLAMA2).exit_code == 0
+    result = cli("convert", src, dst, "--resume", "--blacklist", "layers.3", *LLAMA2)
     assert result.exit_code == 2 and "other settings" in result.stderr
-    result = cli("convert", src, dst)
+    result = cli("convert", src, dst, *LLAMA2)
     assert result.exit_code == 2 and "--resume" in result.stderr
 
 

@@ -10,7 +10,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from ckpt_rtn.numerics import FloatFormat, bf16_to_float32, float32_to_bf16, to_storage, to_work
-from ckpt_rtn.rtn import NonFiniteWeightError, dequantize_w8, quantize_w8
+from ckpt_rtn.rtn import NonFiniteWeightError, dequantize_rtn, quantize_rtn
 
 MS_DTYPE = {FloatFormat.FLOAT16: ms.float16, FloatFormat.BFLOAT16: ms.bfloat16,
             FloatFormat.FLOAT32: ms.float32}
@@ -77,7 +77,7 @@ CASES = [(fmt, case) for fmt in MS_DTYPE for case in adversarial_weights(fmt)]
 @pytest.mark.parametrize("fmt,case", CASES, ids=[f"{f.value}-{c}" for f, c in CASES])
 def test_bit_exact_with_mindspore_ops_reference(fmt: FloatFormat, case: str) -> None:
     w = adversarial_weights(fmt)[case]
-    result = quantize_w8(w, fmt, block_rows=100)
+    result = quantize_rtn(w, fmt, block_rows=100)
     q_ref, scale_ref = golden_stick_reference(w, fmt)
     assert result.scale.dtype == fmt.storage and result.scale.shape == (w.shape[0],)
     np.testing.assert_array_equal(result.scale.view(np.uint8), scale_ref.view(np.uint8))
@@ -89,17 +89,17 @@ def test_bit_exact_with_mindspore_ops_reference(fmt: FloatFormat, case: str) -> 
 def test_ties_round_half_to_even() -> None:
     w = to_storage(np.float32(2.0 ** -6) * np.float32([[0.5, 1.5, 2.5, -0.5, -2.5, 127.5, -127.5]]),
                    FloatFormat.FLOAT16)
-    result = quantize_w8(w, FloatFormat.FLOAT16)
+    result = quantize_rtn(w, FloatFormat.FLOAT16)
     assert to_work(result.scale, FloatFormat.FLOAT16)[0] == 2.0 ** -6
     assert result.q.tolist() == [[0, 2, 2, 0, -2, 127, -128]]
 
 
 def test_degenerate_cases() -> None:
     ones = np.ones((3, 4), np.float16)
-    result = quantize_w8(ones, FloatFormat.FLOAT16)  # every row constant: scale 1
+    result = quantize_rtn(ones, FloatFormat.FLOAT16)  # every row constant: scale 1
     assert result.q.tolist() == [[1] * 4] * 3 and result.scale.tolist() == [1.0] * 3
     mixed = np.array([[0, 0, 0], [0.5, -1, 0.25]], np.float16)
-    result = quantize_w8(mixed, FloatFormat.FLOAT16)  # a zero row: scale 0, q 0
+    result = quantize_rtn(mixed, FloatFormat.FLOAT16)  # a zero row: scale 0, q 0
     assert result.q[0].tolist() == [0, 0, 0] and result.scale[0] == 0
     assert result.q[1].tolist() == [64, -128, 32]
 
@@ -121,10 +121,10 @@ def test_dequantization_error_bound(fmt: FloatFormat) -> None:
     rng = np.random.default_rng(11)
     w = to_storage((rng.standard_normal((256, 512)) * rng.uniform(1e-3, 2, (256, 1)))
                    .astype(np.float32), fmt)
-    result = quantize_w8(w, fmt)
+    result = quantize_rtn(w, fmt)
     wf = to_work(w, fmt).astype(np.float64)
     s = to_work(result.scale, fmt).astype(np.float64)[:, None]
-    error = np.abs(dequantize_w8(result, fmt).astype(np.float64) - wf)
+    error = np.abs(dequantize_rtn(result, fmt).astype(np.float64) - wf)
     assert (error <= ERROR_BOUND[fmt] * s).all()
     quotient = to_work(to_storage((wf / s).astype(fmt.work), fmt), fmt)  # what is rounded
     unclamped = (quotient > -128.5) & (quotient < 127.5)
@@ -135,9 +135,9 @@ def test_dequantization_error_bound(fmt: FloatFormat) -> None:
 def test_non_finite_weights_are_refused() -> None:
     w = np.array([[1.0, np.inf]], np.float16)
     with pytest.raises(NonFiniteWeightError):
-        quantize_w8(w, FloatFormat.FLOAT16)
+        quantize_rtn(w, FloatFormat.FLOAT16)
     with pytest.raises(NonFiniteWeightError):
-        quantize_w8(np.array([[np.nan, 1.0]], np.float32), FloatFormat.FLOAT32)
+        quantize_rtn(np.array([[np.nan, 1.0]], np.float32), FloatFormat.FLOAT32)
 
 
 def test_bf16_helpers_round_half_to_even() -> None:
@@ -152,13 +152,13 @@ def test_bf16_helpers_round_half_to_even() -> None:
 def test_threads_and_block_size_do_not_change_the_result(fmt: FloatFormat) -> None:
     from concurrent.futures import ThreadPoolExecutor
     w = adversarial_weights(fmt)["many_rows"]
-    serial = quantize_w8(w, fmt)
+    serial = quantize_rtn(w, fmt)
     with ThreadPoolExecutor(3) as pool:
         for block_rows in (1, 7, 128):
-            threaded = quantize_w8(w, fmt, pool=pool, block_rows=block_rows)
+            threaded = quantize_rtn(w, fmt, pool=pool, block_rows=block_rows)
             np.testing.assert_array_equal(threaded.q, serial.q)
             np.testing.assert_array_equal(threaded.scale, serial.scale)
-        ones = quantize_w8(adversarial_weights(fmt)["all_rows_constant"], fmt, pool=pool,
+        ones = quantize_rtn(adversarial_weights(fmt)["all_rows_constant"], fmt, pool=pool,
                            block_rows=2)
         assert (to_work(ones.scale, fmt) == 1).all()
 
@@ -166,12 +166,12 @@ def test_threads_and_block_size_do_not_change_the_result(fmt: FloatFormat) -> No
 @pytest.mark.parametrize("fmt", list(MS_DTYPE))
 def test_error_stats_match_a_direct_computation(fmt: FloatFormat) -> None:
     w = adversarial_weights(fmt)["mixed_magnitudes"]
-    result = quantize_w8(w, fmt, stats=True, block_rows=5)
-    error = dequantize_w8(result, fmt).astype(np.float64) - to_work(w, fmt).astype(np.float64)
+    result = quantize_rtn(w, fmt, stats=True, block_rows=5)
+    error = dequantize_rtn(result, fmt).astype(np.float64) - to_work(w, fmt).astype(np.float64)
     stats = result.stats
     assert stats is not None
     assert stats.max_abs == pytest.approx(np.abs(error).max(), rel=1e-5)
     assert stats.mean_abs == pytest.approx(np.abs(error).mean(), rel=1e-5)
     norm = np.sqrt((to_work(w, fmt).astype(np.float64) ** 2).sum())
     assert stats.relative == pytest.approx(np.sqrt((error ** 2).sum()) / norm, rel=1e-4)
-    assert quantize_w8(w, fmt).stats is None
+    assert quantize_rtn(w, fmt).stats is None

@@ -1,0 +1,120 @@
+"""Quantization schemes: which RTN variant, and how its tensors are named and stored.
+
+    w8a16      Golden Stick v0.5.0 RoundToNearest (the default): int8 per output
+               channel, `<p>._handler.weight` + `_weight_quantizer.{scale,zp_neg}`.
+    w8a16-ptq  the same codes under the PTQ framework's names (GS v1.0+):
+               `<p>._layer.weight` + `_layer.matmul.{weight_scale,weight_zp}`,
+               scale computed in float64 as that framework does.
+    w4a16      PTQ int4 per group of `group_size` consecutive input channels:
+               codes in [-8, 7], scale 2*max|w|/15 per group, stored as qint4x2
+               [in, out/2] (transposed, two codes per byte along the output axis,
+               even index in the low nibble) with scale and zp [in/group, out].
+
+Selected weights always reach a scheme as [out, in]; the scheme returns the
+arrays to store, in the order of `outputs`.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from . import dtypes
+from .formats.tensor import TensorInfo
+from .golden_stick import QuantNames, legacy_names, ptq_names
+from .numerics import FloatFormat
+from .rtn import W8, ErrorStats, RtnSpec, quantize_rtn
+
+GROUP_SIZES = (64, 128)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    arrays: Tuple[np.ndarray, ...]
+    stats: Optional[ErrorStats]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    spec: RtnSpec
+    names: Callable[[str], QuantNames]
+
+    @property
+    def packs_int4(self) -> bool:
+        return self.spec.bits == 4
+
+    def check(self, out_channels: int, in_channels: int) -> Optional[str]:
+        """Why a [out, in] weight cannot be quantized by this scheme, or None."""
+        group = self.spec.group_size
+        if group and (in_channels % group or in_channels == group):
+            return (f"{in_channels} input channels do not split into several groups of {group} "
+                    "(try --group-size 64, or blacklist this layer)")
+        if self.packs_int4 and out_channels % 2:
+            return f"{out_channels} output channels cannot be packed two int4 codes per byte"
+        return None
+
+    def outputs(self, layer: str, dtype: dtypes.DType, out_channels: int,
+                in_channels: int) -> Tuple[TensorInfo, ...]:
+        """The tensors that replace `<layer>.weight` (a [out, in] weight of `dtype`)."""
+        names = self.names(layer)
+        if self.packs_int4:
+            weight = TensorInfo.of(names.weight, dtypes.INT4, (in_channels, out_channels // 2))
+        else:
+            weight = TensorInfo.of(names.weight, dtypes.INT8, (out_channels, in_channels))
+        group = self.spec.group_size
+        scale_shape = (in_channels // group, out_channels) if group else (out_channels,)
+        return (weight, TensorInfo.of(names.scale, dtype, scale_shape),
+                TensorInfo.of(names.zp_neg, dtype, scale_shape))
+
+    def quantize(self, weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor],
+                 stats: bool) -> Quantized:
+        """The stored arrays for a [out, in] weight of raw `fmt` values."""
+        result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats)
+        q, scale, zp_neg = result.q, result.scale, result.zp_neg
+        if self.packs_int4:
+            q = pack_int4(q.T)
+        if self.spec.group_size:  # [out, in/g] -> [in/g, out], as WeightQuantBatchMatmul reads it
+            scale, zp_neg = np.ascontiguousarray(scale.T), np.ascontiguousarray(zp_neg.T)
+        return Quantized((q, scale, zp_neg), result.stats)
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """int4 codes (int8 values in [-8, 7]) to bytes holding two, along the last axis.
+
+    Element 2j goes to the low nibble and 2j+1 to the high nibble, in
+    two's complement: Golden Stick's np_int4data_pack_to_int8.
+    """
+    nibbles = codes.astype(np.uint8) & np.uint8(0x0F)
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << np.uint8(4))).view(np.int8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """The inverse of `pack_int4`: int8 codes in [-8, 7], last axis doubled."""
+    raw = packed.view(np.uint8)
+    low = (raw & np.uint8(0x0F)).astype(np.int8)
+    high = (raw >> np.uint8(4)).astype(np.int8)
+    codes = np.empty(raw.shape[:-1] + (raw.shape[-1] * 2,), dtype=np.int8)
+    codes[..., 0::2], codes[..., 1::2] = low, high
+    return np.where(codes > 7, codes - 16, codes).astype(np.int8)
+
+
+SCHEME_NAMES = ("w8a16", "w8a16-ptq", "w4a16")
+
+
+def get_scheme(name: str = "w8a16", group_size: Optional[int] = None) -> Scheme:
+    """A scheme by its CLI name; `group_size` applies to w4a16 (default 128)."""
+    if name != "w4a16" and group_size is not None:
+        raise ValueError("--group-size applies to --scheme w4a16 only")
+    if name == "w8a16":
+        return Scheme(name, W8, legacy_names)
+    if name == "w8a16-ptq":
+        return Scheme(name, RtnSpec(bits=8, float64_scale=True), ptq_names)
+    if name == "w4a16":
+        group = 128 if group_size is None else group_size
+        if group not in GROUP_SIZES:
+            raise ValueError(f"--group-size must be one of {GROUP_SIZES} (Golden Stick's)")
+        return Scheme(name, RtnSpec(bits=4, group_size=group, float64_scale=True), ptq_names)
+    raise ValueError(f"unknown scheme {name!r}; choose from {', '.join(SCHEME_NAMES)}")
