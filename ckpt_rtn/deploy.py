@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -24,8 +25,10 @@ from mindspore.ops.auto_generate import WeightQuantBatchMatmul
 
 from . import dtypes
 from .errors import CkptRtnError, UnsupportedError
-from .formats import detect_format
+from .formats import detect_format, open_reader
 from .formats.tensor import TensorInfo
+from .golden_stick import legacy_names, ptq_names
+from .schemes import get_scheme, unpack_int4
 from .rules import Rules, load_rules
 
 # MindFormers logs to ./output/log of whatever directory it is imported from;
@@ -44,6 +47,41 @@ def use_fused_kernel() -> bool:
     return ms.get_context("device_target") == "Ascend"
 
 
+class _QuantLinear(nn.Cell):
+    """The forward pass a quantized Linear shares with MindFormers' Linear.
+
+    Subclasses keep the original Linear under Golden Stick's attribute name
+    and supply `_matmul` (x @ dequantized weight.T) and `_bias`.
+    """
+
+    def __init__(self, linear: Linear) -> None:
+        super().__init__()
+        if linear.expert_flag or not linear.transpose_b:
+            raise UnsupportedError(None, "only dense Linear layers with [out, in] weights "
+                                   "(transpose_b=True) can be quantized per output channel")
+        self.compute_dtype = linear.dtype
+        self.in_channels = linear.in_channels
+        self.out_channels = linear.out_channels
+        self.has_bias = linear.has_bias
+        self.activation_flag = linear.activation_flag
+        self.cast = ops.Cast()
+        self.reshape = ops.Reshape()
+        self.shape = ops.Shape()
+        self.bias_add = ops.Add()
+
+    def construct(self, x: Tensor) -> Tensor:
+        out_shape = self.shape(x)[:-1] + (self.out_channels,)
+        x = self.reshape(x, (-1, self.in_channels))
+        ori_dtype = x.dtype
+        x = self._matmul(self.cast(x, self.compute_dtype))
+        if self.has_bias:
+            x = self.bias_add(x, self.cast(self._bias(), self.compute_dtype))
+        if self.activation_flag:
+            x = self._activation(x)
+        x = self.cast(x, ori_dtype)
+        return self.reshape(x, out_shape)
+
+
 class WeightQuantizer(nn.Cell):
     """Holds Golden Stick's per-channel `scale` and `zp_neg` (negated zero point)."""
 
@@ -53,86 +91,153 @@ class WeightQuantizer(nn.Cell):
         self.zp_neg = Parameter(Tensor(np.zeros(out_channels), dtype), name="zp_neg")
 
 
-class W8A16Linear(nn.Cell):
-    """A MindFormers Linear with an int8 weight, computing x @ ((q + zp_neg) * scale).T.
+class W8A16Linear(_QuantLinear):
+    """Golden Stick v0.5 RoundToNearest deploy cell: x @ ((q + zp_neg) * scale).T.
 
-    The original Linear stays as `_handler` (its bias, activation and shapes
-    are reused) and the quantizer as `_weight_quantizer`, so the parameters
-    are named `<p>._handler.weight`, `<p>._weight_quantizer.scale`,
-    `<p>._weight_quantizer.zp_neg` and `<p>._handler.bias`, as in Golden
-    Stick's deployed networks.
+    The original Linear stays as `_handler` (its bias and activation are
+    reused) and the quantizer as `_weight_quantizer`, so the parameters are
+    named `<p>._handler.weight` (int8 [out, in]), `<p>._weight_quantizer.scale`,
+    `<p>._weight_quantizer.zp_neg` and `<p>._handler.bias`.
     """
 
     def __init__(self, linear: Linear, fused: bool) -> None:
-        super().__init__()
-        if linear.expert_flag or not linear.transpose_b:
-            raise UnsupportedError(None, "only dense Linear layers with [out, in] weights "
-                                   "(transpose_b=True) can be quantized per output channel")
-        out_channels, in_channels = linear.out_channels, linear.in_channels
-        linear.weight = Parameter(Tensor(np.ones((out_channels, in_channels), np.int8)),
+        super().__init__(linear)
+        linear.weight = Parameter(Tensor(np.ones((self.out_channels, self.in_channels), np.int8)),
                                   name="weight")
         self._handler = linear
-        self._weight_quantizer = WeightQuantizer(out_channels, linear.dtype)
+        self._weight_quantizer = WeightQuantizer(self.out_channels, linear.dtype)
         self.fused = fused
-        self.compute_dtype = linear.dtype
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.has_bias = linear.has_bias
-        self.activation_flag = linear.activation_flag
         if fused:
             self.weight_quant_matmul = WeightQuantBatchMatmul(transpose_x=False,
                                                               transpose_weight=True)
         else:
             self.matmul = ops.MatMul(transpose_b=True)
-        self.cast = ops.Cast()
-        self.reshape = ops.Reshape()
-        self.shape = ops.Shape()
 
-    def construct(self, x: Tensor) -> Tensor:
-        out_shape = self.shape(x)[:-1] + (self.out_channels,)
-        x = self.reshape(x, (-1, self.in_channels))
-        ori_dtype = x.dtype
-        x = self.cast(x, self.compute_dtype)
+    def _matmul(self, x: Tensor) -> Tensor:
         quantizer = self._weight_quantizer
         if self.fused:
-            x = self.weight_quant_matmul(x, self._handler.weight, quantizer.scale,
-                                         quantizer.zp_neg, None, None, None)
+            return self.weight_quant_matmul(x, self._handler.weight, quantizer.scale,
+                                            quantizer.zp_neg, None, None, None)
+        weight = self.cast(self._handler.weight, self.compute_dtype)
+        weight = (weight + quantizer.zp_neg.reshape((-1, 1))) * quantizer.scale.reshape((-1, 1))
+        return self.matmul(x, weight)
+
+    def _bias(self) -> Parameter:
+        return self._handler.bias
+
+    def _activation(self, x: Tensor) -> Tensor:
+        return self._handler.activation(x)
+
+
+class PtqMatmul(nn.Cell):
+    """Golden Stick PTQ's quantized matmul (`<p>._layer.matmul`): weight_scale, weight_zp.
+
+    On Ascend it calls WeightQuantBatchMatmul (int4: untransposed [in, out/2]
+    weight and antiquant_group_size). Elsewhere int8 codes are dequantized in
+    the graph; int4 codes cannot even be cast on CPU, so `load_quantized`
+    unpacks and dequantizes them once into `dequantized_weight`.
+    """
+
+    def __init__(self, out_channels: int, in_channels: int, group_size: int, int4: bool,
+                 dtype: ms.Type, fused: bool) -> None:
+        super().__init__()
+        shape = (in_channels // group_size, out_channels) if group_size else (out_channels,)
+        self.weight_scale = Parameter(Tensor(np.ones(shape), dtype), name="weight_scale")
+        self.weight_zp = Parameter(Tensor(np.zeros(shape), dtype), name="weight_zp")
+        self.group_size = group_size
+        self.int4 = int4
+        self.fused = fused
+        self.cast = ops.Cast()
+        if fused:
+            self.weight_quant_matmul = WeightQuantBatchMatmul(
+                transpose_x=False, transpose_weight=not int4, antiquant_group_size=group_size)
         else:
-            weight = self.cast(self._handler.weight, self.compute_dtype)
-            weight = (weight + quantizer.zp_neg.reshape((-1, 1))) * quantizer.scale.reshape((-1, 1))
-            x = self.matmul(x, weight)
-        if self.has_bias:
-            x = self._handler.bias_add(x, self.cast(self._handler.bias, self.compute_dtype))
-        if self.activation_flag:
-            x = self._handler.activation(x)
-        x = self.cast(x, ori_dtype)
-        return self.reshape(x, out_shape)
+            self.matmul = ops.MatMul(transpose_b=True)
+            if int4:
+                self.dequantized_weight = Parameter(
+                    Tensor(np.zeros((out_channels, in_channels)), dtype),
+                    name="dequantized_weight", requires_grad=False)
+
+    def construct(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self.fused:
+            return self.weight_quant_matmul(x, weight, self.weight_scale, self.weight_zp,
+                                            None, None, None)
+        if self.int4:
+            return self.matmul(x, self.dequantized_weight)
+        dequantized = (self.cast(weight, x.dtype) + self.weight_zp.reshape((-1, 1))) \
+            * self.weight_scale.reshape((-1, 1))
+        return self.matmul(x, dequantized)
+
+
+class PtqLinear(_QuantLinear):
+    """Golden Stick PTQ deploy cell (w8a16-ptq, w4a16): the Linear as `_layer`.
+
+    Parameters: `<p>._layer.weight` (int8 [out, in], or qint4x2 [in, out/2]),
+    `<p>._layer.matmul.weight_scale` and `.weight_zp` ([out], or
+    [in/group, out]), `<p>._layer.bias`.
+    """
+
+    def __init__(self, linear: Linear, int4: bool, group_size: int, fused: bool) -> None:
+        super().__init__(linear)
+        out_channels, in_channels = self.out_channels, self.in_channels
+        if int4:
+            packed = np.zeros((in_channels, out_channels // 2), np.int8)
+            linear.weight = Parameter(Tensor(packed, ms.qint4x2), name="weight")
+        else:
+            linear.weight = Parameter(Tensor(np.ones((out_channels, in_channels), np.int8)),
+                                      name="weight")
+        linear.matmul = PtqMatmul(out_channels, in_channels, group_size, int4, linear.dtype, fused)
+        self._layer = linear
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return self._layer.matmul(x, self._layer.weight)
+
+    def _bias(self) -> Parameter:
+        return self._layer.bias
+
+    def _activation(self, x: Tensor) -> Tensor:
+        return self._layer.activation(x)
 
 
 def quantize_network(net: nn.Cell, config: str = "llama2",
                      blacklist: Optional[Sequence[str]] = ("lm_head",),
-                     fused: Optional[bool] = None) -> List[str]:
-    """Replace the selected Linear layers of `net` by W8A16Linear cells, in place.
+                     fused: Optional[bool] = None,
+                     layers: Optional[Iterable[str]] = None,
+                     scheme: str = "w8a16", group_size: Optional[int] = None) -> List[str]:
+    """Replace the selected Linear layers of `net` by quantized cells, in place.
 
     The layers are chosen by the same rules as `ckpt-rtn convert --config`;
     `blacklist` replaces the family's blacklist (None keeps it). Like Golden
     Stick, only cells whose type is exactly MindFormers' Linear are matched.
+    `layers` instead names the layers outright (see `checkpoint_scheme`).
+    `scheme` and `group_size` are those given to `ckpt-rtn convert`.
     Returns the quantized layer paths.
     """
-    rules = load_rules(config)
-    if blacklist is not None:
-        rules = rules.with_overrides(blacklist=blacklist, keep_default_blacklist=False)
     fused = use_fused_kernel() if fused is None else fused
-    chosen = [name for name, cell in net.cells_and_names()
-              if type(cell) is Linear and _selected(rules, name, cell)]
+    chosen_scheme = get_scheme(scheme, group_size)
+    linears = {name: cell for name, cell in net.cells_and_names() if type(cell) is Linear}
+    if layers is not None:
+        chosen = sorted(set(layers))
+        unknown = [name for name in chosen if name not in linears]
+        if unknown:
+            raise DeployError(None, f"no MindFormers Linear named {', '.join(unknown[:5])} in "
+                              "the network")
+    else:
+        rules = load_rules(config)
+        if blacklist is not None:
+            rules = rules.with_overrides(blacklist=blacklist, keep_default_blacklist=False)
+        chosen = [name for name, cell in linears.items() if _selected(rules, name, cell)]
     for name in chosen:
         parent, attr = _parent_of(net, name)
-        setattr(parent, attr, W8A16Linear(getattr(parent, attr), fused))
+        linear = getattr(parent, attr)
+        if chosen_scheme.name == "w8a16":
+            cell: nn.Cell = W8A16Linear(linear, fused)
+        else:
+            cell = PtqLinear(linear, chosen_scheme.packs_int4, chosen_scheme.spec.group_size, fused)
+        setattr(parent, attr, cell)
     for name, param in net.parameters_and_names():
         param.name = name  # full paths, as Golden Stick's update_parameters_name() gives
     return chosen
-
-
 def _selected(rules: Rules, name: str, linear: Linear) -> bool:
     dtype = dtypes.from_mindspore_name(str(linear.weight.dtype))
     info = TensorInfo.of(f"{name}.weight", dtype, tuple(linear.weight.shape))
@@ -147,21 +252,76 @@ def _parent_of(net: nn.Cell, path: str) -> Tuple[nn.Cell, str]:
     return cell, attr
 
 
-def load_quantized(net: nn.Cell, path: "os.PathLike[str] | str") -> None:
-    """Load a `ckpt-rtn convert` output into a `quantize_network`-ed net; refuse mismatches."""
-    _load_exactly(net, path)
+def load_quantized(net: nn.Cell, path: "os.PathLike[str] | str", *, upcast: bool = False) -> None:
+    """Load a `ckpt-rtn convert` output into a `quantize_network`-ed net; refuse mismatches.
+
+    `upcast` lets float tensors load into wider float parameters (fp16/bf16
+    into fp32: exact), e.g. to evaluate an FP16 model in float32 on a CPU.
+    """
+    _load_exactly(net, path, upcast)
 
 
-def load_fp(net: nn.Cell, path: "os.PathLike[str] | str") -> None:
+def load_fp(net: nn.Cell, path: "os.PathLike[str] | str", *, upcast: bool = False) -> None:
     """Load an unquantized checkpoint into `net` with the same strict checks."""
-    _load_exactly(net, path)
+    _load_exactly(net, path, upcast)
 
 
-def _load_exactly(net: nn.Cell, path: "os.PathLike[str] | str") -> None:
-    """Every network parameter, and nothing else, with its exact dtype and shape."""
+@dataclass(frozen=True)
+class CheckpointScheme:
+    """How a ckpt-rtn checkpoint was quantized, read from its tensor names and shapes."""
+
+    scheme: str
+    group_size: Optional[int]
+    layers: Tuple[str, ...]
+
+
+def checkpoint_scheme(path: "os.PathLike[str] | str") -> Optional[CheckpointScheme]:
+    """The scheme and quantized layers of a checkpoint; None for an FP checkpoint."""
+    with open_reader(path, verify_crc=False) as reader:
+        tensors = {t.name: t for t in reader.tensors}
+    for names, scheme in ((legacy_names, "w8a16"), (ptq_names, "w8a16-ptq")):
+        suffix = names("").weight
+        layers = tuple(sorted(n[:-len(suffix)] for n in tensors if n.endswith(suffix)))
+        if not layers:
+            continue
+        weight = tensors[names(layers[0]).weight]
+        if weight.dtype is not dtypes.INT4:
+            return CheckpointScheme(scheme, None, layers)
+        groups = tensors[names(layers[0]).scale].shape[0]  # packed [in, out/2], scale [in/g, out]
+        return CheckpointScheme("w4a16", weight.shape[0] // groups, layers)
+    return None
+
+
+def load_checkpoint_into(net: nn.Cell, config: str, path: "os.PathLike[str] | str", *,
+                         upcast: bool = False) -> List[str]:
+    """Load an FP or ckpt-rtn quantized checkpoint: quantize exactly the layers the
+    checkpoint quantized, the way it did, then load it. Returns those layers."""
+    found = checkpoint_scheme(path)
+    if found is None:
+        _load_exactly(net, path, upcast)
+        return []
+    quantize_network(net, config, layers=found.layers, scheme=found.scheme,
+                     group_size=found.group_size)
+    _load_exactly(net, path, upcast)
+    return list(found.layers)
+
+
+_WIDER = {(ms.float16, ms.float32), (ms.bfloat16, ms.float32)}
+
+
+def _load_exactly(net: nn.Cell, path: "os.PathLike[str] | str", upcast: bool) -> None:
+    """Every network parameter, and nothing else, with its exact dtype and shape.
+
+    The CPU int4 cells' `dequantized_weight` is derived from the loaded codes.
+    """
     path = os.fspath(path)
     params: Dict[str, Parameter] = ms.load_checkpoint(path, format=detect_format(path))
-    expected = {p.name: p for p in net.get_parameters()}
+    expected = {p.name: p for p in net.get_parameters()
+                if not p.name.endswith(".dequantized_weight")}
+    if upcast:
+        for name, param in params.items():
+            if name in expected and (param.dtype, expected[name].dtype) in _WIDER:
+                params[name] = Parameter(ops.cast(param, expected[name].dtype), name=name)
     missing = sorted(set(expected) - set(params))
     unexpected = sorted(set(params) - set(expected))
     mismatched = [f"{name} (network {expected[name].dtype} {tuple(expected[name].shape)}, "
@@ -175,6 +335,22 @@ def _load_exactly(net: nn.Cell, path: "os.PathLike[str] | str") -> None:
     if problems:
         raise DeployError(path, "does not match the network: " + "; ".join(problems))
     ms.load_param_into_net(net, params, strict_load=True)
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, PtqMatmul) and cell.int4 and not cell.fused:
+            _dequantize_int4_into(cell, net)
+
+
+def _dequantize_int4_into(matmul: "PtqMatmul", net: nn.Cell) -> None:
+    """Unpack the loaded qint4x2 codes of `matmul`'s Linear and dequantize them, once."""
+    layer = next(cell for _, cell in net.cells_and_names()
+                 if isinstance(cell, PtqLinear) and cell._layer.matmul is matmul)  # noqa: SLF001
+    codes = unpack_int4(layer._layer.weight.asnumpy().view(np.int8)).T  # [out, in]  # noqa: SLF001
+    scale = matmul.weight_scale.asnumpy().astype(np.float32).T  # [out, in / group]
+    zp = matmul.weight_zp.asnumpy().astype(np.float32).T
+    group = matmul.group_size
+    weight = (codes.astype(np.float32) + np.repeat(zp, group, axis=1)) * np.repeat(scale, group,
+                                                                                    axis=1)
+    matmul.dequantized_weight.set_data(Tensor(weight, matmul.dequantized_weight.dtype))
 
 
 def generate_greedy(net: nn.Cell, prompt: Sequence[int], max_new_tokens: int, seq_length: int,

@@ -163,3 +163,49 @@ def test_blacklist_and_activation_are_kept() -> None:
     assert w1.activation_flag and w1._handler.activation is not None  # SiLU stays
     everything = tiny_llama()
     assert "lm_head" in quantize_network(everything, blacklist=[])
+
+
+WIDE = dict(CONFIG, hidden_size=128, intermediate_size=256, seq_length=32)
+
+
+@pytest.mark.parametrize("scheme,extra", [("w8a16-ptq", []), ("w4a16", ["--group-size", "64"])])
+def test_ptq_schemes_run_exactly_their_dequantized_weights(tmp_path: Path, scheme: str,
+                                                           extra) -> None:
+    """The PTQ cells compute with (q + zp) * scale: the same logits as an FP network
+    holding those dequantized weights (int4 codes unpacked on CPU)."""
+    from ckpt_rtn.schemes import unpack_int4
+
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    rng = np.random.default_rng(3)
+    fp = LlamaForCausalLM(LlamaConfig(**WIDE))
+    fp.set_train(False)
+    arrays = {p.name: (np.ones(p.shape, np.float32) if len(p.shape) == 1 else
+                       (rng.standard_normal(p.shape) * 0.1).astype(np.float32))
+              for p in fp.get_parameters()}
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()],
+                       str(tmp_path / "fp.ckpt"))
+    result = cli("convert", tmp_path / "fp.ckpt", tmp_path / "q.ckpt", "--scheme", scheme,
+                 *extra, "-q")
+    assert result.exit_code == 0, result.stderr
+    quantized = LlamaForCausalLM(LlamaConfig(**WIDE))
+    quantized.set_train(False)
+    layers = deploy.load_checkpoint_into(quantized, "llama2", tmp_path / "q.ckpt")
+    assert len(layers) == 14
+    names = {p.name for p in quantized.get_parameters()}
+    assert "model.layers.0.attention.wq._layer.matmul.weight_scale" in names
+    with open_reader(tmp_path / "q.ckpt") as reader:
+        stored = {t.name: reader.read(t) for t in reader.tensors}
+    for layer in layers:  # the FP network gets the dequantized weights
+        q = stored[layer + "._layer.weight"]
+        scale = stored[layer + "._layer.matmul.weight_scale"]
+        if scheme == "w4a16":
+            q = unpack_int4(q).T
+            scale = np.repeat(scale.T, 64, axis=1)
+        else:
+            scale = scale[:, None]
+        arrays[layer + ".weight"] = (q.astype(np.float32) * scale).astype(np.float32)
+    ms.load_param_into_net(fp, {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in arrays.items()},
+                           strict_load=True)
+    ids = ms.Tensor(rng.integers(1, 128, (1, 32)).astype(np.int32))
+    np.testing.assert_allclose(quantized(ids)[0].asnumpy(), fp(ids)[0].asnumpy(),
+                               rtol=1e-4, atol=1e-4)

@@ -1,0 +1,110 @@
+"""Perplexity of a checkpoint through the MindFormers network (needs [mindspore]).
+
+Measured as Golden Stick's W8A16 paper table is: the text is tokenized
+once, cut into non-overlapping windows of `seq_len` tokens, and every token
+after the first of a window is predicted from those before it; perplexity
+is exp of the mean next-token negative log-likelihood over all of them.
+FP and W8A16 checkpoints go through the same network: a quantized one gets
+its Linear layers replaced by the deploy loader's W8A16 cells first.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from . import deploy  # sets MindFormers' log directory before it is imported
+from .errors import ConfigError
+from .models import ModelConfig, build_llama, load_tokenizer
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    loss: float
+    tokens: int
+    windows: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("inf")
+
+
+def tokenize(config: ModelConfig, text: str) -> np.ndarray:
+    return np.asarray(load_tokenizer(config).encode(text).ids, dtype=np.int32)
+
+
+def windows(ids: np.ndarray, seq_len: int, max_tokens: Optional[int] = None) -> np.ndarray:
+    """[n, seq_len] non-overlapping windows; a short tail is dropped."""
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    count = len(ids) // seq_len
+    if count == 0:
+        raise ConfigError(None, f"the text has {len(ids)} tokens, fewer than one window of "
+                          f"{seq_len}")
+    return ids[:count * seq_len].reshape(count, seq_len)
+
+
+def next_token_nll(logits: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """-log p(window[t+1] | window[:t+1]) for each t, from [seq, vocab] logits."""
+    logits = logits[:-1].astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    return log_z - logits[np.arange(len(logits)), window[1:]]
+
+
+class Evaluator:
+    """One checkpoint loaded into a MindFormers network compiled for `seq_len` windows."""
+
+    def __init__(self, config: ModelConfig, checkpoint: "os.PathLike[str] | str",
+                 seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.net = build_llama(config, seq_length=seq_len)
+        self.quantized_layers = deploy.load_checkpoint_into(self.net, config.family, checkpoint,
+                                                            upcast=True)
+
+    def logits(self, window: np.ndarray) -> np.ndarray:
+        """[seq_len, vocab] float32 logits for one window of token ids."""
+        from mindspore import Tensor
+
+        return self.net(Tensor(window[None, :].astype(np.int32)))[0].asnumpy() \
+            .reshape(self.seq_len, -1)
+
+    def perplexity(self, text_windows: np.ndarray,
+                   progress: Optional[Callable[[int], None]] = None) -> Perplexity:
+        """Perplexity over `text_windows` ([n, seq_len] token ids)."""
+        if text_windows.shape[1] != self.seq_len:
+            raise ValueError(f"windows of {text_windows.shape[1]} tokens for a network "
+                             f"compiled for {self.seq_len}")
+        started = time.perf_counter()
+        nll: List[np.ndarray] = []
+        for window in text_windows:
+            nll.append(next_token_nll(self.logits(window), window))
+            if progress is not None:
+                progress(1)
+        losses = np.concatenate(nll)
+        loss = float(losses.mean())
+        return Perplexity(ppl=math.exp(loss), loss=loss, tokens=int(losses.size),
+                          windows=len(text_windows), seconds=time.perf_counter() - started)
+
+
+def linear_weight_bytes(checkpoint: "os.PathLike[str] | str", family: str) -> int:
+    """Bytes of a checkpoint's Linear layers: FP weights, or their quantized tensors.
+
+    Embeddings dominate a small model's size, so the table also reports the
+    part RTN shrinks.
+    """
+    from .formats import open_reader
+    from .golden_stick import legacy_names, ptq_names
+    from .rules import load_rules
+
+    rules = load_rules(family).with_overrides(keep_default_blacklist=False)
+    quantized_parts = tuple(legacy_names("")[:3]) + tuple(ptq_names("")[:3])
+    with open_reader(checkpoint, verify_crc=False) as reader:
+        return sum(t.nbytes for t in reader.tensors
+                   if t.name.endswith(quantized_parts) or rules.select(t) is not None)

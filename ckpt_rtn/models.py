@@ -1,0 +1,177 @@
+"""A model directory's description (`model.yaml`) and the MindFormers network it builds.
+
+`ckpt-rtn import-gguf` writes a checkpoint, a tokenizer and a `model.yaml`
+beside them; evaluation and the deploy loader read the YAML back to rebuild
+the same network. The YAML holds only the architecture (LlamaConfig keyword
+arguments); the run-time values (sequence length, dtypes, the settings that
+make MindFormers Llama work on CPU) are chosen by `build_llama`, so one file
+serves every use. See shared/specs/mindformers-cpu.md.
+
+MindSpore and MindFormers are imported inside the functions that need them:
+the converter imports this package and must never pull in MindSpore.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Type
+
+import yaml
+
+from .errors import ConfigError
+from .formats.atomic import write_bytes_atomic
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import tokenizers
+
+#: File names `import-gguf` writes into its output directory.
+MODEL_YAML = "model.yaml"
+CHECKPOINT = "model.ckpt"
+TOKENIZER = "tokenizer.json"
+
+#: LlamaConfig architecture keywords a model.yaml must give, and their types.
+REQUIRED_KEYS: Dict[str, Type[Any]] = {
+    "hidden_size": int, "num_layers": int, "num_heads": int,
+    "intermediate_size": int, "vocab_size": int,
+}
+#: Architecture keywords it may give (LlamaConfig's defaults apply otherwise).
+OPTIONAL_KEYS: Dict[str, Tuple[Type[Any], ...]] = {
+    "n_kv_heads": (int,), "rms_norm_eps": (float,), "theta": (float,),
+    "tie_word_embeddings": (bool,), "pad_token_id": (int,), "bos_token_id": (int,),
+    "eos_token_id": (int,),
+}
+#: Values that make MindFormers Llama run on CPU (shared/specs/mindformers-cpu.md):
+#: no fused RmsNorm kernel on CPU, and the sliced rotary avoids a BatchMatMul
+#: broadcast the CPU backend lacks. Harmless on other devices.
+CPU_SAFE = {"batch_size": 1, "use_past": False, "use_rope_slice": True, "fused_rms_norm": False}
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+_HEADER = "# written by ckpt-rtn import-gguf\n"
+
+
+@dataclass
+class ModelConfig:
+    """What a model directory holds: rules family, file names, architecture.
+
+    `base_dir` is the directory of the YAML file, against which `checkpoint`
+    and `tokenizer` are resolved, so a model directory can be moved whole.
+    """
+
+    model: Dict[str, Any]
+    family: str = "llama2"
+    checkpoint: str = CHECKPOINT
+    tokenizer: str = TOKENIZER
+    base_dir: Path = field(default_factory=Path, compare=False)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.base_dir / self.tokenizer
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.base_dir / self.checkpoint
+
+    def to_yaml(self) -> str:
+        """The YAML text `save` writes (base_dir is where it is saved, not content)."""
+        data = {"family": self.family, "checkpoint": self.checkpoint,
+                "tokenizer": self.tokenizer, "model": dict(self.model)}
+        return _HEADER + yaml.safe_dump(data, sort_keys=False)
+
+    def save(self, path: "os.PathLike[str] | str") -> None:
+        """Write the YAML atomically, so a reader never sees half a config."""
+        _check_model(Path(path), self.model)
+        write_bytes_atomic(path, self.to_yaml().encode("utf-8"))
+
+
+def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
+    """Read and validate a model.yaml; any problem is a one-line ConfigError."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, f"invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "expected a mapping with family, tokenizer and model")
+    unknown = sorted(set(data) - {"family", "checkpoint", "tokenizer", "model"})
+    if unknown:
+        raise ConfigError(path, f"unknown key(s): {', '.join(map(str, unknown))}")
+    for key in ("family", "checkpoint", "tokenizer"):
+        if not isinstance(data.get(key, ""), str):
+            raise ConfigError(path, f"{key} must be a string")
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise ConfigError(path, "model must be a mapping of LlamaConfig architecture keywords")
+    _check_model(path, model)
+    return ModelConfig(model=model, family=data.get("family", "llama2"),
+                       checkpoint=data.get("checkpoint", CHECKPOINT),
+                       tokenizer=data.get("tokenizer", TOKENIZER),
+                       base_dir=path.resolve().parent)
+
+
+def _type_ok(value: object, types: Tuple[Type[Any], ...]) -> bool:
+    """isinstance, except that bool is not an int, and an int may stand for a float."""
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types) or (float in types and isinstance(value, int))
+
+
+def _check_model(path: Optional[Path], model: Mapping[str, Any]) -> None:
+    """Catch typos and run-time keys early: LlamaConfig swallows unknown keywords."""
+    missing = [k for k in REQUIRED_KEYS if k not in model]
+    if missing:
+        raise ConfigError(path, f"model: missing {', '.join(missing)}")
+    allowed = {**{k: (t,) for k, t in REQUIRED_KEYS.items()}, **OPTIONAL_KEYS}
+    for key, value in model.items():
+        if key not in allowed:
+            why = "is chosen by build_llama" if key in CPU_SAFE or key == "seq_length" else \
+                "is not an architecture keyword ckpt-rtn knows"
+            raise ConfigError(path, f"model.{key} {why}")
+        types = allowed[key]
+        if not _type_ok(value, types):
+            raise ConfigError(path, f"model.{key} must be {types[0].__name__}, got {value!r}")
+        minimum = 0 if key.endswith("_token_id") else 1
+        if types[0] is int and value < minimum:
+            raise ConfigError(path, f"model.{key} must be at least {minimum}, got {value}")
+    heads, kv_heads = model["num_heads"], model.get("n_kv_heads", model["num_heads"])
+    if model["hidden_size"] % heads or heads % kv_heads:
+        raise ConfigError(path, "model: hidden_size must be a multiple of num_heads, and "
+                          "num_heads of n_kv_heads")
+
+
+def build_llama(config: ModelConfig, seq_length: int, compute_dtype: str = "float32") -> Any:
+    """A MindFormers LlamaForCausalLM for `config`, in eval mode, with random weights.
+
+    Every float type (compute, parameters, norms, softmax, rotary) is
+    `compute_dtype`, so weights are loaded into parameters of that dtype. On a
+    CPU device target the graph mode is forced: PyNative fails on CPU
+    ("The kernel RmsNorm unregistered"). A device the caller already chose
+    with `mindspore.set_device` is left alone.
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(None, f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                          f"not {compute_dtype!r}")
+    _check_model(None, config.model)
+    import mindspore as ms
+    from mindformers import LlamaConfig, LlamaForCausalLM
+
+    if ms.get_context("device_target") == "CPU":
+        ms.set_context(mode=ms.GRAPH_MODE)
+    dtypes = dict.fromkeys(("compute_dtype", "param_init_type", "layernorm_compute_type",
+                            "softmax_compute_type", "rotary_dtype"), compute_dtype)
+    llama_config = LlamaConfig(seq_length=seq_length, **CPU_SAFE, **dtypes, **config.model)
+    net = LlamaForCausalLM(llama_config)
+    net.set_train(False)
+    return net
+
+
+def load_tokenizer(config: ModelConfig) -> "tokenizers.Tokenizer":
+    """The model's tokenizer (HF `tokenizers` JSON named by the config)."""
+    from tokenizers import Tokenizer
+
+    path = config.tokenizer_path
+    try:
+        return Tokenizer.from_file(os.fspath(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for any bad file
+        raise ConfigError(path, f"cannot load the tokenizer: {exc}") from None
