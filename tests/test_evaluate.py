@@ -1,0 +1,90 @@
+"""Perplexity and generation of the real SmolLM2 model through MindFormers, FP vs W8A16."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ckpt_rtn.corpora import wiki_text
+from ckpt_rtn.evaluate import Evaluator, next_token_nll, tokenize, windows
+from ckpt_rtn.models import load_model_config
+
+from conftest import cli
+
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def model(smollm2: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The imported model, its W8A16 conversion, and a slice of Wikipedia prose."""
+    root = tmp_path_factory.mktemp("eval")
+    w8 = root / "w8a16.ckpt"
+    result = cli("convert", smollm2.parent / "model.ckpt", w8, "-q")
+    assert result.exit_code == 0, result.stderr
+    text = root / "wiki.txt"
+    text.write_text(wiki_text()[:20000], encoding="utf-8")
+    return smollm2, w8, text
+
+
+@pytest.fixture(scope="module")
+def fp_evaluator(model):
+    config = load_model_config(model[0])
+    return Evaluator(config, config.checkpoint_path, SEQ)
+
+
+@pytest.fixture(scope="module")
+def slice_windows(model):
+    config = load_model_config(model[0])
+    return windows(tokenize(config, model[2].read_text(encoding="utf-8")), SEQ, 4 * SEQ)
+
+
+def test_nll_is_the_log_softmax_of_the_next_token() -> None:
+    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8], [1, 1, 1]], np.float32))
+    np.testing.assert_allclose(next_token_nll(logits, np.array([0, 2, 1])),
+                               [-math.log(0.25), -math.log(0.1)], rtol=1e-6)
+
+
+def test_real_model_predicts_text_far_better_than_chance(fp_evaluator, slice_windows) -> None:
+    result = fp_evaluator.perplexity(slice_windows)
+    assert result.tokens == 4 * (SEQ - 1) and result.windows == 4
+    assert 5 < result.ppl < 60  # vocabulary: 49152
+    shuffled = np.random.default_rng(0).permutation(slice_windows.reshape(-1))
+    control = fp_evaluator.perplexity(shuffled.reshape(slice_windows.shape))
+    assert control.ppl > 20 * result.ppl
+
+
+def test_w8a16_perplexity_within_one_percent(model, fp_evaluator, slice_windows) -> None:
+    config = load_model_config(model[0])
+    quantized = Evaluator(config, model[1], SEQ)
+    assert len(quantized.quantized_layers) == 30 * 7
+    fp, w8 = fp_evaluator.perplexity(slice_windows), quantized.perplexity(slice_windows)
+    assert abs(w8.ppl - fp.ppl) / fp.ppl < 0.01, (fp.ppl, w8.ppl)
+
+
+def test_eval_and_compare_commands(model) -> None:
+    config_path, w8, text = model
+    result = cli("eval", "--config", config_path, "--ckpt", w8, "--text", text, "--seq-len",
+                 str(SEQ), "--max-tokens", str(2 * SEQ), "-q")
+    assert result.exit_code == 0, result.stderr
+    assert re.search(rf"PPL \d+\.\d+  loss \d+\.\d+  tokens {2 * (SEQ - 1)} \(2 x {SEQ}\)",
+                     result.stdout)
+    table = cli("compare", "--config", config_path, "--text", text, "--seq-len", str(SEQ),
+                "--max-tokens", str(2 * SEQ), "-q", config_path.parent / "model.ckpt", w8)
+    assert table.exit_code == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["checkpoint", "size", "GB", "Linear", "GB", "PPL", "wiki.txt",
+                                "delta"]
+    assert lines[1].split()[0] == "model.ckpt" and lines[1].split()[-1] == "+0.00%"
+    fp_linear, w8_linear = float(lines[1].split()[2]), float(lines[2].split()[2])
+    assert 0.45 < w8_linear / fp_linear < 0.55  # int8 + fp16 scales vs fp16 weights
+
+
+def test_generate_continues_with_paris(model) -> None:
+    result = cli("generate", "--config", model[0], "--ckpt", model[1], "--seq-len", "32",
+                 "--max-new-tokens", "4", "The capital of France is")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("The capital of France is")
+    assert "Paris" in result.stdout
