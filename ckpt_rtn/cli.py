@@ -447,29 +447,37 @@ def _print_compare(rows: List[Dict[str, object]], corpora: List[str], seq_len: i
 @_MODEL_OPTION
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="FP or ckpt-rtn W8A16 checkpoint.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Tokenizer instead of model.yaml's: a tokenizers .json or a sentencepiece "
+                   ".model (Llama2's tokenizer.model).")
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True,
               help="Window the network is compiled for; prompt + new tokens must fit.")
 @_reported
-def generate(model_yaml: str, ckpt: str, prompt: str, max_new_tokens: int, seq_len: int) -> None:
+def generate(model_yaml: str, ckpt: str, tokenizer_path: Optional[str], prompt: str,
+             max_new_tokens: int, seq_len: int) -> None:
     """Greedy continuation of PROMPT by the MindFormers network (CPU check, no KV cache).
 
     Mirrors Golden Stick's deploy steps: build the network, quantize its
     Linear layers as the checkpoint says, load it, generate.
     """
     from .deploy import generate_greedy, load_checkpoint_into
-    from .models import build_llama, load_model_config, load_tokenizer
+    from .models import build_llama, load_model_config, load_text_codec
 
     config = load_model_config(model_yaml)
-    tokenizer = load_tokenizer(config)
+    encode, decode = load_text_codec(config, tokenizer_path)
     net = build_llama(config, seq_length=seq_len)
     load_checkpoint_into(net, config.family, ckpt, upcast=True)
-    ids = tokenizer.encode(prompt).ids
+    ids = encode(prompt)
     try:
         new = generate_greedy(net, ids, max_new_tokens, seq_len,
                               pad_token_id=config.model.get("pad_token_id", 0),
                               eos_token_id=config.model.get("eos_token_id"))
     except ValueError as exc:
         raise UnsupportedError(None, str(exc)) from None
-    click.echo(prompt + tokenizer.decode(new))
+    try:
+        click.echo(prompt + decode(new))
+    except IndexError:  # sentencepiece: an id beyond its vocabulary
+        raise UnsupportedError(tokenizer_path, f"cannot decode the generated ids {new}: this "
+                               "tokenizer does not belong to the model") from None

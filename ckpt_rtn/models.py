@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 import yaml
 
@@ -175,3 +175,25 @@ def load_tokenizer(config: ModelConfig) -> "tokenizers.Tokenizer":
         return Tokenizer.from_file(os.fspath(path))
     except Exception as exc:  # tokenizers raises a bare Exception for any bad file
         raise ConfigError(path, f"cannot load the tokenizer: {exc}") from None
+
+
+def load_text_codec(config: ModelConfig, path: "os.PathLike[str] | str | None" = None
+                    ) -> Tuple[Callable[[str], List[int]], Callable[[List[int]], str]]:
+    """encode/decode functions for the model's tokenizer, or for `path`.
+
+    `path` may be a tokenizers JSON or a sentencepiece `.model` (the file
+    Llama2 checkpoints come with).
+    """
+    if path is not None and os.fspath(path).endswith(".model"):
+        import sentencepiece
+
+        try:
+            processor = sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))
+        except (OSError, RuntimeError) as exc:
+            raise ConfigError(path, f"cannot load the sentencepiece model: {exc}") from None
+        return processor.encode, processor.decode
+    if path is not None:
+        config = ModelConfig(model=config.model, family=config.family,
+                             tokenizer=os.fspath(Path(path).resolve()))
+    tokenizer = load_tokenizer(config)
+    return (lambda text: tokenizer.encode(text).ids), tokenizer.decode

@@ -88,3 +88,29 @@ def test_generate_continues_with_paris(model) -> None:
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith("The capital of France is")
     assert "Paris" in result.stdout
+
+
+def test_generate_takes_another_tokenizer(model, tmp_path: Path) -> None:
+    """--tokenizer: a tokenizers JSON, or a sentencepiece .model like Llama2's."""
+    import sentencepiece
+
+    config_path, w8, _ = model
+    same = cli("generate", "--config", config_path, "--ckpt", w8, "--seq-len", "32",
+               "--max-new-tokens", "4", "--tokenizer", config_path.parent / "tokenizer.json",
+               "The capital of France is")
+    assert same.exit_code == 0 and "Paris" in same.stdout, same.stderr
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The capital of France is Paris.\\n" * 50 + wiki_text()[:5000])
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
+                                             vocab_size=100, minloglevel=2)
+    other = cli("generate", "--config", config_path, "--ckpt", w8, "--seq-len", "32",
+                "--max-new-tokens", "3", "--tokenizer", tmp_path / "sp.model", "Paris")
+    # The prompt is encoded with the sentencepiece model, but SmolLM2 answers with ids of
+    # its own 49152-token vocabulary, which this 100-piece model cannot decode.
+    assert other.exit_code == 2
+    assert other.stderr.startswith(f"error: {tmp_path / 'sp.model'}: cannot decode the "
+                                   "generated ids [")
+    assert "this tokenizer does not belong to the model" in other.stderr
+    bad = cli("generate", "--config", config_path, "--ckpt", w8, "--tokenizer",
+              tmp_path / "corpus.model", "x")
+    assert bad.exit_code == 2 and "sentencepiece" in bad.stderr
