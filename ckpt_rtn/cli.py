@@ -103,7 +103,7 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
             no_default_blacklist: bool, out_format: Optional[str], crc: bool,
             no_verify_crc: bool, overwrite: bool, resume: bool, workers: Optional[int],
             report_path: Optional[str], dry_run: bool, quiet: bool) -> None:
-    """Quantize SRC's Linear weights to W8A16 and write DST.
+    """Quantize SRC's Linear weights (W8A16 by default) and write DST.
 
     Each selected weight <p>.weight [out, in] becomes <p>._handler.weight
     (int8) plus <p>._weight_quantizer.scale and .zp_neg ([out], the weight's
