@@ -1,12 +1,13 @@
-"""One checkpoint in, one W8A16 checkpoint out, a tensor at a time.
+"""One checkpoint in, one quantized checkpoint out, a tensor at a time.
 
 The converter joins the pieces that know nothing of each other: a format
-reader indexes the input, the rules pick the Linear weights, the RTN math
-quantizes them, and a format writer streams the result. The whole output
-is planned from the input's headers before any data moves, which lets the
-safetensors writer lay out its header first, lets `--dry-run` report the
-exact output size, and refuses unsupported input before anything is
-written. Only one tensor (plus its quantized form) is in memory at a time.
+reader indexes the input, the rules pick the Linear weights, the scheme's
+RTN math quantizes them, and a format writer streams the result. The whole
+output is planned from the input's headers before any data moves, which
+lets the safetensors writer lay out its header first, lets `--dry-run`
+report the exact output size, and refuses unsupported input before anything
+is written. Tensors then flow through a read-ahead / quantize / write-behind
+pipeline that holds a few of them at most, whatever the model's size.
 """
 from __future__ import annotations
 
