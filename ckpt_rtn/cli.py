@@ -198,14 +198,17 @@ def _convert_directory(src: str, dst: str, rules: RuleChoice, scheme: Scheme, *,
             "input_bytes": result.input_size, "output_bytes": result.output_size,
             "seconds": round(result.seconds, 3), "skipped": result.skipped,
             "copied": result.copied, "indexes": result.indexes,
+            "scaled_over_ranks": result.global_scales,
             "shards": [shard.to_json() for shard in result.converted]})
     if not quiet:
         quantized = sum(len(s.plan.quantized) for s in result.converted)
-        click.echo(f"{dst}: converted {len(result.converted)} shards ({quantized} tensors "
-                   f"quantized), skipped {len(result.skipped)} already done, copied "
-                   f"{len(result.copied)} files, rewrote {len(result.indexes)} indexes; "
-                   f"{human_bytes(result.input_size)} -> {human_bytes(result.output_size)} in "
-                   f"{result.seconds:.1f} s")
+        done = [f"converted {len(result.converted)} shards ({quantized} tensors quantized)",
+                f"skipped {len(result.skipped)} already done",
+                f"copied {len(result.copied)} files", f"rewrote {len(result.indexes)} indexes"]
+        if result.global_scales:
+            done.append(f"scaled {len(result.global_scales)} input-split weights over all ranks")
+        click.echo(f"{dst}: {', '.join(done)}; {human_bytes(result.input_size)} -> "
+                   f"{human_bytes(result.output_size)} in {result.seconds:.1f} s")
 
 
 def _write_report(path: str, report: Dict[str, object]) -> None:

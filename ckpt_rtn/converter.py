@@ -15,7 +15,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -232,12 +232,15 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             rules: "Rules | RuleChoice", *, out_format: Optional[str] = None,
             overwrite: bool = False, crc: bool = False, verify_crc: bool = True,
             workers: Optional[int] = None, stats: bool = False,
-            scheme: Scheme = DEFAULT_SCHEME, progress: Optional[ProgressFn] = None) -> Result:
+            scheme: Scheme = DEFAULT_SCHEME, row_absmax: Optional[Mapping[str, np.ndarray]] = None,
+            progress: Optional[ProgressFn] = None) -> Result:
     """Convert `src` to a W8A16 checkpoint at `dst`; returns what was done.
 
     Tensors stream through a read-ahead / quantize / write-behind pipeline;
     `workers` threads share each weight's rows (the output does not depend
     on their number). `stats` measures each layer's dequantization error.
+    `row_absmax` gives, by tensor name, the per-output-channel max |w| of the
+    whole weight a tensor is an input-channel slice of (sharded checkpoints).
     `progress` is called after each tensor with its input bytes and the total.
     """
     started = time.perf_counter()
@@ -254,7 +257,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             if not step.quantized:
                 return (data,)
             result = _quantize(reader.path, step, data, scheme, pool if workers > 1 else None,
-                               stats)
+                               stats, (row_absmax or {}).get(step.source.name))
             if result.stats is not None:
                 errors.append(LayerError(step.layer or "", step.source.shape,
                                          step.source.dtype.name, result.stats.max_abs,
@@ -276,15 +279,26 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
                   time.perf_counter() - started, workers, errors)
 
 
+def float_format(dtype: dtypes.DType) -> FloatFormat:
+    """The RTN float format of a selected (float) weight's dtype."""
+    return _FLOAT_FORMATS[dtype]
+
+
+def out_in_view(data: np.ndarray, selection: Selection) -> np.ndarray:
+    """A selected weight as [out, in], whatever its stored layout (a view)."""
+    return data.T if selection.layout == IN_OUT else data
+
+
 def _quantize(path: str, step: Step, data: np.ndarray, scheme: Scheme,
-              pool: Optional[ThreadPoolExecutor], stats: bool) -> Quantized:
+              pool: Optional[ThreadPoolExecutor], stats: bool,
+              absmax: Optional[np.ndarray]) -> Quantized:
     """The scheme's arrays for a selected weight, given in its stored layout."""
     assert step.selection is not None
     in_out = step.selection.layout == IN_OUT
-    weight = np.ascontiguousarray(data.T) if in_out else data
+    weight = np.ascontiguousarray(out_in_view(data, step.selection))
     try:
-        result = scheme.quantize(weight, _FLOAT_FORMATS[step.source.dtype], pool=pool,
-                                 stats=stats)
+        result = scheme.quantize(weight, float_format(step.source.dtype), pool=pool,
+                                 stats=stats, absmax=absmax)
     except NonFiniteWeightError as exc:
         raise QuantizationError(path, f"tensor {step.source.name!r}: {exc}") from None
     if in_out and not scheme.packs_int4:

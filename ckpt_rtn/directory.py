@@ -9,7 +9,11 @@ a `weight_map` is an index, everything else is copied.
 
 Per-output-channel quantization needs only the rows a shard holds, so a
 rank's slice of a weight split by rows quantizes exactly as those rows of
-the full weight do, and shards are converted independently.
+the full weight do. A weight split along its input channels (row-parallel
+wo/w2 under tensor parallelism) is different: its per-channel max spans all
+ranks. When the directory holds MindSpore strategy files saying so, a first
+pass takes those maxima over every rank, so each slice gets the scale the
+whole weight would, as Golden Stick's replicated scale is.
 
 Every output file is written under a temporary name and renamed once
 complete; after each file `ckpt-rtn-manifest.json` records it (size, sha256,
@@ -25,16 +29,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import numpy as np
+
 from . import __version__, converter
-from .errors import ConfigError, FormatError, OutputError
+from .errors import ConfigError, FormatError, OutputError, UnsupportedError
 from .formats import format_from_suffix, open_reader
 from .formats.atomic import TEMP_PATTERN, copy_atomic, write_bytes_atomic
-from .rules import RuleChoice, Rules
+from .formats.strategy import Layout, is_strategy_file, read_strategy
+from .rtn import row_absmax
+from .rules import OUT_IN, RuleChoice, Rules
 from .schemes import Scheme
 
 MANIFEST = "ckpt-rtn-manifest.json"
-#: First byte of a MindSpore strategy file (ParallelStrategyMap.current_stage, a varint).
-_STRATEGY_FIRST_BYTE = 0x08
 
 
 @dataclass
@@ -43,6 +49,8 @@ class DirectoryResult:
     skipped: List[str] = field(default_factory=list)
     copied: List[str] = field(default_factory=list)
     indexes: List[str] = field(default_factory=list)
+    #: Weights split along input channels, whose scales were taken over all ranks.
+    global_scales: List[str] = field(default_factory=list)
     input_size: int = 0
     output_size: int = 0
     seconds: float = 0.0
@@ -72,6 +80,7 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
     with open_reader(os.path.join(src, layout.shards[0]), verify_crc=False) as first:
         rules = converter.resolve_rules(rules, first)
     settings = _settings(rules, scheme, crc)
+    strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
     os.makedirs(dst, exist_ok=True)
     manifest = _load_manifest(dst, settings) if resume else _new_manifest(settings)
     _remove_stale_temp_files(dst)
@@ -83,17 +92,21 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
         if progress is not None:
             progress(advance, total)
 
+    pending = [rel for rel in layout.shards if not _is_done(manifest, rel, os.path.join(dst, rel))]
+    absmax = (_absmax_over_ranks(src, layout.shards, strategies, rules, scheme)
+              if pending and strategies else {})
+    result.global_scales = sorted(absmax)
     for rel in layout.shards:
         out = os.path.join(dst, rel)
         size = os.path.getsize(os.path.join(src, rel))
-        if _is_done(manifest, rel, out):
+        if rel not in pending:
             result.skipped.append(rel)
             shard_progress(size, total)
             continue
         os.makedirs(os.path.dirname(out), exist_ok=True)
         converted = converter.convert(os.path.join(src, rel), out, rules, overwrite=True, crc=crc,
                                       verify_crc=verify_crc, workers=workers, stats=stats,
-                                      scheme=scheme, progress=shard_progress)
+                                      scheme=scheme, row_absmax=absmax, progress=shard_progress)
         result.converted.append(converted)
         _record(dst, manifest, rel, out, [
             {"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "nbytes": t.nbytes}
@@ -114,6 +127,35 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
     result.output_size = sum(entry["size"] for entry in manifest["files"].values())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _absmax_over_ranks(src: str, shards: List[str], strategies: List[str], rules: Rules,
+                       scheme: Scheme) -> Dict[str, np.ndarray]:
+    """Per-output-channel max |w| over all ranks, for weights split along input channels."""
+    layouts: Dict[str, Layout] = {}
+    for rel in strategies:
+        layouts.update(read_strategy(os.path.join(src, rel)))
+    absmax: Dict[str, np.ndarray] = {}
+    for rel in shards:
+        with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
+            for info in reader.tensors:
+                selection = rules.select(info)
+                layout = layouts.get(info.name)
+                if selection is None or layout is None or selection.layout is None:
+                    continue
+                in_dim = 1 if selection.layout == OUT_IN else 0
+                if not layout.splits(in_dim):
+                    continue
+                if layout.splits(1 - in_dim):
+                    raise UnsupportedError(os.path.join(src, rel), f"tensor {info.name!r} is split "
+                                           "along both dimensions; convert a merged checkpoint")
+                if scheme.spec.group_size:
+                    continue  # groups of input channels stay within a slice (checked per shard)
+                weight = converter.out_in_view(reader.read(info), selection)
+                local = row_absmax(weight, converter.float_format(info.dtype))
+                absmax[info.name] = np.maximum(absmax[info.name], local) \
+                    if info.name in absmax else local
+    return absmax
 
 
 def _check_directories(src: str, dst: str, overwrite: bool, resume: bool) -> None:
@@ -141,19 +183,13 @@ def _scan(src: str) -> _Layout:
             rel = os.path.relpath(path, src)
             if TEMP_PATTERN.fullmatch(name):
                 continue
-            if format_from_suffix(name) is not None and not _is_strategy(path):
+            if format_from_suffix(name) is not None and not is_strategy_file(path):
                 layout.shards.append(rel)
             elif name.endswith(".json") and _is_index(path):
                 layout.indexes.append(rel)
             elif name != MANIFEST:
                 layout.others.append(rel)
     return layout
-
-
-def _is_strategy(path: str) -> bool:
-    """MindSpore strategy files are protobuf `.ckpt`s too, but start with another field."""
-    with open(path, "rb") as f:
-        return f.read(1) == bytes([_STRATEGY_FIRST_BYTE])
 
 
 def _is_index(path: str) -> bool:

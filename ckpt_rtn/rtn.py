@@ -134,11 +134,15 @@ class NonFiniteWeightError(ValueError):
 
 def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
                  pool: Optional[Executor] = None, stats: bool = False,
+                 absmax: Optional[np.ndarray] = None,
                  block_rows: int = BLOCK_ROWS) -> RtnWeights:
     """Quantize a 2-D [out, in] weight of raw `fmt` values per output channel (or group).
 
     With a thread `pool`, row spans are quantized concurrently; the result
-    does not depend on the pool. `stats` also measures the error.
+    does not depend on the pool. `stats` also measures the error. `absmax`
+    gives each output channel's max |w| instead of this weight's own: for a
+    slice of a weight split along its input channels, the whole weight's
+    (see `row_absmax`), so every slice gets the scale the whole would.
     """
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {weight.shape}")
@@ -155,9 +159,14 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     q = np.empty(weight.shape, dtype=np.int8)
     scale = np.empty(rows, dtype=fmt.work)
     errors = _RowErrors(rows) if stats else None
+    if absmax is not None:
+        if spec.group_size or absmax.shape != (rows,):
+            raise ValueError(f"absmax must give one value per output channel ({rows})")
+        scale[:] = _scale_from_absmax(absmax, fmt, spec)
     constant = _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
-        weight, fmt, spec, span, block_rows, q, scale, None, errors))
-    if rows and cols and sum(constant) == rows:
+        weight, fmt, spec, span, block_rows, q, scale, None if absmax is None else scale,
+        errors))
+    if absmax is None and rows and cols and sum(constant) == rows:
         # Golden Stick: when max == min in every channel, scale = 1 everywhere.
         scale[:] = 1
         _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
@@ -275,6 +284,15 @@ def _round_bits(bits: np.ndarray, spare: np.ndarray, mantissa_bits: int) -> None
     np.add(spare, (1 << (drop - 1)) - 1, out=spare)
     np.add(bits, spare, out=bits)
     np.bitwise_and(bits, np.uint32((0xFFFFFFFF >> drop) << drop), out=bits)
+
+
+def row_absmax(weight: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """max |w| of each row of a [out, in] weight of raw `fmt` values, in the work dtype."""
+    absmax = np.zeros(weight.shape[0], dtype=fmt.work)
+    for start in range(0, weight.shape[0], BLOCK_ROWS):
+        block = to_work(weight[start:start + BLOCK_ROWS], fmt)
+        absmax[start:start + BLOCK_ROWS] = np.abs(block).max(axis=1, initial=0)
+    return absmax
 
 
 def _scale_from_absmax(absmax: np.ndarray, fmt: FloatFormat, spec: RtnSpec) -> np.ndarray:

@@ -70,9 +70,9 @@ class Scheme:
                 TensorInfo.of(names.zp_neg, dtype, scale_shape))
 
     def quantize(self, weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor],
-                 stats: bool) -> Quantized:
-        """The stored arrays for a [out, in] weight of raw `fmt` values."""
-        result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats)
+                 stats: bool, absmax: Optional[np.ndarray] = None) -> Quantized:
+        """The stored arrays for a [out, in] weight of raw `fmt` values (see quantize_rtn)."""
+        result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats, absmax=absmax)
         q, scale, zp_neg = result.q, result.scale, result.zp_neg
         if self.packs_int4:
             q = pack_int4(q.T)

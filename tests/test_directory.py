@@ -209,3 +209,57 @@ def test_directory_options_that_do_not_apply(shard_dirs, tmp_path: Path) -> None
     assert result.exit_code == 2 and "--resume" in result.stderr
     result = cli("convert", src, src / "inside")
     assert result.exit_code == 2 and "inside the input" in result.stderr
+
+
+def strategy_file(path: Path, layouts: Dict[str, List[int]], ranks: int) -> Path:
+    """A protobuf strategy file written with MindSpore's own node_strategy_pb2."""
+    from mindspore.train import node_strategy_pb2 as pb
+
+    strategy = pb.ParallelStrategyMap()
+    strategy.current_stage = 0
+    for name, tensor_map in layouts.items():
+        item = strategy.parallel_layout_item.add()
+        item.param_name = name
+        item.parallel_layouts.dev_matrix.add().dim.extend([ranks])
+        item.parallel_layouts.tensor_map.add().dim.extend(tensor_map)
+        item.parallel_layouts.field = 0
+        item.parallel_layouts.opt_weight_shard_step = 0
+        item.parallel_layouts.opt_weight_shard_size = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(strategy.SerializeToString())
+    return path
+
+
+def test_input_split_weights_get_the_whole_weights_scale(tmp_path: Path) -> None:
+    """Row-parallel wo/w2 under TP: each rank holds some input channels of every row. With
+    the strategy file, every rank's slice gets the scale of the whole weight (Golden
+    Stick's replicated scale) and its codes are the whole weight's columns."""
+    full = {k: v.astype(np.float16) for k, v in llama_weights(layers=1).items()}
+    full["model.layers.0.attention.wo.weight"][:, :32] *= 4  # rank 0's half has the larger max
+    column_split = ("model.layers.0.attention.wo.weight", "model.layers.0.feed_forward.w2.weight")
+    src = tmp_path / "tp2"
+    for rank in (0, 1):
+        local = {k: np.array_split(v, 2, axis=1)[rank] if k in column_split else v
+                 for k, v in full.items()}
+        (src / f"rank_{rank}").mkdir(parents=True)
+        write_ckpt(src / f"rank_{rank}" / "net.ckpt", local)
+    strategy_file(src / "strategy" / "ckpt_strategy.ckpt",
+                  {name: [-1, 0] for name in column_split}
+                  | {"model.layers.0.attention.wq.weight": [0, -1]}, ranks=2)
+    result = cli("convert", src, tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert "scaled 2 input-split weights over all ranks" in result.stdout
+    ranks = [read_all(tmp_path / "out" / f"rank_{r}" / "net.ckpt") for r in (0, 1)]
+    for name in column_split:
+        layer = name[:-len(".weight")]
+        whole = quantize_rtn(full[name], FloatFormat.FLOAT16)
+        np.testing.assert_array_equal(np.concatenate([r[layer + "._handler.weight"] for r in ranks],
+                                                     axis=1), whole.q)
+        for r in ranks:
+            assert r[layer + "._weight_quantizer.scale"].tobytes() == whole.scale.tobytes()
+    # Without the strategy file each rank would only see its own half: other scales.
+    (src / "strategy" / "ckpt_strategy.ckpt").unlink()
+    assert cli("convert", src, tmp_path / "no_strategy", "-q").exit_code == 0
+    alone = read_all(tmp_path / "no_strategy" / "rank_1" / "net.ckpt")
+    assert (alone["model.layers.0.attention.wo._weight_quantizer.scale"].tobytes()
+            != ranks[1]["model.layers.0.attention.wo._weight_quantizer.scale"].tobytes())

@@ -1,0 +1,123 @@
+"""MindSpore parallel strategy files: how each parameter is split across ranks.
+
+A distributed checkpoint stores each rank's local slice under the full
+parameter name; the strategy file (`strategy_ckpt_save_file`, protobuf or
+JSON) says which tensor dimensions are split. ckpt-rtn needs one fact from
+it: whether a weight is split along its input channels, whose per-channel
+scale must then come from all ranks. Only the layout items are read; the
+protobuf is walked with the same wire helpers as `.ckpt` records
+(ParallelStrategyMap: field 3 = ParallelLayoutItem{1: param_name,
+2: ParallelLayouts{1: DevMatrix{1: dim*}, 2: TensorMap{1: dim*}}}).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from ..errors import FormatError
+from . import protowire as pw
+
+
+@dataclass(frozen=True)
+class Layout:
+    """`tensor_map[i]` is -1 when dimension i is not split, else a device-matrix axis."""
+
+    dev_matrix: Tuple[int, ...]
+    tensor_map: Tuple[int, ...]
+
+    def splits(self, dim: int) -> bool:
+        """Whether dimension `dim` is divided among ranks (over a device axis of size > 1)."""
+        if dim >= len(self.tensor_map) or self.tensor_map[dim] < 0:
+            return False
+        axis = len(self.dev_matrix) - 1 - self.tensor_map[dim]  # counted from the right
+        return 0 <= axis < len(self.dev_matrix) and self.dev_matrix[axis] > 1
+
+
+def is_strategy_file(path: "os.PathLike[str] | str") -> bool:
+    """A protobuf strategy starts with current_stage (field 1, varint); JSON has layout items."""
+    if os.fspath(path).endswith(".json"):
+        return _json_layouts(path) is not None
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x08"
+
+
+def read_strategy(path: "os.PathLike[str] | str") -> Dict[str, Layout]:
+    """Parameter name -> Layout, from a protobuf or JSON strategy file."""
+    if os.fspath(path).endswith(".json"):
+        layouts = _json_layouts(path)
+        if layouts is None:
+            raise FormatError(path, "not a MindSpore strategy JSON (no parallel_layout_item)")
+        return layouts
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return _protobuf_layouts(data)
+    except pw.WireError as exc:
+        raise FormatError(path, f"corrupt strategy file: {exc}", exc.offset) from None
+
+
+def _json_layouts(path: "os.PathLike[str] | str") -> Optional[Dict[str, Layout]]:
+    try:
+        with open(path) as f:
+            items = json.load(f).get("parallel_layout_item")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(items, dict):
+        return None
+    return {name: Layout(tuple(item.get("dev_matrix", ())),
+                         tuple(_axis(d) for d in item.get("tensor_map", ())))
+            for name, item in items.items()}
+
+
+def _axis(entry: object) -> int:
+    """A tensor_map entry; a tuple of axes (several device axes) counts by its first split one."""
+    if isinstance(entry, list):
+        return next((int(e) for e in entry if int(e) >= 0), -1)
+    return int(entry)  # type: ignore[call-overload]
+
+
+def _protobuf_layouts(data: bytes) -> Dict[str, Layout]:
+    layouts: Dict[str, Layout] = {}
+    for start, end in _fields(data, 0, len(data), 3):          # ParallelLayoutItem
+        names = [bytes(data[s:e]).decode() for s, e in _fields(data, start, end, 1)]
+        inner = _fields(data, start, end, 2)                      # ParallelLayouts
+        if not names or not inner:
+            continue
+        s, e = inner[0]
+        dev = [d for ds, de in _fields(data, s, e, 1) for d in _ints(data, ds, de)]
+        tmap = [d for ts, te in _fields(data, s, e, 2) for d in _ints(data, ts, te)]
+        layouts[names[0]] = Layout(tuple(dev), tuple(tmap))
+    return layouts
+
+
+def _fields(data: bytes, pos: int, end: int, wanted: int) -> List[Tuple[int, int]]:
+    """(start, end) of every LEN field numbered `wanted` in data[pos:end]."""
+    found = []
+    while pos < end:
+        field, wire, pos = pw.read_key(data, pos, end)
+        if field == wanted and wire == pw.LEN:
+            start, pos = pw.read_len(data, pos, end)
+            found.append((start, pos))
+        else:
+            pos = pw.skip_field(data, wire, pos, end)
+    return found
+
+
+def _ints(data: bytes, pos: int, end: int) -> List[int]:
+    """The `repeated int dim = 1` of a DevMatrix / TensorMap, packed or not."""
+    values = []
+    while pos < end:
+        field, wire, pos = pw.read_key(data, pos, end)
+        if field == 1 and wire == pw.VARINT:  # int32 -1 is a 10-byte two's-complement varint
+            value, pos = pw.decode_varint(data, pos, end)
+            values.append(pw.signed64(value))
+        elif field == 1 and wire == pw.LEN:
+            start, pos = pw.read_len(data, pos, end)
+            while start < pos:
+                value, start = pw.decode_varint(data, start, pos)
+                values.append(pw.signed64(value))
+        else:
+            pos = pw.skip_field(data, wire, pos, end)
+    return values
