@@ -248,7 +248,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     check_output(src, dst, overwrite)
     workers = workers or default_workers()
     errors: List[LayerError] = []
-    with formats.open_reader(src, verify_crc=verify_crc) as reader, \
+    with formats.open_reader(src, verify_crc=verify_crc, defer_crc=True) as reader, \
             ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-rtn") as pool:
         plan = make_plan(reader, resolve_rules(rules, reader), fmt, crc=crc, scheme=scheme)
         total = reader.nbytes
@@ -273,6 +273,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
                     progress(step.source.nbytes, total)
 
             run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store)
+            reader.finish()  # a bad CRC discards the output before it is committed
             if progress is not None and plan.dropped:
                 progress(sum(t.nbytes for t in plan.dropped), total)
     return Result(plan, os.path.getsize(src), os.path.getsize(dst),

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ckpt_rtn import dtypes
+from ckpt_rtn.errors import ChecksumError
 from ckpt_rtn.formats import ckpt, open_reader, open_writer
 from ckpt_rtn.formats.tensor import TensorInfo
 from ckpt_rtn.numerics import bf16_to_float32
@@ -252,3 +253,23 @@ def test_unknown_dtype_passes_through_opaque(tmp_path: Path) -> None:
     with open_writer(out, [info], format="ckpt", metadata={}) as writer:
         writer.write(info.name, array)
     assert out.read_bytes() == path.read_bytes()
+
+
+def test_deferred_crc_is_checked_while_reading(tmp_path: Path, fixtures: Path) -> None:
+    """defer_crc: the CRC is accumulated as tensors are read in file order, including
+    the record headers and any tensor never read; finish() compares."""
+    with open_reader(fixtures / "small_crc.ckpt", defer_crc=True) as reader:
+        for info in reader.tensors[::2]:  # skip every other tensor
+            reader.read(info)
+        reader.finish()
+    damaged = tmp_path / "damaged.ckpt"
+    raw = bytearray((fixtures / "small_crc.ckpt").read_bytes())
+    raw[30] ^= 0x01  # inside a.fp16's data
+    damaged.write_bytes(bytes(raw))
+    with open_reader(damaged, defer_crc=True) as reader:  # no full pass on opening
+        for info in reversed(reader.tensors):  # out of order: finish() starts over
+            reader.read(info)
+        with pytest.raises(ChecksumError, match="CRC mismatch"):
+            reader.finish()
+    with pytest.raises(ChecksumError):
+        open_reader(damaged)

@@ -43,13 +43,14 @@ def detect_format(path: "os.PathLike[str] | str") -> str:
 
 
 def open_reader(path: "os.PathLike[str] | str", *, format: Optional[str] = None,
-                verify_crc: bool = True) -> TensorReader:
-    """Index a checkpoint file; `verify_crc` applies to `.ckpt` CRC trailers."""
+                verify_crc: bool = True, defer_crc: bool = False) -> TensorReader:
+    """Index a checkpoint file; `verify_crc` and `defer_crc` apply to `.ckpt` CRC trailers
+    (see CkptReader): a deferred check ends in `reader.finish()`."""
     if os.path.isdir(path):
         raise FormatError(path, "is a directory, not a checkpoint file")
     fmt = format or detect_format(path)
     if fmt == "ckpt":
-        return ckpt.CkptReader(path, verify_crc=verify_crc)
+        return ckpt.CkptReader(path, verify_crc=verify_crc, defer_crc=defer_crc)
     if fmt == "safetensors":
         return safetensors.SafetensorsReader(path)
     raise ValueError(f"unknown format {fmt!r}")

@@ -14,7 +14,9 @@ import mmap
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from .. import dtypes
 from ..errors import ChecksumError, EncryptedCheckpointError, FormatError, UnsupportedError
@@ -45,19 +47,56 @@ class CkptReader(TensorReader):
     """Index of a `.ckpt` file; `read(info)` loads one tensor.
 
     The CRC trailer, when present, is verified on opening unless
-    `verify_crc=False`: a bad checkpoint is refused before any work is done.
+    `verify_crc=False`. With `defer_crc=True` it is verified instead while
+    the tensors are read, in file order, and `finish()` checks the result:
+    a converter then reads the file once, not twice, and still refuses a bad
+    checkpoint before its output is committed.
     """
 
     format = "ckpt"
 
-    def __init__(self, path: "os.PathLike[str] | str", *, verify_crc: bool = True) -> None:
+    def __init__(self, path: "os.PathLike[str] | str", *, verify_crc: bool = True,
+                 defer_crc: bool = False) -> None:
         super().__init__(path)
         self.crc: Optional[int] = None
+        self._end = 0
+        #: Running CRC of the file's first `_crc_pos` bytes, while deferred.
+        self._crc_state: Optional[Tuple[int, int]] = None
         try:
-            self._index(verify_crc)
+            self._index(verify_crc and not defer_crc)
         except BaseException:
             self.close()
             raise
+        if verify_crc and defer_crc and self.crc is not None:
+            self._crc_state = (0, 0)
+
+    def _read_raw(self, info: TensorInfo) -> np.ndarray:
+        raw = super()._read_raw(info)
+        if self._crc_state is not None:
+            self._crc_state = self._crc_through(info, memoryview(raw))
+        return raw
+
+    def finish(self) -> None:
+        """Check a deferred CRC: the bytes not read yet are read now."""
+        if self._crc_state is None:
+            return
+        pos, crc = self._crc_state
+        self._crc_state = None
+        self._check_crc(self._crc_range(pos, self._end, crc))
+
+    def _crc_through(self, info: TensorInfo, data: memoryview) -> Tuple[int, int]:
+        """Extend the running CRC over a tensor just read (and the headers before it)."""
+        pos, crc = self._crc_state  # type: ignore[misc]
+        segments = self._segments[info.name]
+        if segments[0].offset < pos:  # read out of file order: start over at finish()
+            return 0, 0
+        done = 0
+        for seg in segments:
+            crc = self._crc_range(pos, seg.offset, crc)  # record headers
+            crc = zlib.crc32(data[done:done + seg.length], crc)
+            done += seg.length
+            pos = seg.offset + seg.length
+        return pos, crc
 
     def _index(self, verify_crc: bool) -> None:
         size = os.fstat(self._fd).st_size
@@ -77,8 +116,9 @@ class CkptReader(TensorReader):
                                   exc.offset) from None
         for group in groups:
             self._add(group)
+        self._end = end
         if verify_crc and self.crc is not None:
-            self._verify_crc(end)
+            self._check_crc(self._crc_range(0, end, 0))
 
     def _refuse_first_bytes(self, head: bytes) -> None:
         magic = int.from_bytes(head, "little") if len(head) == 4 else None
@@ -187,17 +227,19 @@ class CkptReader(TensorReader):
         self.tensors.append(TensorInfo(group.name, dtype, shape, total))
         self._segments[group.name] = group.segments
 
-    def _verify_crc(self, end: int) -> None:
-        buf = bytearray(min(_CRC_BLOCK, max(end, 1)))
+    def _crc_range(self, pos: int, end: int, crc: int) -> int:
+        """`crc` extended over the file's bytes [pos, end), read in blocks."""
+        buf = bytearray(min(_CRC_BLOCK, max(end - pos, 1)))
         view = memoryview(buf)
-        crc = 0
-        pos = 0
         while pos < end:
             got = os.preadv(self._fd, [view[:min(len(buf), end - pos)]], pos)
             if got == 0:
                 raise FormatError(self.path, "file shrank while its CRC was checked", pos)
             crc = zlib.crc32(view[:got], crc)
             pos += got
+        return crc
+
+    def _check_crc(self, crc: int) -> None:
         if crc != self.crc:
             raise ChecksumError(self.path, f"CRC mismatch: trailer says {self.crc:#010x}, content "
                                 f"gives {crc:#010x} (corrupt file; --no-verify-crc reads it anyway)")

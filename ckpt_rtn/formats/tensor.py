@@ -62,7 +62,7 @@ def as_array(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
 
 def read_segments(fd: int, path: str, info: TensorInfo,
                   segments: Sequence[Segment]) -> np.ndarray:
-    """Read a tensor's segments with pread into one fresh buffer.
+    """Read a tensor's segments with pread into one fresh uint8 buffer.
 
     pread leaves no file position behind (safe from several threads) and keeps
     resident memory to the buffer itself, where a memory map would count every
@@ -80,7 +80,7 @@ def read_segments(fd: int, path: str, info: TensorInfo,
                                   seg.offset + done)
             done += got
         pos += seg.length
-    return as_array(info, raw)
+    return raw
 
 
 class TensorReader:
@@ -104,7 +104,13 @@ class TensorReader:
 
     def read(self, info: TensorInfo) -> np.ndarray:
         """The tensor's data as a numpy array of its storage dtype and shape."""
+        return as_array(info, self._read_raw(info))
+
+    def _read_raw(self, info: TensorInfo) -> np.ndarray:
         return read_segments(self._fd, self.path, info, self._segments[info.name])
+
+    def finish(self) -> None:
+        """Checks that need the whole file read (a deferred CRC); none by default."""
 
     def close(self) -> None:
         if self._fd >= 0:
