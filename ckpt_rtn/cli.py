@@ -123,6 +123,8 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
       ckpt-rtn convert llama2_70b_tp8/ llama2_70b_w8a16/ --resume
     """
     rules = RuleChoice(config, tuple(include), tuple(blacklist), not no_default_blacklist)
+    if report_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
+        raise OutputError(report_path, "the report's directory does not exist")
     try:
         chosen = get_scheme(scheme, None if group_size is None else int(group_size))
     except ValueError as exc:
@@ -348,6 +350,8 @@ def _read_windows(config: "ModelConfig", text_path: str, seq_len: int,
             text = f.read()
     except OSError as exc:
         raise UnsupportedError(text_path, f"cannot read the text: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UnsupportedError(text_path, f"not UTF-8 text (byte {exc.start})") from None
     try:
         return windows(tokenize(config, text), seq_len, max_tokens)
     except ConfigError as exc:
@@ -391,7 +395,7 @@ def evaluate(model_yaml: str, ckpt: str, text_path: str, seq_len: int,
 @main.command()
 @_MODEL_OPTION
 @click.argument("checkpoints", nargs=-1, required=True,
-                type=click.Path(dir_okay=False, path_type=str))
+                type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--text", "texts", multiple=True, required=True,
               type=click.Path(dir_okay=False, path_type=str),
               help="A corpus to measure on (repeatable): one PPL column each.")
@@ -471,7 +475,7 @@ def generate(model_yaml: str, ckpt: str, tokenizer_path: Optional[str], prompt: 
     config = load_model_config(model_yaml)
     encode, decode = load_text_codec(config, tokenizer_path)
     net = build_llama(config, seq_length=seq_len)
-    load_checkpoint_into(net, config.family, ckpt, upcast=True)
+    load_checkpoint_into(net, ckpt, upcast=True)
     ids = encode(prompt)
     try:
         new = generate_greedy(net, ids, max_new_tokens, seq_len,

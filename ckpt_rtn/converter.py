@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from . import __version__, dtypes, formats
-from .errors import ConfigError, FormatError, OutputError, QuantizationError, UnsupportedError
+from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, QuantizationError,
+                     UnsupportedError)
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
 from .pipeline import run_pipeline
@@ -234,7 +235,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             workers: Optional[int] = None, stats: bool = False,
             scheme: Scheme = DEFAULT_SCHEME, row_absmax: Optional[Mapping[str, np.ndarray]] = None,
             progress: Optional[ProgressFn] = None) -> Result:
-    """Convert `src` to a W8A16 checkpoint at `dst`; returns what was done.
+    """Convert `src` to a quantized checkpoint at `dst`; returns what was done.
 
     Tensors stream through a read-ahead / quantize / write-behind pipeline;
     `workers` threads share each weight's rows (the output does not depend
@@ -272,7 +273,11 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
                 if progress is not None:
                     progress(step.source.nbytes, total)
 
-            run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store)
+            try:
+                run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store)
+            except CkptRtnError:
+                reader.finish()  # a CRC mismatch explains the failure better than its symptom
+                raise
             reader.finish()  # a bad CRC discards the output before it is committed
             if progress is not None and plan.dropped:
                 progress(sum(t.nbytes for t in plan.dropped), total)

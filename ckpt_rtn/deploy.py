@@ -200,14 +200,15 @@ class PtqLinear(_QuantLinear):
 
 
 def quantize_network(net: nn.Cell, config: str = "llama2",
-                     blacklist: Optional[Sequence[str]] = ("lm_head",),
+                     blacklist: Optional[Sequence[str]] = None,
                      fused: Optional[bool] = None,
                      layers: Optional[Iterable[str]] = None,
                      scheme: str = "w8a16", group_size: Optional[int] = None) -> List[str]:
     """Replace the selected Linear layers of `net` by quantized cells, in place.
 
     The layers are chosen by the same rules as `ckpt-rtn convert --config`;
-    `blacklist` replaces the family's blacklist (None keeps it). Like Golden
+    `blacklist` replaces the family's blacklist (None, the default, keeps it:
+    llama2's is lm_head). Like Golden
     Stick, only cells whose type is exactly MindFormers' Linear are matched.
     `layers` instead names the layers outright (see `checkpoint_scheme`).
     `scheme` and `group_size` are those given to `ckpt-rtn convert`.
@@ -292,7 +293,7 @@ def checkpoint_scheme(path: "os.PathLike[str] | str") -> Optional[CheckpointSche
     return None
 
 
-def load_checkpoint_into(net: nn.Cell, config: str, path: "os.PathLike[str] | str", *,
+def load_checkpoint_into(net: nn.Cell, path: "os.PathLike[str] | str", *,
                          upcast: bool = False) -> List[str]:
     """Load an FP or ckpt-rtn quantized checkpoint: quantize exactly the layers the
     checkpoint quantized, the way it did, then load it. Returns those layers."""
@@ -300,8 +301,7 @@ def load_checkpoint_into(net: nn.Cell, config: str, path: "os.PathLike[str] | st
     if found is None:
         _load_exactly(net, path, upcast)
         return []
-    quantize_network(net, config, layers=found.layers, scheme=found.scheme,
-                     group_size=found.group_size)
+    quantize_network(net, layers=found.layers, scheme=found.scheme, group_size=found.group_size)
     _load_exactly(net, path, upcast)
     return list(found.layers)
 

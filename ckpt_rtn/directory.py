@@ -108,6 +108,9 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
                                       verify_crc=verify_crc, workers=workers, stats=stats,
                                       scheme=scheme, row_absmax=absmax, progress=shard_progress)
         result.converted.append(converted)
+        plan = converted.plan  # the bar counts file bytes; convert reported tensor bytes
+        shard_progress(size - sum(s.source.nbytes for s in plan.steps)
+                       - sum(t.nbytes for t in plan.dropped), total)
         _record(dst, manifest, rel, out, [
             {"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "nbytes": t.nbytes}
             for t in converted.plan.outputs])

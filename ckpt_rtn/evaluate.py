@@ -65,8 +65,7 @@ class Evaluator:
                  seq_len: int) -> None:
         self.seq_len = seq_len
         self.net = build_llama(config, seq_length=seq_len)
-        self.quantized_layers = deploy.load_checkpoint_into(self.net, config.family, checkpoint,
-                                                            upcast=True)
+        self.quantized_layers = deploy.load_checkpoint_into(self.net, checkpoint, upcast=True)
 
     def logits(self, window: np.ndarray) -> np.ndarray:
         """[seq_len, vocab] float32 logits for one window of token ids."""

@@ -31,7 +31,7 @@ from .errors import CkptRtnError, FormatError, OutputError, UnsupportedError
 from .formats import open_writer
 from .formats.atomic import write_bytes_atomic
 from .formats.tensor import TensorInfo
-from .models import CHECKPOINT, MODEL_YAML, TOKENIZER, ModelConfig
+from .models import CHECKPOINT, MODEL_YAML, TOKENIZER, ModelConfig, check_architecture
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import gguf
@@ -315,6 +315,7 @@ def import_gguf(gguf_path: "os.PathLike[str] | str", out_dir: "os.PathLike[str] 
     _check_output(out, overwrite)
     model = GGUFFile(gguf_path)
     hparams = hyperparameters(model)
+    check_architecture(Path(gguf_path), hparams)  # before anything is written
     planned = plan(model, hparams, OUTPUT_DTYPES[dtype])
     tokenizer = build_tokenizer(tokenizer_spec(model))
     try:

@@ -21,6 +21,7 @@ import yaml
 
 from .errors import ConfigError
 from .formats.atomic import write_bytes_atomic
+from .rules import yaml_problem
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import tokenizers
@@ -79,7 +80,7 @@ class ModelConfig:
 
     def save(self, path: "os.PathLike[str] | str") -> None:
         """Write the YAML atomically, so a reader never sees half a config."""
-        _check_model(Path(path), self.model)
+        check_architecture(Path(path), self.model)
         write_bytes_atomic(path, self.to_yaml().encode("utf-8"))
 
 
@@ -91,7 +92,7 @@ def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(path, f"invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(path, f"invalid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(path, "expected a mapping with family, tokenizer and model")
     unknown = sorted(set(data) - {"family", "checkpoint", "tokenizer", "model"})
@@ -103,7 +104,7 @@ def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
     model = data.get("model")
     if not isinstance(model, dict):
         raise ConfigError(path, "model must be a mapping of LlamaConfig architecture keywords")
-    _check_model(path, model)
+    check_architecture(path, model)
     return ModelConfig(model=model, family=data.get("family", "llama2"),
                        checkpoint=data.get("checkpoint", CHECKPOINT),
                        tokenizer=data.get("tokenizer", TOKENIZER),
@@ -117,7 +118,7 @@ def _type_ok(value: object, types: Tuple[Type[Any], ...]) -> bool:
     return isinstance(value, types) or (float in types and isinstance(value, int))
 
 
-def _check_model(path: Optional[Path], model: Mapping[str, Any]) -> None:
+def check_architecture(path: Optional[Path], model: Mapping[str, Any]) -> None:
     """Catch typos and run-time keys early: LlamaConfig swallows unknown keywords."""
     missing = [k for k in REQUIRED_KEYS if k not in model]
     if missing:
@@ -152,7 +153,7 @@ def build_llama(config: ModelConfig, seq_length: int, compute_dtype: str = "floa
     if compute_dtype not in COMPUTE_DTYPES:
         raise ConfigError(None, f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
                           f"not {compute_dtype!r}")
-    _check_model(None, config.model)
+    check_architecture(None, config.model)
     import mindspore as ms
     from mindformers import LlamaConfig, LlamaForCausalLM
 

@@ -69,16 +69,3 @@ def to_storage(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     if fmt is FloatFormat.BFLOAT16:
         return float32_to_bf16(values.astype(np.float32))
     return values.astype(fmt.storage)
-
-
-def round_to_format_inplace(values: np.ndarray, fmt: FloatFormat) -> None:
-    """Round work-dtype values to the nearest value the format can hold, in place.
-
-    Dividing in float32 and rounding the quotient to fp16/bf16 gives the same
-    bits as dividing in fp16/bf16 (float32 has more than 2p+2 significand bits,
-    so double rounding is innocuous for division).
-    """
-    if fmt is FloatFormat.FLOAT16:
-        values[...] = values.astype(np.float16)
-    elif fmt is FloatFormat.BFLOAT16:
-        round_float32_to_bf16_inplace(values)

@@ -23,8 +23,8 @@ Speed: numpy's float16 arithmetic and casts are scalar loops, so the kernel
 never touches a float16 array. It widens fp16/bf16 bit patterns to float32
 with integer shifts, divides in float32, and rounds the quotient to the
 weight's precision with integer round-half-to-even on the bit pattern:
-the same bits as dividing in fp16/bf16, because float32 has more than 2p+2
-significand bits (double rounding is innocuous for division). Rows are
+the same bits as dividing in fp16/bf16, because float32 has at least 2p+2
+significand bits (24 >= 2*11+2: double rounding is innocuous for division). Rows are
 independent, so the work runs in cache-sized blocks of rows, on several
 threads when given a pool (numpy releases the GIL), with identical output.
 """
@@ -162,6 +162,8 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     if absmax is not None:
         if spec.group_size or absmax.shape != (rows,):
             raise ValueError(f"absmax must give one value per output channel ({rows})")
+        if not np.isfinite(absmax).all():
+            raise NonFiniteWeightError("weight contains inf or NaN values")
         scale[:] = _scale_from_absmax(absmax, fmt, spec)
     constant = _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
         weight, fmt, spec, span, block_rows, q, scale, None if absmax is None else scale,

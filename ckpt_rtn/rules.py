@@ -140,7 +140,7 @@ def load_rules(config: "str | os.PathLike[str] | None" = None) -> Rules:
     """Rules from a family name (`llama2`) or a path to a YAML file."""
     config = DEFAULT_FAMILY if config is None else os.fspath(config)
     path = Path(config)
-    if not (config.endswith((".yaml", ".yml")) or path.exists()):
+    if not (config.endswith((".yaml", ".yml")) or os.sep in config):  # a family name
         path = CONFIG_DIR / f"{config}.yaml"
         if not path.exists():
             raise ConfigError(None, f"unknown model family {config!r}; built-in: "
@@ -150,7 +150,7 @@ def load_rules(config: "str | os.PathLike[str] | None" = None) -> Rules:
     except OSError as exc:
         raise ConfigError(path, f"cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(path, f"invalid YAML: {_one_line(exc)}") from None
+        raise ConfigError(path, f"invalid YAML: {yaml_problem(exc)}") from None
     return _rules_from(path, data)
 
 
@@ -208,7 +208,7 @@ def _compile(pattern: str, where: str) -> "re.Pattern[str]":
         raise ConfigError(None, f"{where}: invalid regular expression {pattern!r}: {exc}") from None
 
 
-def _one_line(exc: "yaml.YAMLError") -> str:
+def yaml_problem(exc: "yaml.YAMLError") -> str:
     """PyYAML's multi-line message as 'problem at line L, column C'."""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     mark = getattr(exc, "problem_mark", None)

@@ -50,8 +50,11 @@ class Scheme:
         """Why a [out, in] weight cannot be quantized by this scheme, or None."""
         group = self.spec.group_size
         if group and (in_channels % group or in_channels == group):
-            return (f"{in_channels} input channels do not split into several groups of {group} "
-                    "(try --group-size 64, or blacklist this layer)")
+            other = [g for g in GROUP_SIZES if g != group and in_channels % g == 0
+                     and in_channels > g]
+            hint = f"try --group-size {other[0]}, or " if other else ""
+            return (f"{in_channels} input channels do not split into two or more groups of "
+                    f"{group} ({hint}blacklist this layer)")
         if self.packs_int4 and out_channels % 2:
             return f"{out_channels} output channels cannot be packed two int4 codes per byte"
         return None

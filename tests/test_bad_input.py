@@ -12,6 +12,8 @@ import re
 import shutil
 import stat
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
@@ -568,3 +570,43 @@ def test_non_finite_weight_is_refused(tmp_path: Path) -> None:
     assert_refused(run("convert", "--config", "llama2", src, dst), src, r"attention\.wq\.weight",
                    leaves=[dst],
                    directory=out_dir)
+
+
+def test_corrupt_input_is_reported_as_such_not_by_its_symptom(tmp_path: Path) -> None:
+    """A CRC'd checkpoint whose weight bytes were damaged into NaN: the deferred CRC check
+    names the real fault, not the NaN it caused."""
+    src = write_llama_ckpt(tmp_path / "crc.ckpt", crc=True)
+    raw = bytearray(src.read_bytes())
+    with formats.open_reader(src) as reader:
+        info = next(t for t in reader.tensors if t.name.endswith("attention.wq.weight"))
+        offset = reader._segments[info.name][0].offset  # noqa: SLF001
+    raw[offset:offset + 2] = np.float16(np.nan).tobytes()
+    src.write_bytes(bytes(raw))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = out_dir / "w8.ckpt"
+    assert_refused(run("convert", src, dst), src, r"CRC mismatch", leaves=[dst], directory=out_dir)
+
+
+def test_unwritable_report_is_refused_before_any_output(tmp_path: Path, llama_copy: Path) -> None:
+    dst = tmp_path / "w8.ckpt"
+    report = tmp_path / "missing" / "report.json"
+    assert_refused(run("convert", "--report", report, llama_copy, dst), report,
+                   r"report's directory does not exist", leaves=[dst], directory=tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_disk_full_is_one_error_line_and_no_file(tmp_path: Path, llama_copy: Path,
+                                                 suffix: str) -> None:
+    """A write that fails (here: the file size limit, as a full disk would) is reported,
+    and the temporary file is removed."""
+    dst = tmp_path / "out" / f"w8{suffix}"
+    dst.parent.mkdir()
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+              "from ckpt_rtn.cli import main; sys.argv[0] = 'ckpt-rtn'; main()")
+    result = subprocess.run([sys.executable, "-c", script, "convert", str(llama_copy), str(dst)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"error: {dst}: cannot write: File too large"]
+    assert not dst.exists() and temp_files(dst.parent) == []

@@ -189,7 +189,7 @@ def test_ptq_schemes_run_exactly_their_dequantized_weights(tmp_path: Path, schem
     assert result.exit_code == 0, result.stderr
     quantized = LlamaForCausalLM(LlamaConfig(**WIDE))
     quantized.set_train(False)
-    layers = deploy.load_checkpoint_into(quantized, "llama2", tmp_path / "q.ckpt")
+    layers = deploy.load_checkpoint_into(quantized, tmp_path / "q.ckpt")
     assert len(layers) == 14
     names = {p.name for p in quantized.get_parameters()}
     assert "model.layers.0.attention.wq._layer.matmul.weight_scale" in names

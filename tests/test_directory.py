@@ -263,3 +263,20 @@ def test_input_split_weights_get_the_whole_weights_scale(tmp_path: Path) -> None
     alone = read_all(tmp_path / "no_strategy" / "rank_1" / "net.ckpt")
     assert (alone["model.layers.0.attention.wo._weight_quantizer.scale"].tobytes()
             != ranks[1]["model.layers.0.attention.wo._weight_quantizer.scale"].tobytes())
+
+
+def test_non_finite_weight_in_an_input_split_slice_is_refused(tmp_path: Path) -> None:
+    full = {k: v.astype(np.float16) for k, v in llama_weights(layers=1).items()}
+    wo = "model.layers.0.attention.wo.weight"
+    src = tmp_path / "tp2"
+    for rank in (0, 1):
+        local = {k: np.array_split(v, 2, axis=1)[rank].copy() if k == wo else v
+                 for k, v in full.items()}
+        if rank == 1:
+            local[wo][3, 5] = np.nan
+        (src / f"rank_{rank}").mkdir(parents=True)
+        write_ckpt(src / f"rank_{rank}" / "net.ckpt", local)
+    strategy_file(src / "strategy.ckpt", {wo: [-1, 0]}, ranks=2)
+    result = cli("convert", src, tmp_path / "out")
+    assert result.exit_code == 2
+    assert "weight contains inf or NaN values" in result.stderr and wo in result.stderr

@@ -366,3 +366,12 @@ def test_a_weight_of_unknown_layout_is_refused(tmp_path: Path):
         with pytest.raises(QuantizationError, match="'backbone.extra.weight': the rules do not "
                                                     "say whether it is stored"):
             make_plan(reader, rules, "ckpt")
+
+
+def test_family_names_are_not_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A folder named like a family in the working directory changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama2").mkdir()
+    (tmp_path / "qwen").mkdir()
+    assert load_rules("llama2").family == "llama2"
+    assert detect_family(list(llama2_shapes())).family == "llama2"

@@ -46,3 +46,15 @@ def test_not_a_strategy(tmp_path: Path, fixtures: Path) -> None:
     broken.write_bytes(b"\x08\x00\x1a\x7f\x0a")
     with pytest.raises(FormatError, match="corrupt strategy file"):
         read_strategy(broken)
+
+
+def test_safetensors_and_odd_files_are_not_strategies(tmp_path: Path) -> None:
+    st = tmp_path / "model.safetensors"
+    st.write_bytes((264).to_bytes(8, "little") + b"{" + b" " * 263)  # starts with 0x08
+    assert not is_strategy_file(st)
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x08\xff\xff")  # 0x08, but no strategy inside
+    assert not is_strategy_file(binary)
+    bad_json = tmp_path / "s.json"
+    bad_json.write_text('{"parallel_layout_item": {"x": [1]}}')
+    assert not is_strategy_file(bad_json)

@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,7 +107,7 @@ def main() -> None:
     subprocess.run(f"cat {big} > /dev/null", shell=True, check=True)  # warm the page cache
     rows.append(row("cat in > out", size, measure(f"cat {big} > {out}")))
     remove(out)
-    for workers in (1, cores):
+    for workers in sorted({1, cores}):
         rows.append(row(f"ckpt-rtn --workers {workers}", size,
                         measure(f"{cli} --workers {workers} {big} {out}")))
         remove(out)

@@ -42,7 +42,10 @@ class AtomicFile:
     def discard(self) -> None:
         """Close and delete the temporary file; the final path is untouched."""
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()  # flushes what is buffered: may fail as the writes did
+            except OSError:
+                pass
             self.file = None
             try:
                 os.unlink(self.temp_path)

@@ -60,7 +60,7 @@ class CkptReader(TensorReader):
         super().__init__(path)
         self.crc: Optional[int] = None
         self._end = 0
-        #: Running CRC of the file's first `_crc_pos` bytes, while deferred.
+        #: (pos, crc): the running CRC of the file's first `pos` bytes, while deferred.
         self._crc_state: Optional[Tuple[int, int]] = None
         try:
             self._index(verify_crc and not defer_crc)

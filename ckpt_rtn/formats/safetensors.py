@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 from .. import dtypes
 from ..dtypes import DType
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, OutputError, UnsupportedError
 from .tensor import Segment, TensorInfo, TensorReader, TensorWriter
 
 #: The safetensors library refuses headers larger than this.
@@ -166,8 +166,12 @@ class SafetensorsWriter(TensorWriter):
         super().__init__(path, tensors)
         self._data_start = len(header)
         assert self._out.file is not None
-        self._out.file.write(header)
-        self._out.file.truncate(self._data_start + sum(t.nbytes for t in tensors))
+        try:
+            self._out.file.write(header)
+            self._out.file.truncate(self._data_start + sum(t.nbytes for t in tensors))
+        except OSError as exc:
+            self._out.discard()
+            raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
 
     def _store(self, info: TensorInfo, data: memoryview) -> None:
         assert self._out.file is not None

@@ -35,12 +35,29 @@ class Layout:
         return 0 <= axis < len(self.dev_matrix) and self.dev_matrix[axis] > 1
 
 
+#: Strategy files are small; a larger file is never parsed as one.
+_MAX_STRATEGY_SIZE = 64 * 1024 * 1024
+
+
 def is_strategy_file(path: "os.PathLike[str] | str") -> bool:
-    """A protobuf strategy starts with current_stage (field 1, varint); JSON has layout items."""
-    if os.fspath(path).endswith(".json"):
+    """Whether `path` is a readable MindSpore strategy file (protobuf or JSON).
+
+    A protobuf strategy starts with current_stage (field 1, varint: 0x08),
+    never with a `.ckpt` record's 0x0a; safetensors files are never strategies
+    (their length prefix can start with 0x08).
+    """
+    name = os.fspath(path)
+    if name.endswith(".safetensors") or not os.path.isfile(name) \
+            or os.path.getsize(name) > _MAX_STRATEGY_SIZE:
+        return False
+    if name.endswith(".json"):
         return _json_layouts(path) is not None
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x08"
+    with open(name, "rb") as f:
+        data = f.read()
+    try:
+        return data[:1] == b"\x08" and bool(_protobuf_layouts(data))
+    except (pw.WireError, UnicodeDecodeError):
+        return False
 
 
 def read_strategy(path: "os.PathLike[str] | str") -> Dict[str, Layout]:
@@ -56,19 +73,19 @@ def read_strategy(path: "os.PathLike[str] | str") -> Dict[str, Layout]:
         return _protobuf_layouts(data)
     except pw.WireError as exc:
         raise FormatError(path, f"corrupt strategy file: {exc}", exc.offset) from None
+    except UnicodeDecodeError:
+        raise FormatError(path, "corrupt strategy file: a parameter name is not UTF-8") from None
 
 
 def _json_layouts(path: "os.PathLike[str] | str") -> Optional[Dict[str, Layout]]:
     try:
         with open(path) as f:
             items = json.load(f).get("parallel_layout_item")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(items, dict):
-        return None
-    return {name: Layout(tuple(item.get("dev_matrix", ())),
-                         tuple(_axis(d) for d in item.get("tensor_map", ())))
-            for name, item in items.items()}
+        return {name: Layout(tuple(int(d) for d in item.get("dev_matrix", ())),
+                             tuple(_axis(d) for d in item.get("tensor_map", ())))
+                for name, item in items.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None  # not JSON, or not shaped like a strategy
 
 
 def _axis(entry: object) -> int:

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..dtypes import DType, STRING
-from ..errors import FormatError
+from ..errors import FormatError, OutputError
 from .atomic import AtomicFile
 
 
@@ -162,7 +162,10 @@ class TensorWriter:
         info = self._planned.pop(name, None)
         if info is None:
             raise ValueError(f"tensor {name!r} is not planned or was already written")
-        self._store(info, raw_bytes(info, array))
+        try:
+            self._store(info, raw_bytes(info, array))
+        except OSError as exc:
+            raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
 
     def _store(self, info: TensorInfo, data: memoryview) -> None:
         raise NotImplementedError
@@ -181,5 +184,9 @@ class TensorWriter:
             self._out.discard()
             raise ValueError(f"{len(self._planned)} planned tensors were never written, "
                              f"e.g. {next(iter(self._planned))!r}")
-        self._finish()
-        self._out.commit()
+        try:
+            self._finish()
+            self._out.commit()
+        except OSError as exc:
+            self._out.discard()
+            raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
