@@ -183,14 +183,9 @@ class CkptReader(TensorReader):
         content: Optional[Segment] = None
         while pos < end:
             fnum, wire, pos = pw.read_key(mm, pos, end)
-            if fnum == 1 and wire == pw.VARINT:
-                value, pos = pw.decode_varint(mm, pos, end)
-                dims.append(pw.signed64(value))
-            elif fnum == 1 and wire == pw.LEN:
-                start, pos = pw.read_len(mm, pos, end)
-                while start < pos:
-                    value, start = pw.decode_varint(mm, start, pos)
-                    dims.append(pw.signed64(value))
+            if fnum == 1 and wire in (pw.VARINT, pw.LEN):
+                values, pos = pw.read_ints(mm, wire, pos, end)
+                dims.extend(values)
             elif fnum in (2, 3) and wire == pw.LEN:
                 start, pos = pw.read_len(mm, pos, end)
                 if fnum == 2:

@@ -6,7 +6,7 @@ helpers let the reader walk field headers and skip payloads by length.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 VARINT = 0
 I64 = 1
@@ -76,6 +76,22 @@ def read_len(buf: "bytes | memoryview", pos: int, end: int) -> Tuple[int, int]:
         raise WireError(f"field of {length} bytes runs past the end of its message "
                         f"({end - start} bytes left)", pos)
     return start, start + length
+
+
+def read_ints(buf: "bytes | memoryview", wire: int, pos: int, end: int) -> Tuple[List[int], int]:
+    """The values of a repeated int field after its key: one varint, or a packed run.
+
+    Negative int32/int64 values are 10-byte two's-complement varints.
+    """
+    if wire == VARINT:
+        value, pos = decode_varint(buf, pos, end)
+        return [signed64(value)], pos
+    start, pos = read_len(buf, pos, end)
+    values = []
+    while start < pos:
+        value, start = decode_varint(buf, start, pos)
+        values.append(signed64(value))
+    return values, pos
 
 
 def skip_field(buf: "bytes | memoryview", wire: int, pos: int, end: int) -> int:

@@ -127,14 +127,9 @@ def _ints(data: bytes, pos: int, end: int) -> List[int]:
     values = []
     while pos < end:
         field, wire, pos = pw.read_key(data, pos, end)
-        if field == 1 and wire == pw.VARINT:  # int32 -1 is a 10-byte two's-complement varint
-            value, pos = pw.decode_varint(data, pos, end)
-            values.append(pw.signed64(value))
-        elif field == 1 and wire == pw.LEN:
-            start, pos = pw.read_len(data, pos, end)
-            while start < pos:
-                value, start = pw.decode_varint(data, start, pos)
-                values.append(pw.signed64(value))
+        if field == 1 and wire in (pw.VARINT, pw.LEN):
+            found, pos = pw.read_ints(data, wire, pos, end)
+            values.extend(found)
         else:
             pos = pw.skip_field(data, wire, pos, end)
     return values
