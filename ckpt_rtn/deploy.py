@@ -336,15 +336,16 @@ def _load_exactly(net: nn.Cell, path: "os.PathLike[str] | str", upcast: bool) ->
         raise DeployError(path, "does not match the network: " + "; ".join(problems))
     ms.load_param_into_net(net, params, strict_load=True)
     for _, cell in net.cells_and_names():
-        if isinstance(cell, PtqMatmul) and cell.int4 and not cell.fused:
-            _dequantize_int4_into(cell, net)
+        if isinstance(cell, PtqLinear) and cell._layer.matmul.int4 \
+                and not cell._layer.matmul.fused:  # noqa: SLF001
+            _dequantize_int4_into(cell)
 
 
-def _dequantize_int4_into(matmul: "PtqMatmul", net: nn.Cell) -> None:
-    """Unpack the loaded qint4x2 codes of `matmul`'s Linear and dequantize them, once."""
-    layer = next(cell for _, cell in net.cells_and_names()
-                 if isinstance(cell, PtqLinear) and cell._layer.matmul is matmul)  # noqa: SLF001
-    codes = unpack_int4(layer._layer.weight.asnumpy().view(np.int8)).T  # [out, in]  # noqa: SLF001
+def _dequantize_int4_into(layer: PtqLinear) -> None:
+    """Unpack a W4 cell's loaded qint4x2 codes and dequantize them, once."""
+    linear = layer._layer  # noqa: SLF001
+    matmul = linear.matmul
+    codes = unpack_int4(linear.weight.asnumpy().view(np.int8)).T  # [out, in]
     scale = matmul.weight_scale.asnumpy().astype(np.float32).T  # [out, in / group]
     zp = matmul.weight_zp.asnumpy().astype(np.float32).T
     group = matmul.group_size
