@@ -1,7 +1,9 @@
 """Shared test fixtures: MindSpore-written reference files and Llama-shaped checkpoints."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
@@ -12,7 +14,9 @@ import pytest
 # Keep MindSpore's C++ log quiet in test output (read when mindspore is imported), and
 # MindFormers' ./output/log out of the checkout.
 os.environ.setdefault("GLOG_v", "3")
-os.environ.setdefault("LOCAL_DEFAULT_PATH", tempfile.mkdtemp(prefix="ckpt-rtn-tests-mindformers-"))
+if "LOCAL_DEFAULT_PATH" not in os.environ:
+    os.environ["LOCAL_DEFAULT_PATH"] = tempfile.mkdtemp(prefix="ckpt-rtn-tests-mindformers-")
+    atexit.register(shutil.rmtree, os.environ["LOCAL_DEFAULT_PATH"], ignore_errors=True)
 
 #: Files written by real MindSpore 2.10 (shared/ sits beside the checkout).
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mindspore-2.10"
