@@ -70,6 +70,10 @@ def main() -> None:
                    "packed qint4x2, PTQ names.")
 @click.option("--group-size", type=click.Choice(["64", "128"]), default=None,
               help="Input channels per scale for --scheme w4a16 (default 128).")
+@click.option("--asymmetric", is_flag=True,
+              help="w8a16-ptq/w4a16: give each channel (or group) a zero point, so its codes "
+                   "span its own [min, max] (Golden Stick PTQ's weight_symmetric=False). "
+                   "Lower error at the same size; the deploy cells are the same.")
 @click.option("--include", multiple=True, metavar="REGEX",
               help="Quantize 2-D float '*.weight' tensors whose name matches REGEX, instead of "
                    "the family's Linear patterns. Repeatable.")
@@ -99,7 +103,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_reported
 def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: Optional[str],
-            include: Sequence[str], blacklist: Sequence[str],
+            asymmetric: bool, include: Sequence[str], blacklist: Sequence[str],
             no_default_blacklist: bool, out_format: Optional[str], crc: bool,
             no_verify_crc: bool, overwrite: bool, resume: bool, workers: Optional[int],
             report_path: Optional[str], dry_run: bool, quiet: bool) -> None:
@@ -126,7 +130,8 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
     if report_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
         raise OutputError(report_path, "the report's directory does not exist")
     try:
-        chosen = get_scheme(scheme, None if group_size is None else int(group_size))
+        chosen = get_scheme(scheme, None if group_size is None else int(group_size),
+                            symmetric=not asymmetric)
     except ValueError as exc:
         raise UnsupportedError(None, str(exc)) from None
     if os.path.isdir(src):
@@ -226,7 +231,7 @@ def _print_summary(dst: str, result: converter.Result) -> None:
     plan = result.plan
     ratio = result.output_size / result.input_size
     speed = result.input_size / result.seconds / 1e9 if result.seconds else float("inf")
-    click.echo(f"{dst}: {plan.rules.family} {plan.scheme.name}: quantized "
+    click.echo(f"{dst}: {plan.rules.family} {plan.scheme.label}: quantized "
                f"{len(plan.quantized)} tensors, copied "
                f"{len(plan.steps) - len(plan.quantized)}; {human_bytes(result.input_size)} -> "
                f"{human_bytes(result.output_size)} ({ratio:.1%}) in {result.seconds:.1f} s "
@@ -259,7 +264,7 @@ def _print_dry_run(plan: converter.Plan, input_size: int) -> None:
     rules = plan.rules
     size = plan.output_size
     click.echo(f"{len(plan.quantized)} of {len(plan.steps) + len(plan.dropped)} tensors would be "
-               f"quantized ({rules.family} rules, {plan.scheme.name}, blacklist: "
+               f"quantized ({rules.family} rules, {plan.scheme.label}, blacklist: "
                f"{', '.join(rules.blacklist) or '-'}); "
                f"output {plan.out_format}: {size} bytes ({human_bytes(size)}, "
                f"{size / input_size:.1%} of the input)")

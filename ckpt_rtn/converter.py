@@ -25,7 +25,7 @@ from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, Quanti
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
 from .pipeline import run_pipeline
-from .rtn import NonFiniteWeightError
+from .rtn import NonFiniteWeightError, RowBounds
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
 from .schemes import Quantized, Scheme, get_scheme
 
@@ -112,7 +112,8 @@ class Result:
         plan = self.plan
         return {
             "tool": "ckpt-rtn", "version": __version__, "scheme": plan.scheme.name,
-            "group_size": plan.scheme.spec.group_size or None, "family": plan.rules.family,
+            "group_size": plan.scheme.spec.group_size or None,
+            "symmetric": plan.scheme.spec.symmetric, "family": plan.rules.family,
             "format": plan.out_format, "workers": self.workers,
             "input_bytes": self.input_size, "output_bytes": self.output_size,
             "ratio": self.output_size / self.input_size if self.input_size else None,
@@ -233,15 +234,15 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             rules: "Rules | RuleChoice", *, out_format: Optional[str] = None,
             overwrite: bool = False, crc: bool = False, verify_crc: bool = True,
             workers: Optional[int] = None, stats: bool = False,
-            scheme: Scheme = DEFAULT_SCHEME, row_absmax: Optional[Mapping[str, np.ndarray]] = None,
+            scheme: Scheme = DEFAULT_SCHEME, row_bounds: Optional[Mapping[str, RowBounds]] = None,
             progress: Optional[ProgressFn] = None) -> Result:
     """Convert `src` to a quantized checkpoint at `dst`; returns what was done.
 
     Tensors stream through a read-ahead / quantize / write-behind pipeline;
     `workers` threads share each weight's rows (the output does not depend
     on their number). `stats` measures each layer's dequantization error.
-    `row_absmax` gives, by tensor name, the per-output-channel max |w| of the
-    whole weight a tensor is an input-channel slice of (sharded checkpoints).
+    `row_bounds` gives, by tensor name, the per-output-channel (min, max) of
+    the whole weight a tensor is an input-channel slice of (sharded checkpoints).
     `progress` is called after each tensor with its input bytes and the total.
     """
     started = time.perf_counter()
@@ -258,7 +259,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             if not step.quantized:
                 return (data,)
             result = _quantize(reader.path, step, data, scheme, pool if workers > 1 else None,
-                               stats, (row_absmax or {}).get(step.source.name))
+                               stats, (row_bounds or {}).get(step.source.name))
             if result.stats is not None:
                 errors.append(LayerError(step.layer or "", step.source.shape,
                                          step.source.dtype.name, result.stats.max_abs,
@@ -297,14 +298,14 @@ def out_in_view(data: np.ndarray, selection: Selection) -> np.ndarray:
 
 def _quantize(path: str, step: Step, data: np.ndarray, scheme: Scheme,
               pool: Optional[ThreadPoolExecutor], stats: bool,
-              absmax: Optional[np.ndarray]) -> Quantized:
+              bounds: Optional[RowBounds]) -> Quantized:
     """The scheme's arrays for a selected weight, given in its stored layout."""
     assert step.selection is not None
     in_out = step.selection.layout == IN_OUT
     weight = np.ascontiguousarray(out_in_view(data, step.selection))
     try:
         result = scheme.quantize(weight, float_format(step.source.dtype), pool=pool,
-                                 stats=stats, absmax=absmax)
+                                 stats=stats, bounds=bounds)
     except NonFiniteWeightError as exc:
         raise QuantizationError(path, f"tensor {step.source.name!r}: {exc}") from None
     if in_out and not scheme.packs_int4:

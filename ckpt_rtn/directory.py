@@ -36,7 +36,7 @@ from .errors import ConfigError, FormatError, OutputError, UnsupportedError
 from .formats import format_from_suffix, open_reader
 from .formats.atomic import TEMP_PATTERN, copy_atomic, write_bytes_atomic
 from .formats.strategy import Layout, is_strategy_file, read_strategy
-from .rtn import row_absmax
+from .rtn import RowBounds, row_bounds
 from .rules import OUT_IN, RuleChoice, Rules
 from .schemes import Scheme
 
@@ -93,9 +93,9 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
             progress(advance, total)
 
     pending = [rel for rel in layout.shards if not _is_done(manifest, rel, os.path.join(dst, rel))]
-    absmax = (_absmax_over_ranks(src, layout.shards, strategies, rules, scheme)
+    bounds = (_bounds_over_ranks(src, layout.shards, strategies, rules, scheme)
               if pending and strategies else {})
-    result.global_scales = sorted(absmax)
+    result.global_scales = sorted(bounds)
     for rel in layout.shards:
         out = os.path.join(dst, rel)
         size = os.path.getsize(os.path.join(src, rel))
@@ -106,7 +106,7 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
         os.makedirs(os.path.dirname(out), exist_ok=True)
         converted = converter.convert(os.path.join(src, rel), out, rules, overwrite=True, crc=crc,
                                       verify_crc=verify_crc, workers=workers, stats=stats,
-                                      scheme=scheme, row_absmax=absmax, progress=shard_progress)
+                                      scheme=scheme, row_bounds=bounds, progress=shard_progress)
         result.converted.append(converted)
         plan = converted.plan  # the bar counts file bytes; convert reported tensor bytes
         shard_progress(size - sum(s.source.nbytes for s in plan.steps)
@@ -132,13 +132,13 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
     return result
 
 
-def _absmax_over_ranks(src: str, shards: List[str], strategies: List[str], rules: Rules,
-                       scheme: Scheme) -> Dict[str, np.ndarray]:
-    """Per-output-channel max |w| over all ranks, for weights split along input channels."""
+def _bounds_over_ranks(src: str, shards: List[str], strategies: List[str], rules: Rules,
+                       scheme: Scheme) -> Dict[str, RowBounds]:
+    """Per-output-channel (min, max) over all ranks, for weights split along input channels."""
     layouts: Dict[str, Layout] = {}
     for rel in strategies:
         layouts.update(read_strategy(os.path.join(src, rel)))
-    absmax: Dict[str, np.ndarray] = {}
+    bounds: Dict[str, RowBounds] = {}
     for rel in shards:
         with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
             for info in reader.tensors:
@@ -155,10 +155,12 @@ def _absmax_over_ranks(src: str, shards: List[str], strategies: List[str], rules
                 if scheme.spec.group_size:
                     continue  # groups of input channels stay within a slice (checked per shard)
                 weight = converter.out_in_view(reader.read(info), selection)
-                local = row_absmax(weight, converter.float_format(info.dtype))
-                absmax[info.name] = np.maximum(absmax[info.name], local) \
-                    if info.name in absmax else local
-    return absmax
+                low, high = row_bounds(weight, converter.float_format(info.dtype))
+                if info.name in bounds:
+                    low = np.minimum(bounds[info.name][0], low)
+                    high = np.maximum(bounds[info.name][1], high)
+                bounds[info.name] = (low, high)
+    return bounds
 
 
 def _check_directories(src: str, dst: str, overwrite: bool, resume: bool) -> None:
@@ -205,7 +207,8 @@ def _is_index(path: str) -> bool:
 
 
 def _settings(rules: Rules, scheme: Scheme, crc: bool) -> Dict[str, object]:
-    return {"scheme": scheme.name, "group_size": scheme.spec.group_size, "family": rules.family,
+    return {"scheme": scheme.name, "group_size": scheme.spec.group_size,
+            "symmetric": scheme.spec.symmetric, "family": rules.family,
             "linear_weights": [[p.regex.pattern, p.layout] for p in rules.linear_weights],
             "blacklist": list(rules.blacklist), "crc": crc}
 

@@ -13,6 +13,20 @@ follow its code: if *every* row is constant (max == min) the scale is 1 for
 all rows; a row whose scale is 0 (an all-zero row, or one so small its scale
 underflows) gets q = 0, so it dequantizes to exactly 0 instead of NaN codes.
 
+Golden Stick's PTQ framework (v1.0+) can also quantize asymmetrically
+(`weight_symmetric=False`, which its AWQ W4 recipe sets), with the same
+cal_quantization_params it uses for the symmetric case:
+
+    scale[o]  = (max_i W[o, i] - min_i W[o, i]) / (qmax - qmin)     (float64)
+    zp[o]     = round_half_even(qmin - min_i W[o, i] / scale[o])   (float64)
+    q[o, i]   = clamp(round_half_even(fp16(fp16(W[o, i] / scale16[o]) + zp16[o])), qmin, qmax)
+    zp_neg[o] = -zp16[o]
+
+so that (q + zp_neg) * scale spans the row's own [min, max] with all 2^bits
+codes. Rows whose range is too small for a scale in the weight's format (a
+constant row, say: Golden Stick divides by zero there) and rows whose zero
+point overflows the format are quantized symmetrically instead.
+
 Float16 weights reproduce Golden Stick bit for bit. For bfloat16, float32
 and float64 weights the scale is stored in the weight's own dtype (what
 Golden Stick does for a bf16 network, whose compute dtype is bf16), and is
@@ -42,17 +56,27 @@ from .numerics import FloatFormat, to_storage, to_work
 
 @dataclass(frozen=True)
 class RtnSpec:
-    """Integer width and grouping of one RTN variant.
+    """Integer width, grouping and symmetry of one RTN variant.
 
     `group_size` 0 means one scale per output channel; otherwise one per
     `group_size` consecutive input channels of a row (Golden Stick PTQ's
     per-group mode). `float64_scale` computes the scale in float64, as the
     PTQ framework (v1.0+) does, instead of the legacy class's float32.
+    `symmetric` False gives each row a zero point too; only the PTQ
+    framework's arithmetic exists for that (the legacy class's asymmetric
+    path is broken: it clamps to the unsigned range), so it needs
+    `float64_scale`.
     """
 
     bits: int = 8
     group_size: int = 0
     float64_scale: bool = False
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.symmetric and not self.float64_scale:
+            raise ValueError("asymmetric RTN follows Golden Stick's PTQ framework: "
+                             "it needs float64_scale")
 
     @property
     def qmin(self) -> int:
@@ -71,8 +95,9 @@ class RtnSpec:
 
 #: Golden Stick v0.5.0 RoundToNearest defaults: int8, per channel, float32 scale.
 W8 = RtnSpec()
-#: Rows per block: 128 rows of an 8192-wide float32 buffer is 4 MiB.
-BLOCK_ROWS = 128
+#: Elements per block of rows: a 4 MiB float32 buffer (128 rows of an 8192-wide
+#: weight, 16384 groups of 64), small enough for a core's cache share.
+BLOCK_ELEMENTS = 1 << 20
 #: Row spans a weight is cut into for a thread pool (several per core).
 _POOL_SPANS = 16
 #: fp16 bits shifted into a float32's place are off by 2^112 in exponent.
@@ -132,17 +157,22 @@ class NonFiniteWeightError(ValueError):
     """The weight holds inf or NaN: no finite scale exists."""
 
 
+RowBounds = Tuple[np.ndarray, np.ndarray]
+"""(min, max) of each row of a weight, in the work dtype."""
+
+
 def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
                  pool: Optional[Executor] = None, stats: bool = False,
-                 absmax: Optional[np.ndarray] = None,
-                 block_rows: int = BLOCK_ROWS) -> RtnWeights:
+                 bounds: Optional[RowBounds] = None,
+                 block_rows: Optional[int] = None) -> RtnWeights:
     """Quantize a 2-D [out, in] weight of raw `fmt` values per output channel (or group).
 
     With a thread `pool`, row spans are quantized concurrently; the result
-    does not depend on the pool. `stats` also measures the error. `absmax`
-    gives each output channel's max |w| instead of this weight's own: for a
-    slice of a weight split along its input channels, the whole weight's
-    (see `row_absmax`), so every slice gets the scale the whole would.
+    does not depend on the pool. `stats` also measures the error. `bounds`
+    gives each output channel's (min, max) instead of this weight's own: for
+    a slice of a weight split along its input channels, the whole weight's
+    (see `row_bounds`), so every slice gets the scale the whole would.
+    `block_rows` overrides the rows quantized at a time (BLOCK_ELEMENTS' worth).
     """
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {weight.shape}")
@@ -156,29 +186,56 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
         # Each group of consecutive input channels becomes a row of its own.
         weight = np.ascontiguousarray(weight).reshape(-1, spec.group_size)
     rows, cols = weight.shape
+    block_rows = block_rows or _block_rows(cols)
     q = np.empty(weight.shape, dtype=np.int8)
-    scale = np.empty(rows, dtype=fmt.work)
+    params = _Params(np.empty(rows, dtype=fmt.work), np.zeros(rows, dtype=fmt.work))
     errors = _RowErrors(rows) if stats else None
-    if absmax is not None:
-        if spec.group_size or absmax.shape != (rows,):
-            raise ValueError(f"absmax must give one value per output channel ({rows})")
-        if not np.isfinite(absmax).all():
+    if bounds is not None:
+        low, high = bounds
+        if spec.group_size or low.shape != (rows,) or high.shape != (rows,):
+            raise ValueError(f"bounds must give one (min, max) per output channel ({rows})")
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
             raise NonFiniteWeightError("weight contains inf or NaN values")
-        scale[:] = _scale_from_absmax(absmax, fmt, spec)
+        params.fill(slice(None), low, high, fmt, spec)
     constant = _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
-        weight, fmt, spec, span, block_rows, q, scale, None if absmax is None else scale,
-        errors))
-    if absmax is None and rows and cols and sum(constant) == rows:
-        # Golden Stick: when max == min in every channel, scale = 1 everywhere.
-        scale[:] = 1
+        weight, fmt, spec, span, block_rows, q, params, bounds is not None, errors))
+    if bounds is None and rows and cols and sum(constant) == rows:
+        # Golden Stick: when max == min in every channel, scale = 1 (and zp = 0) everywhere.
+        params.scale[:], params.zp[:] = 1, 0
         _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
-            weight, fmt, spec, span, block_rows, q, scale, scale, errors))
-    stored = to_storage(scale, fmt)
+            weight, fmt, spec, span, block_rows, q, params, True, errors))
+    # 0 - zp, not -zp: a symmetric zero point is stored as +0.0, as the legacy class does.
+    scale, zp_neg = to_storage(params.scale, fmt), to_storage(np.subtract(0, params.zp), fmt)
     if spec.group_size:
-        stored = stored.reshape(out_channels, -1)
-    return RtnWeights(q=q.reshape(out_channels, in_channels), scale=stored,
-                      zp_neg=np.zeros_like(stored),
+        scale, zp_neg = scale.reshape(out_channels, -1), zp_neg.reshape(out_channels, -1)
+    return RtnWeights(q=q.reshape(out_channels, in_channels), scale=scale, zp_neg=zp_neg,
                       stats=errors.summary(q.size) if errors is not None else None)
+
+
+@dataclass(frozen=True)
+class _Params:
+    """Per-row scale and zero point, already rounded to the weight's format, in the
+    work dtype (zp stays 0 for symmetric RTN)."""
+
+    scale: np.ndarray
+    zp: np.ndarray
+
+    def fill(self, rows: slice, low: np.ndarray, high: np.ndarray, fmt: FloatFormat,
+             spec: RtnSpec) -> None:
+        absmax = np.maximum(np.abs(low), np.abs(high))
+        if spec.symmetric:
+            self.scale[rows] = _symmetric_scale(absmax, fmt, spec)
+            return
+        low64 = low.astype(np.float64)
+        exact = (high.astype(np.float64) - low64) / (spec.qmax - spec.qmin)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zp = to_work(to_storage(np.rint(spec.qmin - low64 / exact), fmt), fmt)
+        scale = to_work(to_storage(exact, fmt), fmt)
+        symmetric = (scale == 0) | ~np.isfinite(zp)
+        if symmetric.any():
+            scale[symmetric] = _symmetric_scale(absmax[symmetric], fmt, spec)
+            zp[symmetric] = 0
+        self.scale[rows], self.zp[rows] = scale, zp
 
 
 def _spans(rows: int, block_rows: int, pool: Optional[Executor]) -> List[Tuple[int, int]]:
@@ -195,13 +252,13 @@ def _run(pool: Optional[Executor], spans: List[Tuple[int, int]], fn) -> List[int
 
 
 def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec, span: Tuple[int, int],
-                   block_rows: int,
-                   q: np.ndarray, scale: np.ndarray, fixed: Optional[np.ndarray],
+                   block_rows: int, q: np.ndarray, params: _Params, fixed: bool,
                    errors: Optional[_RowErrors]) -> int:
-    """Quantize rows [start, stop) into q and scale; returns how many rows are constant.
+    """Quantize rows [start, stop) into q and params; returns how many rows are constant.
 
-    With `fixed`, those scales are used instead of each row's own; with
-    `errors`, the rows' error sums are recorded there.
+    With `fixed`, the scales and zero points already in `params` are used
+    instead of each row's own; with `errors`, the rows' error sums are
+    recorded there.
     """
     start, stop = span
     cols = weight.shape[1]
@@ -209,45 +266,51 @@ def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec, span: Tu
     bits = work.view(np.uint32) if fmt.work.itemsize == 4 else None
     spare = np.empty_like(bits) if bits is not None else None
     exact = np.empty_like(work) if errors is not None else None
+    mantissa_bits = {FloatFormat.FLOAT16: 10, FloatFormat.BFLOAT16: 7}.get(fmt)
     constant = 0
     for first in range(start, stop, block_rows):
         last = min(first + block_rows, stop)
+        rows = slice(first, last)
         block = work[:last - first]
-        _load(weight[first:last], fmt, block)
-        if fixed is None:
+        _load(weight[rows], fmt, block)
+        if not fixed:
             high, low = block.max(axis=1), block.min(axis=1)
             limit = _FP16_LIMIT if fmt is FloatFormat.FLOAT16 else np.inf
             if not (np.all(np.abs(high) < limit) and np.all(np.abs(low) < limit)):
                 raise NonFiniteWeightError("weight contains inf or NaN values")
             constant += int(np.count_nonzero(high == low))
-            scale[first:last] = _scale_from_absmax(np.maximum(np.abs(high), np.abs(low)), fmt,
-                                                   spec)
-        row_scale = scale[first:last]
+            params.fill(rows, low, high, fmt, spec)
+        row_scale, row_zp = params.scale[rows], params.zp[rows, None]
         divisor = np.where(row_scale == 0, np.inf, row_scale)  # w / inf = 0: zero scale, q = 0
         np.divide(block, divisor[:, None], out=block)
         if exact is not None:
             np.copyto(exact[:last - first], block)
-        if bits is not None and fmt is not FloatFormat.FLOAT32:
-            _round_bits(bits[:last - first], spare[:last - first],
-                        10 if fmt is FloatFormat.FLOAT16 else 7)
+        if mantissa_bits is not None:
+            _round_bits(bits[:last - first], spare[:last - first], mantissa_bits)
+        if not spec.symmetric:  # the zero point is added in the weight's format too
+            np.add(block, row_zp, out=block)
+            if mantissa_bits is not None:
+                _round_bits(bits[:last - first], spare[:last - first], mantissa_bits)
         np.rint(block, out=block)
         np.minimum(block, spec.qmax, out=block)
         np.maximum(block, spec.qmin, out=block)
-        np.copyto(q[first:last], block, casting="unsafe")
+        np.copyto(q[rows], block, casting="unsafe")
         if errors is not None:
-            _record_errors(errors, slice(first, last), block, exact[:last - first], row_scale)
+            _record_errors(errors, rows, block, row_zp, exact[:last - first], row_scale)
     return constant
 
 
-def _record_errors(errors: _RowErrors, rows: slice, q: np.ndarray, exact: np.ndarray,
-                   row_scale: np.ndarray) -> None:
-    """Error sums of rows whose codes are `q` and exact quotients `exact` (w / scale).
+def _record_errors(errors: _RowErrors, rows: slice, q: np.ndarray, zp: np.ndarray,
+                   exact: np.ndarray, row_scale: np.ndarray) -> None:
+    """Error sums of rows whose codes are `q` (zero points `zp`) and exact quotients
+    `exact` (w / scale).
 
-    |q*s - w| = s * |q - w/s|: measured on the quotients, scaled per row.
+    |(q - zp)*s - w| = s * |q - zp - w/s|: measured on the quotients, scaled per row.
     """
     s = np.abs(row_scale.astype(np.float64))
     errors.weight_sq[rows] = np.einsum("ij,ij->i", exact, exact) * s * s
-    np.subtract(q, exact, out=exact)
+    np.subtract(exact, q, out=exact)
+    np.add(exact, zp, out=exact)  # the error's negative: same squares and magnitudes
     errors.sum_sq[rows] = np.einsum("ij,ij->i", exact, exact) * s * s
     np.abs(exact, out=exact)
     errors.max_abs[rows] = exact.max(axis=1) * s
@@ -278,7 +341,9 @@ def _round_bits(bits: np.ndarray, spare: np.ndarray, mantissa_bits: int) -> None
     Quotients below the narrow format's normal range round on a finer grid
     than it would, but all of them are far below 0.5, so rint gives 0 either
     way; quotients above its range stay finite instead of becoming inf and
-    are clamped all the same.
+    are clamped all the same. Sums with a zero point are exact in float32
+    before this rounding (24 >= 2p + 2 bits again), so they round as if
+    added in the narrow format.
     """
     drop = 23 - mantissa_bits
     np.right_shift(bits, drop, out=spare)
@@ -288,17 +353,25 @@ def _round_bits(bits: np.ndarray, spare: np.ndarray, mantissa_bits: int) -> None
     np.bitwise_and(bits, np.uint32((0xFFFFFFFF >> drop) << drop), out=bits)
 
 
-def row_absmax(weight: np.ndarray, fmt: FloatFormat) -> np.ndarray:
-    """max |w| of each row of a [out, in] weight of raw `fmt` values, in the work dtype."""
-    absmax = np.zeros(weight.shape[0], dtype=fmt.work)
-    for start in range(0, weight.shape[0], BLOCK_ROWS):
-        block = to_work(weight[start:start + BLOCK_ROWS], fmt)
-        absmax[start:start + BLOCK_ROWS] = np.abs(block).max(axis=1, initial=0)
-    return absmax
+def row_bounds(weight: np.ndarray, fmt: FloatFormat) -> RowBounds:
+    """(min, max) of each row of a [out, in] weight of raw `fmt` values, in the work dtype."""
+    low = np.zeros(weight.shape[0], dtype=fmt.work)
+    high = np.zeros(weight.shape[0], dtype=fmt.work)
+    step = _block_rows(weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        block = to_work(weight[start:start + step], fmt)
+        low[start:start + step] = block.min(axis=1, initial=np.inf)
+        high[start:start + step] = block.max(axis=1, initial=-np.inf)
+    return low, high
 
 
-def _scale_from_absmax(absmax: np.ndarray, fmt: FloatFormat, spec: RtnSpec) -> np.ndarray:
-    """Per-row scale, already rounded to `fmt`, returned in the work dtype."""
+def _block_rows(cols: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(cols, 1))
+
+
+def _symmetric_scale(absmax: np.ndarray, fmt: FloatFormat, spec: RtnSpec) -> np.ndarray:
+    """Per-row 2*a/(qmax - qmin), rounded to `fmt`, in the work dtype: float32
+    arithmetic for the legacy class's fp16 scale, float64 otherwise."""
     if fmt is FloatFormat.FLOAT16 and not spec.float64_scale:
         raw = (absmax.astype(np.float32) / np.float32(spec.half_range)).astype(np.float16)
     else:

@@ -10,6 +10,12 @@
                [in, out/2] (transposed, two codes per byte along the output axis,
                even index in the low nibble) with scale and zp [in/group, out].
 
+The two PTQ schemes can also be asymmetric (Golden Stick's
+`weight_symmetric=False`, as its AWQ W4 recipe sets): each row or group
+then gets a zero point, stored negated in `weight_zp`, and its codes span
+its own [min, max] instead of [-max|w|, max|w|]. The tensors keep their
+names, shapes and dtypes, so the same deploy cells load either kind.
+
 Selected weights always reach a scheme as [out, in]; the scheme returns the
 arrays to store, in the order of `outputs`.
 """
@@ -25,7 +31,7 @@ from . import dtypes
 from .formats.tensor import TensorInfo
 from .golden_stick import QuantNames, legacy_names, ptq_names
 from .numerics import FloatFormat
-from .rtn import W8, ErrorStats, RtnSpec, quantize_rtn
+from .rtn import W8, ErrorStats, RowBounds, RtnSpec, quantize_rtn
 
 GROUP_SIZES = (64, 128)
 
@@ -45,6 +51,16 @@ class Scheme:
     @property
     def packs_int4(self) -> bool:
         return self.spec.bits == 4
+
+    @property
+    def label(self) -> str:
+        """The scheme as messages and reports name it, e.g. 'w4a16 g64 asymmetric'."""
+        parts = [self.name]
+        if self.spec.group_size:
+            parts.append(f"g{self.spec.group_size}")
+        if not self.spec.symmetric:
+            parts.append("asymmetric")
+        return " ".join(parts)
 
     def check(self, out_channels: int, in_channels: int) -> Optional[str]:
         """Why a [out, in] weight cannot be quantized by this scheme, or None."""
@@ -73,9 +89,9 @@ class Scheme:
                 TensorInfo.of(names.zp_neg, dtype, scale_shape))
 
     def quantize(self, weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor],
-                 stats: bool, absmax: Optional[np.ndarray] = None) -> Quantized:
+                 stats: bool, bounds: Optional[RowBounds] = None) -> Quantized:
         """The stored arrays for a [out, in] weight of raw `fmt` values (see quantize_rtn)."""
-        result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats, absmax=absmax)
+        result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats, bounds=bounds)
         q, scale, zp_neg = result.q, result.scale, result.zp_neg
         if self.packs_int4:
             q = pack_int4(q.T)
@@ -107,17 +123,24 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
 SCHEME_NAMES = ("w8a16", "w8a16-ptq", "w4a16")
 
 
-def get_scheme(name: str = "w8a16", group_size: Optional[int] = None) -> Scheme:
-    """A scheme by its CLI name; `group_size` applies to w4a16 (default 128)."""
+def get_scheme(name: str = "w8a16", group_size: Optional[int] = None,
+               symmetric: bool = True) -> Scheme:
+    """A scheme by its CLI name; `group_size` applies to w4a16 (default 128),
+    `symmetric` False to the PTQ schemes."""
     if name != "w4a16" and group_size is not None:
         raise ValueError("--group-size applies to --scheme w4a16 only")
     if name == "w8a16":
+        if not symmetric:
+            raise ValueError("--asymmetric needs a PTQ scheme (w8a16-ptq or w4a16): Golden "
+                             "Stick's RoundToNearest class is symmetric only (its asymmetric "
+                             "path clamps to the wrong range)")
         return Scheme(name, W8, legacy_names)
     if name == "w8a16-ptq":
-        return Scheme(name, RtnSpec(bits=8, float64_scale=True), ptq_names)
+        return Scheme(name, RtnSpec(bits=8, float64_scale=True, symmetric=symmetric), ptq_names)
     if name == "w4a16":
         group = 128 if group_size is None else group_size
         if group not in GROUP_SIZES:
             raise ValueError(f"--group-size must be one of {GROUP_SIZES} (Golden Stick's)")
-        return Scheme(name, RtnSpec(bits=4, group_size=group, float64_scale=True), ptq_names)
+        return Scheme(name, RtnSpec(bits=4, group_size=group, float64_scale=True,
+                                    symmetric=symmetric), ptq_names)
     raise ValueError(f"unknown scheme {name!r}; choose from {', '.join(SCHEME_NAMES)}")

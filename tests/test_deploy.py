@@ -168,11 +168,13 @@ def test_blacklist_and_activation_are_kept() -> None:
 WIDE = dict(CONFIG, hidden_size=128, intermediate_size=256, seq_length=32)
 
 
-@pytest.mark.parametrize("scheme,extra", [("w8a16-ptq", []), ("w4a16", ["--group-size", "64"])])
+@pytest.mark.parametrize("scheme,extra", [
+    ("w8a16-ptq", []), ("w4a16", ["--group-size", "64"]),
+    ("w8a16-ptq", ["--asymmetric"]), ("w4a16", ["--group-size", "64", "--asymmetric"])])
 def test_ptq_schemes_run_exactly_their_dequantized_weights(tmp_path: Path, scheme: str,
                                                            extra) -> None:
     """The PTQ cells compute with (q + zp) * scale: the same logits as an FP network
-    holding those dequantized weights (int4 codes unpacked on CPU)."""
+    holding those dequantized weights (int4 codes unpacked on CPU), zero points included."""
     from ckpt_rtn.schemes import unpack_int4
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -198,12 +200,14 @@ def test_ptq_schemes_run_exactly_their_dequantized_weights(tmp_path: Path, schem
     for layer in layers:  # the FP network gets the dequantized weights
         q = stored[layer + "._layer.weight"]
         scale = stored[layer + "._layer.matmul.weight_scale"]
+        zp = stored[layer + "._layer.matmul.weight_zp"]
+        assert zp.any() == ("--asymmetric" in extra)
         if scheme == "w4a16":
             q = unpack_int4(q).T
-            scale = np.repeat(scale.T, 64, axis=1)
+            scale, zp = np.repeat(scale.T, 64, axis=1), np.repeat(zp.T, 64, axis=1)
         else:
-            scale = scale[:, None]
-        arrays[layer + ".weight"] = (q.astype(np.float32) * scale).astype(np.float32)
+            scale, zp = scale[:, None], zp[:, None]
+        arrays[layer + ".weight"] = ((q.astype(np.float32) + zp) * scale).astype(np.float32)
     ms.load_param_into_net(fp, {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in arrays.items()},
                            strict_load=True)
     ids = ms.Tensor(rng.integers(1, 128, (1, 32)).astype(np.int32))

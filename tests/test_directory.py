@@ -18,7 +18,8 @@ from ckpt_rtn.directory import MANIFEST, sha256_of
 from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
 from ckpt_rtn.formats.atomic import TEMP_PATTERN
 from ckpt_rtn.numerics import FloatFormat
-from ckpt_rtn.rtn import quantize_rtn
+from ckpt_rtn.golden_stick import legacy_names, ptq_names
+from ckpt_rtn.rtn import W8, RtnSpec, quantize_rtn
 
 from conftest import cli, llama_weights, ms_bytes, ms_load, ms_save
 
@@ -230,10 +231,15 @@ def strategy_file(path: Path, layouts: Dict[str, List[int]], ranks: int) -> Path
     return path
 
 
-def test_input_split_weights_get_the_whole_weights_scale(tmp_path: Path) -> None:
+@pytest.mark.parametrize("args,names,spec", [
+    ((), legacy_names, W8),
+    (("--scheme", "w8a16-ptq", "--asymmetric"), ptq_names,
+     RtnSpec(float64_scale=True, symmetric=False))], ids=["w8a16", "w8a16-ptq-asymmetric"])
+def test_input_split_weights_get_the_whole_weights_scale(tmp_path: Path, args, names,
+                                                         spec: RtnSpec) -> None:
     """Row-parallel wo/w2 under TP: each rank holds some input channels of every row. With
-    the strategy file, every rank's slice gets the scale of the whole weight (Golden
-    Stick's replicated scale) and its codes are the whole weight's columns."""
+    the strategy file, every rank's slice gets the scale (and zero point) of the whole
+    weight (Golden Stick's replicated scale) and its codes are the whole weight's columns."""
     full = {k: v.astype(np.float16) for k, v in llama_weights(layers=1).items()}
     full["model.layers.0.attention.wo.weight"][:, :32] *= 4  # rank 0's half has the larger max
     column_split = ("model.layers.0.attention.wo.weight", "model.layers.0.feed_forward.w2.weight")
@@ -246,23 +252,24 @@ def test_input_split_weights_get_the_whole_weights_scale(tmp_path: Path) -> None
     strategy_file(src / "strategy" / "ckpt_strategy.ckpt",
                   {name: [-1, 0] for name in column_split}
                   | {"model.layers.0.attention.wq.weight": [0, -1]}, ranks=2)
-    result = cli("convert", src, tmp_path / "out")
+    result = cli("convert", src, tmp_path / "out", *args)
     assert result.exit_code == 0, result.stderr
     assert "scaled 2 input-split weights over all ranks" in result.stdout
     ranks = [read_all(tmp_path / "out" / f"rank_{r}" / "net.ckpt") for r in (0, 1)]
     for name in column_split:
-        layer = name[:-len(".weight")]
-        whole = quantize_rtn(full[name], FloatFormat.FLOAT16)
-        np.testing.assert_array_equal(np.concatenate([r[layer + "._handler.weight"] for r in ranks],
-                                                     axis=1), whole.q)
+        stored = names(name[:-len(".weight")])
+        whole = quantize_rtn(full[name], FloatFormat.FLOAT16, spec)
+        np.testing.assert_array_equal(np.concatenate([r[stored.weight] for r in ranks], axis=1),
+                                      whole.q)
         for r in ranks:
-            assert r[layer + "._weight_quantizer.scale"].tobytes() == whole.scale.tobytes()
+            assert r[stored.scale].tobytes() == whole.scale.tobytes()
+            np.testing.assert_array_equal(r[stored.zp_neg], whole.zp_neg)
     # Without the strategy file each rank would only see its own half: other scales.
     (src / "strategy" / "ckpt_strategy.ckpt").unlink()
-    assert cli("convert", src, tmp_path / "no_strategy", "-q").exit_code == 0
+    assert cli("convert", src, tmp_path / "no_strategy", "-q", *args).exit_code == 0
     alone = read_all(tmp_path / "no_strategy" / "rank_1" / "net.ckpt")
-    assert (alone["model.layers.0.attention.wo._weight_quantizer.scale"].tobytes()
-            != ranks[1]["model.layers.0.attention.wo._weight_quantizer.scale"].tobytes())
+    scale = names("model.layers.0.attention.wo").scale
+    assert alone[scale].tobytes() != ranks[1][scale].tobytes()
 
 
 def test_non_finite_weight_in_an_input_split_slice_is_refused(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from ckpt_rtn.numerics import FloatFormat, bf16_to_float32, float32_to_bf16, to_storage, to_work
-from ckpt_rtn.rtn import NonFiniteWeightError, dequantize_rtn, quantize_rtn
+from ckpt_rtn.rtn import W8, NonFiniteWeightError, RtnSpec, dequantize_rtn, quantize_rtn, row_bounds
 
 MS_DTYPE = {FloatFormat.FLOAT16: ms.float16, FloatFormat.BFLOAT16: ms.bfloat16,
             FloatFormat.FLOAT32: ms.float32}
@@ -175,3 +175,122 @@ def test_error_stats_match_a_direct_computation(fmt: FloatFormat) -> None:
     norm = np.sqrt((to_work(w, fmt).astype(np.float64) ** 2).sum())
     assert stats.relative == pytest.approx(np.sqrt((error ** 2).sum()) / norm, rel=1e-4)
     assert quantize_rtn(w, fmt).stats is None
+
+
+ASYM8 = RtnSpec(bits=8, float64_scale=True, symmetric=False)
+ASYM4_G32 = RtnSpec(bits=4, group_size=32, float64_scale=True, symmetric=False)
+
+
+def golden_stick_asymmetric_reference(w: np.ndarray, fmt: FloatFormat, spec: RtnSpec):
+    """q, scale and zp_neg (raw `fmt` values) with MindSpore ops, as Golden Stick PTQ's
+    cal_quantization_params + quant_tensor_data do with symmetric=False.
+
+    scale = (max - min) / (qmax - qmin) and zp = round(qmin - min / scale) in
+    float64; both cast to the weight's dtype; q = clamp(round(w / scale + zp))
+    with the division and the addition in the weight's dtype. Rows (groups)
+    whose scale rounds to 0 or whose zp overflows get the symmetric
+    parameters (our documented fallback; Golden Stick divides by zero there).
+    """
+    dtype = MS_DTYPE[fmt]
+    rows = w.reshape(-1, spec.group_size) if spec.group_size else w
+    weight = Tensor(to_work(rows, fmt).astype(np.float32), dtype)
+    wf = ops.cast(weight, ms.float32)
+    high = ops.cast(ops.amax(wf, axis=1), ms.float64)
+    low = ops.cast(ops.amin(wf, axis=1), ms.float64)
+    span = float(spec.qmax - spec.qmin)
+    scale64 = ops.div(ops.sub(high, low), span)
+    zp64 = ops.round(ops.sub(float(spec.qmin), ops.div(low, scale64)))
+    a = ops.maximum(ops.abs(high), ops.abs(low))
+    sym64 = ops.div(ops.sub(a, ops.neg(a)), span)
+    if bool(ops.equal(high, low).all()):
+        scale64, zp64 = ops.ones_like(scale64), ops.zeros_like(zp64)
+    scale, zp = ops.cast(scale64, dtype), ops.cast(zp64, dtype)
+    scale_np = ops.cast(scale, ms.float32).asnumpy()
+    zp_np = ops.cast(zp, ms.float32).asnumpy()
+    fallback = (scale_np == 0) | ~np.isfinite(zp_np)
+    sym_np = ops.cast(ops.cast(sym64, dtype), ms.float32).asnumpy()
+    # Selected in float32 (no bf16 Select on CPU): the values are exact in `dtype`.
+    scale = Tensor(np.where(fallback, sym_np, scale_np), dtype)
+    zp = Tensor(np.where(fallback, 0, zp_np).astype(np.float32), dtype)
+    quotient = ops.add(ops.div(weight, ops.expand_dims(scale, 1)), ops.expand_dims(zp, 1))
+    q = ops.clip_by_value(ops.round(ops.cast(quotient, ms.float32)), float(spec.qmin),
+                          float(spec.qmax))
+    zero_rows = ops.expand_dims(ops.equal(ops.cast(scale, ms.float32), 0.0), 1)
+    q = ops.select(ops.broadcast_to(zero_rows, q.shape), ops.zeros_like(q), q)
+    raw_scale, raw_zp_neg = scale.asnumpy(), ops.neg(zp).asnumpy()
+    if fmt is FloatFormat.BFLOAT16:
+        raw_scale, raw_zp_neg = raw_scale.view(np.uint16), raw_zp_neg.view(np.uint16)
+    shape = (w.shape[0], -1) if spec.group_size else (-1,)
+    return (ops.cast(q, ms.int8).asnumpy().reshape(w.shape), raw_scale.reshape(shape),
+            raw_zp_neg.reshape(shape))
+
+
+ASYM_CASES = [(fmt, case, spec) for fmt in MS_DTYPE for case in adversarial_weights(fmt)
+              for spec in (ASYM8, ASYM4_G32) if adversarial_weights(fmt)[case].shape[1] % 32 == 0]
+
+
+@pytest.mark.parametrize("fmt,case,spec", ASYM_CASES,
+                         ids=[f"{f.value}-{c}-int{s.bits}" for f, c, s in ASYM_CASES])
+def test_asymmetric_bit_exact_with_mindspore_ops_reference(fmt: FloatFormat, case: str,
+                                                           spec: RtnSpec) -> None:
+    w = adversarial_weights(fmt)[case]
+    result = quantize_rtn(w, fmt, spec, block_rows=100)
+    q_ref, scale_ref, zp_neg_ref = golden_stick_asymmetric_reference(w, fmt, spec)
+    np.testing.assert_array_equal(result.scale.view(np.uint8), scale_ref.view(np.uint8))
+    np.testing.assert_array_equal(result.q, q_ref)
+    # -0.0 and +0.0 are the same zero point; compare values.
+    np.testing.assert_array_equal(to_work(result.zp_neg, fmt), to_work(zp_neg_ref, fmt))
+
+
+def test_asymmetric_codes_span_each_rows_own_range() -> None:
+    """A skewed row uses (nearly) all 256 (16) codes, from its own min to its own max,
+    and the error stays within half a step, below the symmetric scheme's on the same row."""
+    rng = np.random.default_rng(2)
+    # float32, so the bound is plain s/2: fp16's rounding of w/s + zp is what the
+    # bit-exact tests above cover.
+    w = (rng.uniform(0.0, 1.0, (8, 256)) + np.arange(8)[:, None] * 0.1 - 0.2).astype(np.float32)
+    fmt = FloatFormat.FLOAT32
+    for spec, symmetric in ((ASYM8, RtnSpec(bits=8, float64_scale=True)),
+                            (ASYM4_G32, RtnSpec(bits=4, group_size=32, float64_scale=True))):
+        result = quantize_rtn(w, fmt, spec, stats=True)
+        rows = result.q.reshape(-1, spec.group_size or w.shape[1])
+        # The rounded zero point can leave one end a code short of qmin or qmax.
+        assert (rows.min(axis=1) <= spec.qmin + 1).all() and (rows.max(axis=1) >= spec.qmax - 1).all()
+        assert to_work(result.zp_neg, fmt).any()
+        s = np.repeat(to_work(result.scale, fmt).reshape(w.shape[0], -1),
+                      spec.group_size or w.shape[1], axis=1)
+        error = np.abs(dequantize_rtn(result, fmt).astype(np.float64) - w)
+        assert (error <= 0.5 * s * (1 + 2 ** -16)).all()
+        assert result.stats.relative < quantize_rtn(w, fmt, symmetric, stats=True).stats.relative
+
+
+def test_asymmetric_fallbacks() -> None:
+    fmt = FloatFormat.FLOAT16
+    # Every row constant: scale 1, zp 0, as Golden Stick does.
+    ones = quantize_rtn(np.full((2, 8), 3, np.float16), fmt, ASYM8)
+    assert ones.q.tolist() == [[3] * 8] * 2 and ones.scale.tolist() == [1, 1]
+    assert not ones.zp_neg.any()
+    # One constant row among others: quantized symmetrically (no 0/0 zero point).
+    w = np.array([[0.5] * 4, [0.0, 1.0, 2.0, 3.0]], np.float16)
+    result = quantize_rtn(w, fmt, ASYM8)
+    assert result.zp_neg[0] == 0 and result.q[0].tolist() == [127] * 4
+    assert result.scale[0] == np.float16(1.0 / 255)
+    assert result.zp_neg[1] == 128 and result.q[1].tolist() == [-128, -43, 42, 127]
+
+
+def test_legacy_float32_scale_cannot_be_asymmetric() -> None:
+    with pytest.raises(ValueError, match="float64"):
+        RtnSpec(symmetric=False)
+
+
+def test_bounds_give_the_whole_weights_parameters_to_a_slice() -> None:
+    rng = np.random.default_rng(4)
+    whole = (rng.standard_normal((6, 64)) + 0.3).astype(np.float16)
+    fmt = FloatFormat.FLOAT16
+    for spec in (W8, ASYM8):
+        full = quantize_rtn(whole, fmt, spec)
+        part = quantize_rtn(np.ascontiguousarray(whole[:, 32:]), fmt, spec,
+                            bounds=row_bounds(whole, fmt))
+        np.testing.assert_array_equal(part.q, full.q[:, 32:])
+        np.testing.assert_array_equal(part.scale, full.scale)
+        np.testing.assert_array_equal(part.zp_neg, full.zp_neg)

@@ -1,6 +1,7 @@
 """W4A16 per-group RTN and the PTQ-named W8A16 scheme (Golden Stick v1.0+ layout)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,45 @@ def test_group_size_must_divide_the_input_channels(tmp_path: Path) -> None:
     assert ok.exit_code == 0, ok.stderr
     bad = cli("convert", tmp_path / "in.ckpt", tmp_path / "x.ckpt", "--group-size", "64")
     assert bad.exit_code == 2 and "--group-size applies to --scheme w4a16 only" in bad.stderr
+
+
+def test_asymmetric_w4a16_stores_zero_points_in_the_ptq_layout(tmp_path: Path) -> None:
+    """--asymmetric keeps every name, shape and dtype; weight_zp [in/g, out] holds -zp,
+    and (q + weight_zp) * weight_scale is closer to the weights than the symmetric file."""
+    weights = llama_weights(layers=1, hidden=128, kv=64, ffn=256, vocab=32)
+    for w in weights.values():
+        w += 0.05  # every row skewed: asymmetric ranges pay off
+    ms_save(tmp_path / "in.ckpt", weights, ms_dtype=ms.float16)
+    outputs = {}
+    for name, extra in (("sym", []), ("asym", ["--asymmetric"])):
+        report = tmp_path / f"{name}.json"
+        result = cli("convert", tmp_path / "in.ckpt", tmp_path / f"{name}.ckpt", "--scheme",
+                     "w4a16", "--group-size", "64", "--report", report, *extra, "-q")
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(report.read_text())["symmetric"] == (name == "sym")
+        outputs[name] = ms_load(tmp_path / f"{name}.ckpt")
+    p = "model.layers.0.feed_forward.w2"
+    sym, asym = outputs["sym"], outputs["asym"]
+    assert set(sym) == set(asym)
+    for key in sym:
+        assert (sym[key].dtype, sym[key].shape) == (asym[key].dtype, asym[key].shape), key
+    zp = asym[p + "._layer.matmul.weight_zp"].asnumpy()
+    assert zp.shape == (4, 128) and zp.any() and (zp == np.round(zp)).all()
+    w = weights[p + ".weight"].astype(np.float16).astype(np.float32)
+    errors = {}
+    for name, loaded in outputs.items():
+        q = unpack_int4(np.frombuffer(ms_bytes(loaded[p + "._layer.weight"]), np.int8)
+                        .reshape(256, 64)).T.astype(np.float32)
+        scale = np.repeat(loaded[p + "._layer.matmul.weight_scale"].asnumpy().T, 64, axis=1)
+        offset = np.repeat(loaded[p + "._layer.matmul.weight_zp"].asnumpy().T, 64, axis=1)
+        errors[name] = np.abs((q + offset) * scale - w).mean()
+        assert (np.abs((q + offset) * scale - w) <= 0.51 * scale).all()
+    assert errors["asym"] < 0.8 * errors["sym"], errors
+
+
+def test_asymmetric_needs_a_ptq_scheme(tmp_path: Path) -> None:
+    ms_save(tmp_path / "in.ckpt", llama_weights(layers=1), ms_dtype=ms.float16)
+    result = cli("convert", tmp_path / "in.ckpt", tmp_path / "out.ckpt", "--asymmetric")
+    assert result.exit_code == 2 and "--asymmetric needs a PTQ scheme" in result.stderr
+    assert not (tmp_path / "out.ckpt").exists()
+    assert get_scheme("w4a16", 64, symmetric=False).label == "w4a16 g64 asymmetric"
