@@ -27,7 +27,7 @@ from .numerics import FloatFormat
 from .pipeline import run_pipeline
 from .rtn import NonFiniteWeightError, RowBounds
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
-from .schemes import Quantized, Scheme, get_scheme
+from .schemes import Quantized, Scheme, get_scheme, transposed
 
 _FLOAT_FORMATS = {
     dtypes.FLOAT16: FloatFormat.FLOAT16,
@@ -310,5 +310,5 @@ def _quantize(path: str, step: Step, data: np.ndarray, scheme: Scheme,
         raise QuantizationError(path, f"tensor {step.source.name!r}: {exc}") from None
     if in_out and not scheme.packs_int4:
         q, *rest = result.arrays
-        return Quantized((np.ascontiguousarray(q.T), *rest), result.stats)
+        return Quantized((transposed(q), *rest), result.stats)
     return result

