@@ -370,6 +370,16 @@ def _measure(evaluator: "Evaluator", text_windows: "np.ndarray", label: str,
         return evaluator.perplexity(text_windows, progress=bar.update)
 
 
+def _perplexities(config: "ModelConfig", ckpt: str, corpora: Dict[str, "np.ndarray"],
+                  seq_len: int, quiet: bool) -> Dict[str, "Perplexity"]:
+    """Each corpus's perplexity through one network holding `ckpt`."""
+    from .evaluate import Evaluator
+
+    evaluator = Evaluator(config, ckpt, seq_len)
+    return {name: _measure(evaluator, text_windows, f"{os.path.basename(ckpt)} {name}", quiet)
+            for name, text_windows in corpora.items()}
+
+
 @main.command("eval")
 @_MODEL_OPTION
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
@@ -418,7 +428,7 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str], s
     gives each one's size, the bytes of its Linear weights, its perplexity on
     each --text, and the change against the baseline.
     """
-    from .evaluate import Evaluator, linear_weight_bytes
+    from .evaluate import in_fresh_process, linear_weight_bytes
     from .models import load_model_config
 
     config = load_model_config(model_yaml)
@@ -427,9 +437,9 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str], s
     for ckpt in checkpoints:
         row: Dict[str, object] = {"checkpoint": ckpt, "size_bytes": os.path.getsize(ckpt),
                                   "linear_bytes": linear_weight_bytes(ckpt, config.family)}
-        evaluator = Evaluator(config, ckpt, seq_len)
-        for name, text_windows in corpora.items():
-            result = _measure(evaluator, text_windows, f"{os.path.basename(ckpt)} {name}", quiet)
+        # MindSpore holds on to each compiled network until its process exits.
+        results = in_fresh_process(_perplexities, config, ckpt, corpora, seq_len, quiet)
+        for name, result in results.items():
             row[name] = {"ppl": result.ppl, "loss": result.loss, "tokens": result.tokens}
         rows.append(row)
     _print_compare(rows, list(corpora), seq_len)

@@ -20,6 +20,10 @@ class CkptRtnError(Exception):
         self.offset = offset
         super().__init__(str(self))
 
+    def __reduce__(self):
+        # Rebuilt from its fields, so it survives the trip back from a child process.
+        return type(self), (self.path, self.reason, self.offset)
+
     def __str__(self) -> str:
         where = f" (at byte {self.offset})" if self.offset is not None else ""
         if self.path is None:

@@ -10,15 +10,18 @@ its Linear layers replaced by the deploy loader's W8A16 cells first.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional, TypeVar
 
 import numpy as np
 
 from . import deploy  # sets MindFormers' log directory before it is imported
-from .errors import ConfigError
+from .errors import CkptRtnError, ConfigError
 from .models import ModelConfig, build_llama, load_tokenizer
 
 
@@ -90,6 +93,25 @@ class Evaluator:
         loss = float(losses.mean())
         return Perplexity(ppl=math.exp(loss), loss=loss, tokens=int(losses.size),
                           windows=len(text_windows), seconds=time.perf_counter() - started)
+
+
+T = TypeVar("T")
+
+
+def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a spawned child process, its result (or exception) returned here.
+
+    MindSpore keeps a compiled network's memory until the process exits
+    (~3.7 GB per SmolLM2 network at seq-len 1024), so comparing several
+    checkpoints in one process grows without bound; a child per checkpoint
+    returns all of it. `fn` must be a module-level function.
+    """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise CkptRtnError(None, "the evaluation process died (out of memory? try a "
+                                     "smaller --seq-len)") from None
 
 
 def linear_weight_bytes(checkpoint: "os.PathLike[str] | str", family: str) -> int:
