@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import re
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from ckpt_rtn.corpora import wiki_text
-from ckpt_rtn.evaluate import Evaluator, next_token_nll, tokenize, windows
+from ckpt_rtn.errors import ConfigError, FormatError
+from ckpt_rtn.evaluate import Evaluator, in_fresh_process, next_token_nll, tokenize, windows
 from ckpt_rtn.models import load_model_config
 
 from conftest import cli
@@ -114,3 +116,17 @@ def test_generate_takes_another_tokenizer(model, tmp_path: Path) -> None:
     bad = cli("generate", "--config", config_path, "--ckpt", w8, "--tokenizer",
               tmp_path / "corpus.model", "x")
     assert bad.exit_code == 2 and "sentencepiece" in bad.stderr
+
+
+def test_a_child_process_returns_results_and_our_errors(tmp_path: Path) -> None:
+    """compare runs each checkpoint in a spawned child: results and CkptRtnErrors (with
+    their file and reason) come back as if raised here."""
+    assert in_fresh_process(math.sqrt, 16.0) == 4.0
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError) as raised:
+        in_fresh_process(load_model_config, str(missing))
+    assert raised.value.path == str(missing) and "cannot read" in raised.value.reason
+    error = FormatError("in.ckpt", "truncated record", offset=12)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is FormatError and str(copy) == str(error) == \
+        "in.ckpt: truncated record (at byte 12)"
