@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from . import __version__, converter, directory, formats
 from .errors import CkptRtnError, ConfigError, OutputError, UnsupportedError
+from .numerics import to_work
 from .rules import RuleChoice, available_families
-from .schemes import SCHEME_NAMES, Scheme, get_scheme
+from .schemes import SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_scheme
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
     import numpy as np
@@ -288,6 +289,25 @@ def inspect(path: str, no_verify_crc: bool) -> None:
         click.echo(f"{len(reader)} tensors, {reader.nbytes} bytes of data "
                    f"({human_bytes(reader.nbytes)}); file {os.path.getsize(path)} bytes, "
                    f"{reader.format}{extra}")
+        found = detect_scheme(reader.tensors)
+        if found is not None:
+            click.echo(f"quantized: {found.label}{_asymmetry(reader, found)}, "
+                       f"{len(found.layers)} Linear layers")
+
+
+def _asymmetry(reader: formats.TensorReader, found: CheckpointScheme) -> str:
+    """' asymmetric' if any quantized layer has a nonzero zero point (a symmetric
+    checkpoint stores +0.0 or -0.0)."""
+    if found.scheme == "w8a16":
+        return ""  # the legacy layout is symmetric only
+    by_name = {t.name: t for t in reader.tensors}
+    for layer in found.layers:
+        info = by_name[found.names(layer).zp_neg]
+        if not info.dtype.is_float:
+            continue
+        if to_work(reader.read(info), converter.float_format(info.dtype)).any():
+            return " asymmetric"
+    return ""
 
 
 def _shape(shape: Sequence[int]) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mindspore as ms
@@ -27,8 +26,7 @@ from . import dtypes
 from .errors import CkptRtnError, UnsupportedError
 from .formats import detect_format, open_reader
 from .formats.tensor import TensorInfo
-from .golden_stick import legacy_names, ptq_names
-from .schemes import get_scheme, unpack_int4
+from .schemes import CheckpointScheme, detect_scheme, get_scheme, unpack_int4
 from .rules import Rules, load_rules
 
 # MindFormers logs to ./output/log of whatever directory it is imported from;
@@ -267,30 +265,10 @@ def load_fp(net: nn.Cell, path: "os.PathLike[str] | str", *, upcast: bool = Fals
     _load_exactly(net, path, upcast)
 
 
-@dataclass(frozen=True)
-class CheckpointScheme:
-    """How a ckpt-rtn checkpoint was quantized, read from its tensor names and shapes."""
-
-    scheme: str
-    group_size: Optional[int]
-    layers: Tuple[str, ...]
-
-
 def checkpoint_scheme(path: "os.PathLike[str] | str") -> Optional[CheckpointScheme]:
     """The scheme and quantized layers of a checkpoint; None for an FP checkpoint."""
     with open_reader(path, verify_crc=False) as reader:
-        tensors = {t.name: t for t in reader.tensors}
-    for names, scheme in ((legacy_names, "w8a16"), (ptq_names, "w8a16-ptq")):
-        suffix = names("").weight
-        layers = tuple(sorted(n[:-len(suffix)] for n in tensors if n.endswith(suffix)))
-        if not layers:
-            continue
-        weight = tensors[names(layers[0]).weight]
-        if weight.dtype is not dtypes.INT4:
-            return CheckpointScheme(scheme, None, layers)
-        groups = tensors[names(layers[0]).scale].shape[0]  # packed [in, out/2], scale [in/g, out]
-        return CheckpointScheme("w4a16", weight.shape[0] // groups, layers)
-    return None
+        return detect_scheme(reader.tensors)
 
 
 def load_checkpoint_into(net: nn.Cell, path: "os.PathLike[str] | str", *,

@@ -121,11 +121,13 @@ def linear_weight_bytes(checkpoint: "os.PathLike[str] | str", family: str) -> in
     part RTN shrinks.
     """
     from .formats import open_reader
-    from .golden_stick import legacy_names, ptq_names
     from .rules import load_rules
+    from .schemes import detect_scheme
 
     rules = load_rules(family).with_overrides(keep_default_blacklist=False)
-    quantized_parts = tuple(legacy_names("")[:3]) + tuple(ptq_names("")[:3])
     with open_reader(checkpoint, verify_crc=False) as reader:
+        found = detect_scheme(reader.tensors)
+        quantized = {name for layer in found.layers for name in found.names(layer)[:3]} \
+            if found is not None else set()
         return sum(t.nbytes for t in reader.tensors
-                   if t.name.endswith(quantized_parts) or rules.select(t) is not None)
+                   if t.name in quantized or rules.select(t) is not None)

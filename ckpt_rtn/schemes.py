@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -165,3 +165,41 @@ def get_scheme(name: str = "w8a16", group_size: Optional[int] = None,
         return Scheme(name, RtnSpec(bits=4, group_size=group, float64_scale=True,
                                     symmetric=symmetric), ptq_names)
     raise ValueError(f"unknown scheme {name!r}; choose from {', '.join(SCHEME_NAMES)}")
+
+
+@dataclass(frozen=True)
+class CheckpointScheme:
+    """How a quantized checkpoint was quantized, read from its tensor names and shapes."""
+
+    scheme: str
+    group_size: Optional[int]
+    layers: Tuple[str, ...]
+
+    @property
+    def names(self) -> Callable[[str], QuantNames]:
+        return legacy_names if self.scheme == "w8a16" else ptq_names
+
+    @property
+    def label(self) -> str:
+        return get_scheme(self.scheme, self.group_size).label
+
+
+def detect_scheme(tensors: Iterable[TensorInfo]) -> Optional[CheckpointScheme]:
+    """The scheme and quantized layers of a checkpoint's tensors; None if it has none.
+
+    Golden Stick's two naming schemes tell w8a16 from the PTQ ones; an Int4
+    weight makes it w4a16, whose group size is its input channels over the
+    scale's rows (packed [in, out/2], scale [in/g, out]).
+    """
+    by_name = {t.name: t for t in tensors}
+    for names, scheme in ((legacy_names, "w8a16"), (ptq_names, "w8a16-ptq")):
+        suffix = names("").weight
+        layers = tuple(sorted(n[:-len(suffix)] for n in by_name if n.endswith(suffix)))
+        if not layers:
+            continue
+        weight = by_name[names(layers[0]).weight]
+        if weight.dtype is not dtypes.INT4:
+            return CheckpointScheme(scheme, None, layers)
+        groups = by_name[names(layers[0]).scale].shape[0]
+        return CheckpointScheme("w4a16", weight.shape[0] // groups, layers)
+    return None

@@ -11,7 +11,6 @@ import pytest
 from click.testing import Result
 
 from ckpt_rtn import dtypes, formats
-from ckpt_rtn.cli import main
 from ckpt_rtn.formats import TensorInfo
 
 from conftest import FIXTURES, cli

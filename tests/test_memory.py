@@ -1,13 +1,11 @@
 """Peak memory of `ckpt-rtn convert` does not grow with the checkpoint's size."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ckpt_rtn import dtypes
 from ckpt_rtn.formats import TensorInfo, open_writer

@@ -194,3 +194,16 @@ def test_tiled_transpose_and_packing_along_rows() -> None:
         np.testing.assert_array_equal(t, m.T)
     codes = rng.integers(-8, 8, (6, 10)).astype(np.int8)
     np.testing.assert_array_equal(pack_int4(codes, axis=0).T, pack_int4(codes.T))
+
+
+@pytest.mark.parametrize("args,label", [
+    ((), "w8a16"), (("--scheme", "w8a16-ptq"), "w8a16-ptq"),
+    (("--scheme", "w8a16-ptq", "--asymmetric"), "w8a16-ptq asymmetric"),
+    (("--scheme", "w4a16", "--group-size", "64", "--asymmetric"), "w4a16 g64 asymmetric")])
+def test_inspect_names_the_scheme(tmp_path: Path, args, label: str) -> None:
+    weights = llama_weights(layers=1, hidden=128, kv=64, ffn=256, vocab=32)
+    ms_save(tmp_path / "in.ckpt", weights, ms_dtype=ms.float16)
+    assert cli("convert", tmp_path / "in.ckpt", tmp_path / "out.ckpt", *args, "-q").exit_code == 0
+    result = cli("inspect", tmp_path / "out.ckpt")
+    assert result.stdout.splitlines()[-1] == f"quantized: {label}, 7 Linear layers"
+    assert "quantized:" not in cli("inspect", tmp_path / "in.ckpt").stdout
