@@ -1,4 +1,5 @@
-"""Round-to-nearest W8A16 weight quantization, bit-compatible with Golden Stick.
+"""Round-to-nearest weight quantization (int8/int4, per channel or group), bit-compatible
+with Golden Stick.
 
 Golden Stick's RoundToNearest (v0.5.0 defaults: int8, per output channel,
 symmetric, full range) computes for a weight W laid out [out, in]:
@@ -22,8 +23,8 @@ cal_quantization_params it uses for the symmetric case:
     q[o, i]   = clamp(round_half_even(fp16(fp16(W[o, i] / scale16[o]) + zp16[o])), qmin, qmax)
     zp_neg[o] = -zp16[o]
 
-so that (q + zp_neg) * scale spans the row's own [min, max] with all 2^bits
-codes. Rows whose range is too small for a scale in the weight's format (a
+so that (q + zp_neg) * scale spans the row's own [min, max] (give or take a
+code at either end, from rounding zp). Rows whose range is too small for a scale in the weight's format (a
 constant row, say: Golden Stick divides by zero there) and rows whose zero
 point overflows the format are quantized symmetrically instead.
 
@@ -51,7 +52,6 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from .numerics import FloatFormat, to_storage, to_work
-
 
 
 @dataclass(frozen=True)
