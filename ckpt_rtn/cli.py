@@ -291,8 +291,9 @@ def inspect(path: str, no_verify_crc: bool) -> None:
                    f"{reader.format}{extra}")
         found = detect_scheme(reader.tensors)
         if found is not None:
+            count = len(found.layers)
             click.echo(f"quantized: {found.label}{_asymmetry(reader, found)}, "
-                       f"{len(found.layers)} Linear layers")
+                       f"{count} Linear layer{'' if count == 1 else 's'}")
 
 
 def _asymmetry(reader: formats.TensorReader, found: CheckpointScheme) -> str:

@@ -279,7 +279,11 @@ def load_checkpoint_into(net: nn.Cell, path: "os.PathLike[str] | str", *,
     if found is None:
         _load_exactly(net, path, upcast)
         return []
-    quantize_network(net, layers=found.layers, scheme=found.scheme, group_size=found.group_size)
+    try:
+        quantize_network(net, layers=found.layers, scheme=found.scheme,
+                         group_size=found.group_size)
+    except ValueError as exc:  # e.g. a group size Golden Stick does not deploy
+        raise DeployError(path, f"a {found.label} checkpoint: {exc}") from None
     _load_exactly(net, path, upcast)
     return list(found.layers)
 

@@ -181,7 +181,8 @@ class CheckpointScheme:
 
     @property
     def label(self) -> str:
-        return get_scheme(self.scheme, self.group_size).label
+        """Like Scheme.label, for any group size found (not only those we write)."""
+        return f"{self.scheme} g{self.group_size}" if self.group_size else self.scheme
 
 
 def detect_scheme(tensors: Iterable[TensorInfo]) -> Optional[CheckpointScheme]:

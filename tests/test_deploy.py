@@ -213,3 +213,21 @@ def test_ptq_schemes_run_exactly_their_dequantized_weights(tmp_path: Path, schem
     ids = ms.Tensor(rng.integers(1, 128, (1, 32)).astype(np.int32))
     np.testing.assert_allclose(quantized(ids)[0].asnumpy(), fp(ids)[0].asnumpy(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_group_size_golden_stick_does_not_deploy_is_refused(tmp_path: Path) -> None:
+    """A W4 checkpoint with groups of 32 (not one ckpt-rtn writes) is named and refused,
+    not a traceback; inspect still describes it."""
+    layer = "model.layers.0.attention.wq"
+    infos = [TensorInfo.of(layer + "._layer.weight", dtypes.INT4, (64, 32)),
+             TensorInfo.of(layer + "._layer.matmul.weight_scale", dtypes.FLOAT16, (2, 64)),
+             TensorInfo.of(layer + "._layer.matmul.weight_zp", dtypes.FLOAT16, (2, 64))]
+    path = tmp_path / "g32.ckpt"
+    with open_writer(path, infos, format="ckpt", metadata={}) as writer:
+        writer.write(infos[0].name, np.zeros((64, 32), np.int8))
+        writer.write(infos[1].name, np.ones((2, 64), np.float16))
+        writer.write(infos[2].name, np.zeros((2, 64), np.float16))
+    net = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    with pytest.raises(DeployError, match="a w4a16 g32 checkpoint: --group-size must be one of"):
+        deploy.load_checkpoint_into(net, path)
+    assert cli("inspect", path).stdout.splitlines()[-1] == "quantized: w4a16 g32, 1 Linear layer"
