@@ -24,9 +24,10 @@ cal_quantization_params it uses for the symmetric case:
     zp_neg[o] = -zp16[o]
 
 so that (q + zp_neg) * scale spans the row's own [min, max] (give or take a
-code at either end, from rounding zp). Rows whose range is too small for a scale in the weight's format (a
-constant row, say: Golden Stick divides by zero there) and rows whose zero
-point overflows the format are quantized symmetrically instead.
+code at either end, from rounding zp). Rows whose range is too small for a
+scale in the weight's format (a constant row, say: Golden Stick divides by
+zero there) and rows whose zero point overflows the format are quantized
+symmetrically instead.
 
 Float16 weights reproduce Golden Stick bit for bit. For bfloat16, float32
 and float64 weights the scale is stored in the weight's own dtype (what
