@@ -223,9 +223,8 @@ class _Params:
 
     def fill(self, rows: slice, low: np.ndarray, high: np.ndarray, fmt: FloatFormat,
              spec: RtnSpec) -> None:
-        absmax = np.maximum(np.abs(low), np.abs(high))
         if spec.symmetric:
-            self.scale[rows] = _symmetric_scale(absmax, fmt, spec)
+            self.scale[rows] = _symmetric_scale(np.maximum(np.abs(low), np.abs(high)), fmt, spec)
             return
         low64 = low.astype(np.float64)
         exact = (high.astype(np.float64) - low64) / (spec.qmax - spec.qmin)
@@ -234,7 +233,8 @@ class _Params:
         scale = to_work(to_storage(exact, fmt), fmt)
         symmetric = (scale == 0) | ~np.isfinite(zp)
         if symmetric.any():
-            scale[symmetric] = _symmetric_scale(absmax[symmetric], fmt, spec)
+            absmax = np.maximum(np.abs(low[symmetric]), np.abs(high[symmetric]))
+            scale[symmetric] = _symmetric_scale(absmax, fmt, spec)
             zp[symmetric] = 0
         self.scale[rows], self.zp[rows] = scale, zp
 
