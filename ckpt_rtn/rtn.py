@@ -26,8 +26,9 @@ cal_quantization_params it uses for the symmetric case:
 so that (q + zp_neg) * scale spans the row's own [min, max] (give or take a
 code at either end, from rounding zp). Rows whose range is too small for a
 scale in the weight's format (a constant row, say: Golden Stick divides by
-zero there) and rows whose zero point overflows the format are quantized
-symmetrically instead.
+zero there), rows whose range overflows it (a float64 row spanning more than
+float64's range) and rows whose zero point overflows the format are
+quantized symmetrically instead.
 
 Float16 weights reproduce Golden Stick bit for bit. For bfloat16, float32
 and float64 weights the scale is stored in the weight's own dtype (what
@@ -227,11 +228,12 @@ class _Params:
             self.scale[rows] = _symmetric_scale(np.maximum(np.abs(low), np.abs(high)), fmt, spec)
             return
         low64 = low.astype(np.float64)
-        exact = (high.astype(np.float64) - low64) / (spec.qmax - spec.qmin)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            # A float64 row spanning more than float64's range overflows here: inf.
+            exact = (high.astype(np.float64) - low64) / (spec.qmax - spec.qmin)
             zp = to_work(to_storage(np.rint(spec.qmin - low64 / exact), fmt), fmt)
-        scale = to_work(to_storage(exact, fmt), fmt)
-        symmetric = (scale == 0) | ~np.isfinite(zp)
+            scale = to_work(to_storage(exact, fmt), fmt)
+        symmetric = (scale == 0) | ~np.isfinite(scale) | ~np.isfinite(zp)
         if symmetric.any():
             absmax = np.maximum(np.abs(low[symmetric]), np.abs(high[symmetric]))
             scale[symmetric] = _symmetric_scale(absmax, fmt, spec)

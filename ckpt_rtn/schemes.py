@@ -64,6 +64,8 @@ class Scheme:
 
     def check(self, out_channels: int, in_channels: int) -> Optional[str]:
         """Why a [out, in] weight cannot be quantized by this scheme, or None."""
+        if not out_channels or not in_channels:
+            return "has no elements: a zero dimension leaves nothing to quantize"
         group = self.spec.group_size
         if group and (in_channels % group or in_channels == group):
             other = [g for g in GROUP_SIZES if g != group and in_channels % g == 0

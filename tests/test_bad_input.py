@@ -572,6 +572,21 @@ def test_non_finite_weight_is_refused(tmp_path: Path) -> None:
                    directory=out_dir)
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize("shape", [[64, 0], [0, 64]])
+def test_selected_weight_with_a_zero_dimension_is_refused(tmp_path: Path, shape: List[int],
+                                                          dry_run: bool) -> None:
+    """Nothing to take a min/max of: refused by name, by --dry-run as by convert."""
+    src = tmp_path / "zero.safetensors"
+    info = TensorInfo.of("model.layers.0.attention.wq.weight", dtypes.FLOAT16, shape)
+    with formats.open_writer(src, [info], format="safetensors", metadata={}) as writer:
+        writer.write(info.name, np.zeros(shape, np.float16))
+    dst = tmp_path / "out.safetensors"
+    result = run("convert", "--config", "llama2", *(["--dry-run"] if dry_run else []), src, dst)
+    assert_refused(result, src, r"attention\.wq\.weight.*zero dimension", leaves=[dst],
+                   directory=tmp_path)
+
+
 def test_corrupt_input_is_reported_as_such_not_by_its_symptom(tmp_path: Path) -> None:
     """A CRC'd checkpoint whose weight bytes were damaged into NaN: the deferred CRC check
     names the real fault, not the NaN it caused."""

@@ -278,6 +278,13 @@ def test_asymmetric_fallbacks() -> None:
     assert result.scale[0] == np.float16(1.0 / 255)
     assert result.zp_neg[1] == 128 and result.q[1].tolist() == [-128, -43, 42, 127]
 
+    # A float64 row whose range exceeds float64 (max - min overflows): symmetric, finite scale.
+    huge = np.array([[1e308, -1e308, 0.0, 5e307]], np.float64)
+    result = quantize_rtn(huge, FloatFormat.FLOAT64, ASYM8)
+    assert np.isfinite(result.scale).all() and result.zp_neg.tolist() == [0.0]
+    assert result.scale[0] == 1e308 / 127.5
+    assert result.q.tolist() == [[127, -127, 0, 64]]
+
 
 def test_legacy_float32_scale_cannot_be_asymmetric() -> None:
     with pytest.raises(ValueError, match="float64"):
