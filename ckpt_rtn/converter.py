@@ -275,7 +275,8 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
                     progress(step.source.nbytes, total)
 
             try:
-                run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store)
+                run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store,
+                             size=lambda step: step.source.nbytes)
             except CkptRtnError:
                 reader.finish()  # a CRC mismatch explains the failure better than its symptom
                 raise

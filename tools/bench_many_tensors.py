@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Per-tensor cost: convert a checkpoint of many tiny tensors, next to `cat`.
+
+MoE checkpoints hold ~100 000 tensors (DeepSeek-V3), so what ckpt-rtn spends
+per tensor, not per byte, sets their conversion time. This writes a file of
+N one-element float16 tensors (Llama2 norm names, so every tensor goes
+through the rules and is copied), then times, each in a fresh process with
+its peak RSS:
+
+  (a) `cat in > out`, the time the bytes themselves take (page cache warm);
+  (b) `ckpt-rtn convert -q` of the same file to the same format.
+
+    python tools/bench_many_tensors.py --tensors 100000 --format ckpt safetensors
+
+Prints, per format and count, the wall times, convert minus cat (the
+per-tensor overhead) and peak RSS. Issue #10's targets on the 2-core machine:
+100 000 tensors in <= 5 s beyond cat, at <= 250 MB peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from ckpt_rtn import dtypes  # noqa: E402
+from ckpt_rtn.formats import TensorInfo, open_writer  # noqa: E402
+
+#: Measures one command in a fresh process: wall time, peak RSS of its children, exit code.
+_MEASURE = r"""
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+rc = subprocess.run(sys.argv[1], shell=True).returncode
+wall = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"wall": wall, "rss": rss, "rc": rc}))
+"""
+
+def tiny_tensors(count: int) -> List[TensorInfo]:
+    """`count` one-element [1] float16 tensors under Llama2 norm names (copied, not quantized)."""
+    return [TensorInfo.of(f"model.layers.{i // 2}.{('attention_norm', 'ffn_norm')[i % 2]}.weight",
+                          dtypes.FLOAT16, (1,)) for i in range(count)]
+
+
+def write(path: str, infos: List[TensorInfo], fmt: str) -> None:
+    one = np.ones(1, np.float16)
+    with open_writer(path, infos, format=fmt, metadata={}) as writer:
+        for info in infos:
+            writer.write(info.name, one.reshape(info.shape))
+
+
+def measure(command: str) -> Dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", _MEASURE, command], check=True,
+                         capture_output=True, text=True).stdout
+    result = json.loads(out)
+    if result["rc"]:
+        raise SystemExit(f"failed ({result['rc']}): {command}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tensors", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--format", nargs="+", choices=("ckpt", "safetensors"),
+                        default=["ckpt", "safetensors"])
+    parser.add_argument("--dir", default=None, help="Scratch directory (default: a temp dir).")
+    args = parser.parse_args()
+    scratch = args.dir or tempfile.mkdtemp(prefix="ckpt-rtn-many-")
+    os.makedirs(scratch, exist_ok=True)
+    env = f"PYTHONPATH={os.path.dirname(HERE)} "
+    print(f"{'format':<12} {'tensors':>9} {'file MB':>8} {'cat s':>7} {'convert s':>10} "
+          f"{'overhead s':>11} {'peak RSS MB':>12}")
+    for fmt in args.format:
+        for count in args.tensors:
+            src = os.path.join(scratch, f"many.{fmt}")
+            dst = os.path.join(scratch, f"out.{fmt}")
+            write(src, tiny_tensors(count), fmt)
+            measure(f"cat {src} > /dev/null")  # warm the page cache
+            cat = measure(f"cat {src} > {dst}")
+            os.unlink(dst)
+            run = measure(f"{env}{sys.executable} -m ckpt_rtn convert -q --config llama2 "
+                          f"{src} {dst}")
+            os.unlink(dst)
+            print(f"{fmt:<12} {count:>9} {os.path.getsize(src) / 1e6:>8.1f} {cat['wall']:>7.2f} "
+                  f"{run['wall']:>10.2f} {run['wall'] - cat['wall']:>11.2f} "
+                  f"{run['rss'] / 1e6:>12.0f}")
+            os.unlink(src)
+
+
+if __name__ == "__main__":
+    main()
