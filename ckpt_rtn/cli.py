@@ -249,11 +249,11 @@ def _print_summary(dst: str, result: converter.Result) -> None:
 
 def _warn_about(plan: converter.Plan) -> None:
     for info in plan.dropped:
-        click.echo(f"warning: dropped {info.name!r}: safetensors cannot store {info.dtype} values",
-                   err=True)
+        click.echo(f"warning: {plan.source}: dropped {info.name!r}: safetensors cannot store "
+                   f"{info.dtype} values", err=True)
     if not plan.quantized:
-        click.echo(f"warning: no tensor matched the {plan.rules.family} rules; the output is a copy "
-                   "(see --config / --include)", err=True)
+        click.echo(f"warning: {plan.source}: no tensor matched the {plan.rules.family} rules; its "
+                   "output is a copy (see --config / --include)", err=True)
 
 
 def _print_dry_run(plan: converter.Plan, input_size: int) -> None:

@@ -27,7 +27,7 @@ from .numerics import FloatFormat
 from .pipeline import run_pipeline
 from .rtn import NonFiniteWeightError, RowBounds
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
-from .schemes import Quantized, Scheme, get_scheme, transposed
+from .schemes import Quantized, Scheme, detect_scheme, get_scheme, transposed
 
 _FLOAT_FORMATS = {
     dtypes.FLOAT16: FloatFormat.FLOAT16,
@@ -70,6 +70,8 @@ class Plan:
     rules: Rules
     scheme: Scheme
     dropped: List[TensorInfo] = field(default_factory=list)
+    #: The input file the plan was made from.
+    source: str = ""
 
     @property
     def outputs(self) -> List[TensorInfo]:
@@ -156,7 +158,7 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
     metadata = {k: v for k, v in reader.metadata.items()
                 if k != "crc_num" and k not in selections}  # stale CRC, per-tensor marks
     metadata["format"] = "ms"
-    return Plan(steps, out_format, metadata, crc, rules, scheme, dropped)
+    return Plan(steps, out_format, metadata, crc, rules, scheme, dropped, reader.path)
 
 
 def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
@@ -216,9 +218,21 @@ def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str"
 
 
 def resolve_rules(rules: "Rules | RuleChoice", reader: TensorReader) -> Rules:
-    """Rules as given, or chosen from the checkpoint's tensor names (family detection)."""
+    """Rules as given, or chosen from the checkpoint's tensor names (family detection).
+
+    An already quantized checkpoint is named as such rather than as one of
+    no known family: its Linear weights are integer codes, so converting it
+    only copies it, which needs an explicit --config.
+    """
     if isinstance(rules, Rules):
         return rules
+    found = detect_scheme(reader.tensors) if rules.config is None else None
+    if found is not None:
+        count = len(found.layers)
+        raise UnsupportedError(reader.path, f"is already quantized ({found.label}, {count} "
+                               f"Linear layer{'' if count == 1 else 's'}): convert the "
+                               "floating-point checkpoint it was made from (or pass --config "
+                               "FAMILY to copy it into another format)")
     try:
         return rules.resolve(t.name for t in reader.tensors)
     except ConfigError as exc:

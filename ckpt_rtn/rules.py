@@ -127,7 +127,16 @@ class RuleChoice:
             load_rules(self.config)
 
     def resolve(self, names: Iterable[str]) -> Rules:
-        base = load_rules(self.config) if self.config else detect_family(names)
+        """The family's rules with the overrides; --include alone needs no family."""
+        if self.config:
+            base = load_rules(self.config)
+        else:
+            try:
+                base = detect_family(names)
+            except ConfigError:
+                if not self.include:
+                    raise
+                base = include_only_rules()
         return base.with_overrides(include=self.include, blacklist=self.blacklist,
                                    keep_default_blacklist=self.keep_default_blacklist)
 
@@ -154,6 +163,14 @@ def load_rules(config: "str | os.PathLike[str] | None" = None) -> Rules:
     return _rules_from(path, data)
 
 
+def include_only_rules() -> Rules:
+    """Rules for --include on a checkpoint of no known family: no blacklist, and the
+    weights it selects laid out [out, in] (MindFormers' Linear with transpose_b,
+    and torch's nn.Linear, the layout nearly every checkpoint uses)."""
+    return Rules(family="custom", linear_weights=(), blacklist=(),
+                 family_weights=(WeightPattern(re.compile(""), OUT_IN),))
+
+
 def detect_family(names: Iterable[str]) -> Rules:
     """The one built-in family whose `detect` patterns all match these tensor names."""
     names = list(names)
@@ -161,7 +178,7 @@ def detect_family(names: Iterable[str]) -> Rules:
     if len(found) != 1:
         which = ", ".join(r.family for r in found) or "none"
         raise ConfigError(None, f"cannot tell the model family from the tensor names (matches: "
-                          f"{which}); pass --config FAMILY or a YAML file")
+                          f"{which}); pass --config FAMILY or a YAML file, or --include REGEX")
     return found[0]
 
 

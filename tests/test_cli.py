@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
@@ -407,7 +408,8 @@ def test_no_matching_tensor_warns_and_copies(tmp_path: Path) -> None:
 
 def test_no_matching_tensor_warns_in_dry_run(tmp_path: Path) -> None:
     result = ok(run("convert", "--dry-run", "--config", "llama2", SMALL, tmp_path / "copy.ckpt"))
-    assert any(l.startswith("warning: no tensor matched") for l in result.stderr.splitlines())
+    assert any(line.startswith(f"warning: {SMALL}: no tensor matched")
+               for line in result.stderr.splitlines())
     assert re.search(r"^0 of 11 tensors would be quantized", result.stdout, re.M)
     assert _dry_run_size(result, "ckpt") == SMALL.stat().st_size
 
@@ -432,5 +434,51 @@ def test_family_is_detected_or_refused(tmp_path: Path, llama: Path) -> None:
     refused = run("convert", SMALL, tmp_path / "copy.ckpt")
     assert refused.exit_code == 2
     assert refused.stderr == (f"error: {SMALL}: cannot tell the model family from the tensor "
-                              "names (matches: none); pass --config FAMILY or a YAML file\n")
+                              "names (matches: none); pass --config FAMILY or a YAML file, or "
+                              "--include REGEX\n")
     assert not (tmp_path / "copy.ckpt").exists()
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a16-ptq"])
+def test_already_quantized_input_is_named_as_such(tmp_path: Path, llama: Path,
+                                                   scheme: str) -> None:
+    quantized = tmp_path / "q.safetensors"
+    ok(run("convert", "-q", "--scheme", scheme, llama, quantized))
+    again = tmp_path / "again.ckpt"
+    refused = run("convert", quantized, again)
+    assert refused.exit_code == 2 and not again.exists()
+    assert refused.stderr.startswith(f"error: {quantized}: is already quantized ({scheme}, 14 "
+                                     "Linear layers): "), refused.stderr
+    assert len(refused.stderr.splitlines()) == 1
+
+
+def test_include_alone_needs_no_family(tmp_path: Path) -> None:
+    """--include on a checkpoint of no known family quantizes what it names, as [out, in]."""
+    src = tmp_path / "custom.safetensors"
+    rng = np.random.default_rng(0)
+    tensors = {"blocks.0.proj.weight": rng.standard_normal((8, 64)).astype(np.float16),
+               "blocks.0.scale.weight": np.ones(64, np.float16)}
+    infos = [TensorInfo.of(n, dtypes.FLOAT16, a.shape) for n, a in tensors.items()]
+    with formats.open_writer(src, infos, format="safetensors", metadata={}) as writer:
+        for name, array in tensors.items():
+            writer.write(name, array)
+    dst = tmp_path / "w8.safetensors"
+    result = ok(run("convert", "--include", r"proj\.weight$", src, dst))
+    assert ": custom w8a16: quantized 1 tensors" in result.stdout
+    with formats.open_reader(dst) as reader:
+        shapes = {t.name: t.shape for t in reader.tensors}
+    assert shapes["blocks.0.proj._handler.weight"] == (8, 64)
+    assert shapes["blocks.0.proj._weight_quantizer.scale"] == (8,)
+    assert shapes["blocks.0.scale.weight"] == (64,)
+
+
+def test_no_match_warning_names_each_shard(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for rank in (0, 1):
+        (src / f"rank_{rank}").mkdir(parents=True)
+        shutil.copy(SMALL, src / f"rank_{rank}" / "small.ckpt")
+    result = ok(run("convert", "--config", "llama2", src, tmp_path / "out"))
+    warnings = [l for l in result.stderr.splitlines() if "no tensor matched" in l]
+    assert warnings == [f"warning: {src / f'rank_{rank}' / 'small.ckpt'}: no tensor matched the "
+                        "llama2 rules; its output is a copy (see --config / --include)"
+                        for rank in (0, 1)]
