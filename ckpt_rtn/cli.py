@@ -152,7 +152,9 @@ def main() -> None:
 @click.option("--crc", is_flag=True, help="Append MindSpore's CRC trailer (.ckpt output).")
 @click.option("--no-verify-crc", is_flag=True,
               help="Do not check the input's CRC trailer (it is checked by default).")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace DST if it exists (a regular file: a directory, device, FIFO or "
+                   "symlink is never replaced).")
 @click.option("--resume", is_flag=True,
               help="Directory input: finish an interrupted run into DST, skipping the files "
                    "its ckpt-rtn-manifest.json shows complete and intact.")
@@ -161,7 +163,8 @@ def main() -> None:
                    "identical for any N.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
               help="Write a JSON report: sizes, counts, time, throughput and each layer's "
-                   "dequantization error (measured while quantizing; ~30% slower).")
+                   "dequantization error (measured while quantizing; ~30% slower). For a "
+                   "file, the report and DST appear together or neither does.")
 @click.option("--dry-run", is_flag=True,
               help="List what would be quantized and the exact output size; write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
