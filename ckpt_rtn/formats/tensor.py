@@ -10,6 +10,7 @@ import numpy as np
 
 from ..dtypes import DType, STRING
 from ..errors import FormatError, OutputError
+from ..paths import open_input
 from .atomic import AtomicFile
 
 
@@ -97,10 +98,7 @@ class TensorReader:
         self.tensors: List[TensorInfo] = []
         self.metadata: Dict[str, str] = {}
         self._segments: Dict[str, List[Segment]] = {}
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise FormatError(self.path, f"cannot open: {exc.strerror}") from None
+        self._fd = open_input(self.path)  # a regular file, or our error (never blocks on a FIFO)
 
     def read(self, info: TensorInfo) -> np.ndarray:
         """The tensor's data as a numpy array of its storage dtype and shape."""
