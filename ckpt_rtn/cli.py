@@ -12,10 +12,11 @@ import click
 from tqdm import tqdm
 
 from . import __version__, converter, directory, formats
-from .errors import CkptRtnError, ConfigError, OutputError, UnsupportedError
+from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
 from .numerics import to_work
 from .rules import RuleChoice, available_families
 from .schemes import SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_scheme
+from .settings import NAME as SETTINGS_NAME, recorded
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
     import numpy as np
@@ -284,8 +285,9 @@ def inspect(path: str, no_verify_crc: bool) -> None:
         crc = getattr(reader, "crc", None)
         if crc is not None:
             extra = f", CRC {crc:#010x} {'not checked' if no_verify_crc else 'verified'}"
-        if reader.metadata:
-            extra += f", metadata {reader.metadata}"
+        metadata = {k: v for k, v in reader.metadata.items() if k != SETTINGS_NAME}
+        if metadata:
+            extra += f", metadata {metadata}"
         click.echo(f"{len(reader)} tensors, {reader.nbytes} bytes of data "
                    f"({human_bytes(reader.nbytes)}); file {os.path.getsize(path)} bytes, "
                    f"{reader.format}{extra}")
@@ -294,6 +296,18 @@ def inspect(path: str, no_verify_crc: bool) -> None:
             count = len(found.layers)
             click.echo(f"quantized: {found.label}{_asymmetry(reader, found)}, "
                        f"{count} Linear layer{'' if count == 1 else 's'}")
+        _print_recorded_settings(reader)
+
+
+def _print_recorded_settings(reader: formats.TensorReader) -> None:
+    """The settings line of a file ckpt-rtn wrote; a damaged record is shown, not fatal."""
+    try:
+        settings = recorded(reader)
+    except FormatError as exc:
+        click.echo(f"settings: {exc.reason}")
+        return
+    if settings is not None:
+        click.echo(f"written by {settings.summary}")
 
 
 def _asymmetry(reader: formats.TensorReader, found: CheckpointScheme) -> str:
