@@ -14,12 +14,13 @@ import click
 from tqdm import tqdm
 
 from . import __version__, converter, directory, formats, paths
-from .errors import CkptRtnError, ConfigError, OutputError, UnsupportedError
+from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
 from .formats import atomic
 from .formats.atomic import AtomicFile
 from .numerics import to_work
 from .rules import RuleChoice, available_families
 from .schemes import SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_scheme
+from .settings import NAME as SETTINGS_NAME, recorded
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
     import numpy as np
@@ -239,7 +240,7 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
 
 
 @contextlib.contextmanager
-def _progress_bar(quiet: bool) -> Iterator[converter.ProgressFn]:
+def _progress_bar(quiet: bool, desc: str = "convert") -> Iterator[converter.ProgressFn]:
     """A byte progress bar that appears with the first finished tensor.
 
     By then every check has passed, so an error stays a single line; tqdm
@@ -250,7 +251,7 @@ def _progress_bar(quiet: bool) -> Iterator[converter.ProgressFn]:
     def progress(advance: int, total: int) -> None:
         if not bars:
             bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc="convert", leave=False, disable=True if quiet else None))
+                             desc=desc, leave=False, disable=True if quiet else None))
         bars[0].update(advance)
     try:
         yield progress
@@ -343,6 +344,54 @@ def _print_dry_run(plan: converter.Plan, input_size: int) -> None:
 
 
 @main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("dst", type=click.Path(path_type=str))
+@click.option("--no-verify-crc", is_flag=True,
+              help="Do not check SRC's CRC trailer (convert checks it by default).")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N",
+              help="Threads that quantize each weight (default: all cores).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary when DST matches.")
+@_reported
+def verify(src: str, dst: str, no_verify_crc: bool, workers: Optional[int], quiet: bool) -> None:
+    """Check that DST is exactly what `convert` makes of SRC, with the settings DST records.
+
+    SRC is converted again in memory, a tensor at a time, and compared with
+    DST byte for byte: tensors, metadata, headers, CRC trailer. For a
+    directory, every file is also checked against the size and sha256 in
+    DST/ckpt-rtn-manifest.json. Exit status 0: identical; 1: DST differs
+    (one line per tensor or file that does); 2: unusable input (e.g. DST
+    records no settings).
+
+    \b
+    Examples:
+      ckpt-rtn verify llama2_7b.ckpt llama2_7b_w8a16.ckpt
+      ckpt-rtn verify llama2_70b_tp8/ llama2_70b_w8a16/
+    """
+    from . import verify as checks
+
+    if os.path.isdir(src) != os.path.isdir(dst):
+        raise UnsupportedError(dst, "SRC is a directory, so DST must be one too"
+                               if os.path.isdir(src) else "SRC is a file, so DST must be one too")
+    run = checks.verify_directory if os.path.isdir(src) else checks.verify_file
+    with _progress_bar(quiet, "verify") as progress:
+        verdict = run(src, dst, verify_crc=not no_verify_crc, workers=workers, progress=progress)
+    settings = verdict.settings.summary
+    if verdict.differences:
+        count = len(verdict.differences)
+        click.echo(f"{dst}: differs from converting {src} ({settings}): {count} "
+                   f"difference{'' if count == 1 else 's'}")
+        for difference in verdict.differences:
+            click.echo(f"  {difference}")
+        sys.exit(1)
+    if not quiet:
+        done = f"{verdict.tensors} tensors, {verdict.quantized} quantized"
+        if os.path.isdir(src):
+            done = (f"{verdict.shards} shards ({done}), {verdict.copied} copied files, "
+                    f"{verdict.indexes} indexes, sizes and sha256 as the manifest records")
+        click.echo(f"{dst}: identical to converting {src} ({settings}): {done}")
+
+
+@main.command()
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--no-verify-crc", is_flag=True, help="Do not check a .ckpt CRC trailer.")
 @_reported
@@ -355,8 +404,9 @@ def inspect(path: str, no_verify_crc: bool) -> None:
         crc = getattr(reader, "crc", None)
         if crc is not None:
             extra = f", CRC {crc:#010x} {'not checked' if no_verify_crc else 'verified'}"
-        if reader.metadata:
-            extra += f", metadata {reader.metadata}"
+        metadata = {k: v for k, v in reader.metadata.items() if k != SETTINGS_NAME}
+        if metadata:
+            extra += f", metadata {metadata}"
         click.echo(f"{len(reader)} tensors, {reader.nbytes} bytes of data "
                    f"({human_bytes(reader.nbytes)}); file {os.path.getsize(path)} bytes, "
                    f"{reader.format}{extra}")
@@ -365,6 +415,18 @@ def inspect(path: str, no_verify_crc: bool) -> None:
             count = len(found.layers)
             click.echo(f"quantized: {found.label}{_asymmetry(reader, found)}, "
                        f"{count} Linear layer{'' if count == 1 else 's'}")
+        _print_recorded_settings(reader)
+
+
+def _print_recorded_settings(reader: formats.TensorReader) -> None:
+    """The settings line of a file ckpt-rtn wrote; a damaged record is shown, not fatal."""
+    try:
+        settings = recorded(reader)
+    except FormatError as exc:
+        click.echo(f"settings: {exc.reason}")
+        return
+    if settings is not None:
+        click.echo(f"written by {settings.summary}")
 
 
 def _asymmetry(reader: formats.TensorReader, found: CheckpointScheme) -> str:

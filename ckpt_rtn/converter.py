@@ -30,6 +30,7 @@ from .pipeline import run_pipeline
 from .rtn import NonFiniteWeightError, RowBounds
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
 from .schemes import Quantized, Scheme, detect_scheme, get_scheme, transposed
+from .settings import NAME as SETTINGS_NAME, Settings
 
 _FLOAT_FORMATS = {
     dtypes.FLOAT16: FloatFormat.FLOAT16,
@@ -71,13 +72,25 @@ class Plan:
     crc: bool
     rules: Rules
     scheme: Scheme
+    settings: Settings
     dropped: List[TensorInfo] = field(default_factory=list)
     #: The input file the plan was made from.
     source: str = ""
 
     @property
+    def records(self) -> List[Tuple[TensorInfo, np.ndarray]]:
+        """str records written after the tensors, as append_dict does: a `.ckpt`'s settings
+        (safetensors holds them in its metadata)."""
+        if self.out_format != "ckpt":
+            return []
+        text = np.array(self.settings.to_json())
+        return [(TensorInfo(SETTINGS_NAME, dtypes.STRING, (), text.nbytes), text)]
+
+    @property
     def outputs(self) -> List[TensorInfo]:
-        return [out for step in self.steps for out in step.outputs]
+        """Every tensor and record of the output file, in the order they are written."""
+        return [out for step in self.steps for out in step.outputs] + [
+            info for info, _ in self.records]
 
     @property
     def quantized(self) -> List[Step]:
@@ -143,6 +156,11 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
     steps, dropped = [], []
     for info in reader.tensors:
         selection = selections[info.name]
+        if info.name == SETTINGS_NAME:
+            if info.dtype is not dtypes.STRING:
+                raise UnsupportedError(reader.path, f"tensor {info.name!r} has the name of the "
+                                       "str record ckpt-rtn writes its settings to")
+            continue  # the settings of the conversion that made this input: replaced
         if out_format == "safetensors" and info.dtype.safetensors is None:
             if info.dtype is not dtypes.STRING:
                 raise UnsupportedError(reader.path, f"tensor {info.name!r} is {info.dtype}, which "
@@ -160,7 +178,10 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
     metadata = {k: v for k, v in reader.metadata.items()
                 if k != "crc_num" and k not in selections}  # stale CRC, per-tensor marks
     metadata["format"] = "ms"
-    return Plan(steps, out_format, metadata, crc, rules, scheme, dropped, reader.path)
+    settings = Settings.of(rules, scheme, crc=crc, out_format=out_format)
+    if out_format == "safetensors":
+        metadata[SETTINGS_NAME] = settings.to_json()
+    return Plan(steps, out_format, metadata, crc, rules, scheme, settings, dropped, reader.path)
 
 
 def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
@@ -287,10 +308,9 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
         total = reader.nbytes
 
         def quantize(step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
-            if not step.quantized:
-                return (data,)
-            result = _quantize(reader.path, step, data, scheme, pool if workers > 1 else None,
-                               stats, (row_bounds or {}).get(step.source.name))
+            result = convert_step(reader.path, step, data, scheme,
+                                  pool=pool if workers > 1 else None, stats=stats,
+                                  row_bounds=row_bounds)
             if result.stats is not None:
                 errors.append(LayerError(step.layer or "", step.source.shape,
                                          step.source.dtype.name, result.stats.max_abs,
@@ -308,6 +328,8 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             try:
                 run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store,
                              size=lambda step: step.source.nbytes)
+                for info, value in plan.records:
+                    writer.write(info.name, value)
             except CkptRtnError:
                 reader.finish()  # a CRC mismatch explains the failure better than its symptom
                 raise
@@ -316,6 +338,17 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
                 progress(sum(t.nbytes for t in plan.dropped), total)
     return Result(plan, os.path.getsize(src), plan.output_size,  # dst may not be renamed yet
                   time.perf_counter() - started, workers, errors)
+
+
+def convert_step(path: str, step: Step, data: np.ndarray, scheme: Scheme, *,
+                 pool: Optional[ThreadPoolExecutor] = None, stats: bool = False,
+                 row_bounds: Optional[Mapping[str, RowBounds]] = None) -> Quantized:
+    """The arrays `convert` writes for one step, in the order of `step.outputs`, from its
+    source tensor's data (`verify` recomputes them the same way)."""
+    if not step.quantized:
+        return Quantized((data,), None)
+    return _quantize(path, step, data, scheme, pool, stats,
+                     (row_bounds or {}).get(step.source.name))
 
 
 def float_format(dtype: dtypes.DType) -> FloatFormat:

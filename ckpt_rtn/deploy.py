@@ -297,7 +297,10 @@ def _load_exactly(net: nn.Cell, path: "os.PathLike[str] | str", upcast: bool) ->
     The CPU int4 cells' `dequantized_weight` is derived from the loaded codes.
     """
     path = os.fspath(path)
-    params: Dict[str, Parameter] = ms.load_checkpoint(path, format=detect_format(path))
+    loaded = ms.load_checkpoint(path, format=detect_format(path))
+    # str values (append_dict's, and the settings record ckpt-rtn writes) are no parameters.
+    params: Dict[str, Parameter] = {name: value for name, value in loaded.items()
+                                    if not isinstance(value, str)}
     expected = {p.name: p for p in net.get_parameters()
                 if not p.name.endswith(".dequantized_weight")}
     if upcast:

@@ -47,6 +47,7 @@ from .formats.strategy import Layout, is_strategy_file, read_strategy
 from .rtn import RowBounds, row_bounds
 from .rules import OUT_IN, RuleChoice, Rules
 from .schemes import Scheme
+from .settings import NAME as SETTINGS_NAME, Settings
 
 MANIFEST = "ckpt-rtn-manifest.json"
 
@@ -121,7 +122,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleCho
     _check_paths(src, dst, layout, report)
     with open_reader(os.path.join(src, layout.shards[0]), verify_crc=False) as first:
         rules = converter.resolve_rules(rules, first)
-    settings = _settings(rules, scheme, crc)
+    settings = Settings.of(rules, scheme, crc=crc, out_format=None)
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
     manifest = _load_manifest(dst, settings) if resume else _new_manifest(settings)
     _remove_dead_temp_files(dst)
@@ -151,9 +152,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleCho
         plan = converted.plan  # the bar counts file bytes; convert reported tensor bytes
         shard_progress(size - sum(s.source.nbytes for s in plan.steps)
                        - sum(t.nbytes for t in plan.dropped), total)
-        _record(dst, manifest, rel, out, [
-            {"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "nbytes": t.nbytes}
-            for t in converted.plan.outputs])
+        _record(dst, manifest, rel, out, manifest_tensors(converted.plan))
     for rel in layout.others:
         out = os.path.join(dst, rel)
         if _is_done(manifest, rel, out):
@@ -356,18 +355,18 @@ def _is_index(path: str) -> bool:
     return isinstance(data, dict) and isinstance(data.get("weight_map"), dict)
 
 
-def _settings(rules: Rules, scheme: Scheme, crc: bool) -> Dict[str, object]:
-    return {"scheme": scheme.name, "group_size": scheme.spec.group_size,
-            "symmetric": scheme.spec.symmetric, "family": rules.family,
-            "linear_weights": [[p.regex.pattern, p.layout] for p in rules.linear_weights],
-            "blacklist": list(rules.blacklist), "crc": crc}
+def manifest_tensors(plan: converter.Plan) -> List[Dict[str, object]]:
+    """A converted shard's tensors as its manifest entry lists them."""
+    return [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "nbytes": t.nbytes}
+            for t in plan.outputs]
 
 
-def _new_manifest(settings: Dict[str, object]) -> Dict[str, object]:
-    return {"tool": "ckpt-rtn", "version": __version__, "settings": settings, "files": {}}
+def _new_manifest(settings: Settings) -> Dict[str, object]:
+    return {"tool": "ckpt-rtn", "version": __version__, "settings": settings.to_dict(),
+            "files": {}}
 
 
-def _load_manifest(dst: str, settings: Dict[str, object]) -> Dict[str, object]:
+def _load_manifest(dst: str, settings: Settings) -> Dict[str, object]:
     path = os.path.join(dst, MANIFEST)
     if not os.path.exists(path):
         return _new_manifest(settings)
@@ -379,10 +378,14 @@ def _load_manifest(dst: str, settings: Dict[str, object]) -> Dict[str, object]:
     except (OSError, ValueError, KeyError, AssertionError):
         raise ConfigError(path, "unreadable manifest; remove it (and the output) to start "
                           "over") from None
-    if manifest.get("settings") != settings:
-        raise ConfigError(path, "was written with other settings "
-                          f"({manifest.get('settings')}); resume with the same options, or "
-                          "start over in a new directory")
+    if manifest.get("settings") != settings.to_dict():
+        try:
+            were = Settings.from_dict(manifest.get("settings"), path).summary
+        except FormatError:
+            were = "not recorded by this ckpt-rtn version"
+        raise ConfigError(path, f"was written with other settings ({were}; this run: "
+                          f"{settings.summary}); resume with the same options, or start over "
+                          "in a new directory")
     return manifest
 
 
@@ -413,14 +416,20 @@ def _record(dst: str, manifest: Dict[str, object], rel: str, out: str,
 
 
 def _rewrite_index(src: str, dst: str, rel: str, manifest: Dict[str, object]) -> None:
-    """Point every output tensor at its shard; total_size becomes the output's tensor bytes."""
+    write_bytes_atomic(os.path.join(dst, rel),
+                       rewritten_index(src, rel, manifest["files"]))  # type: ignore[arg-type]
+
+
+def rewritten_index(src: str, rel: str, files: Dict[str, Dict[str, object]]) -> bytes:
+    """The index `rel` with every output tensor pointing at its shard (from the manifest
+    `files`' tensor lists); total_size becomes the output's tensor bytes. A `.ckpt` shard's
+    settings record is not a tensor to look up: it is left out."""
     path = os.path.join(src, rel)
     try:
         with open(path) as f:
             index = json.load(f)
     except OSError as exc:
         raise FormatError(path, f"cannot read: {exc.strerror}") from None
-    files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
     weight_map: Dict[str, str] = {}
     total = 0
     for shard in sorted(set(index["weight_map"].values())):
@@ -428,12 +437,14 @@ def _rewrite_index(src: str, dst: str, rel: str, manifest: Dict[str, object]) ->
         if entry is None or "tensors" not in entry:
             raise FormatError(path, f"weight_map names {shard!r}, which is not a converted shard")
         for tensor in entry["tensors"]:  # type: ignore[union-attr]
+            if tensor["name"] == SETTINGS_NAME:
+                continue
             weight_map[tensor["name"]] = shard
             total += tensor["nbytes"]
     index["weight_map"] = dict(sorted(weight_map.items()))
     metadata = index.get("metadata")
     index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "total_size": total}
-    write_bytes_atomic(os.path.join(dst, rel), json.dumps(index, indent=2).encode() + b"\n")
+    return json.dumps(index, indent=2).encode() + b"\n"
 
 
 def _remove_dead_temp_files(dst: str) -> None:

@@ -30,11 +30,12 @@ BATCH_ITEMS = 4096
 
 
 def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[T, A], B],
-                 store: Callable[[T, B], None], size: Callable[[T], int] = lambda _: 0,
+                 store: Callable[[T, B], None], *, size: Callable[[T], int],
                  depth: int = 1) -> None:
     """load(item) in a thread, process(item, loaded) here, store(item, processed) in a thread.
 
-    `size(item)` is the item's weight in bytes, for batching.
+    `size(item)` is the bytes an item holds once loaded: batches are bounded by it, so
+    memory is too.
     """
     loaded: "queue.Queue[object]" = queue.Queue(maxsize=depth)
     processed: "queue.Queue[object]" = queue.Queue(maxsize=depth)

@@ -230,3 +230,14 @@ def yaml_problem(exc: "yaml.YAMLError") -> str:
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     mark = getattr(exc, "problem_mark", None)
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def recorded_rules(family: str, linear_weights: Iterable[Tuple[str, Optional[str]]],
+                   family_weights: Iterable[Tuple[str, Optional[str]]],
+                   blacklist: Iterable[str]) -> Rules:
+    """Rules rebuilt from a conversion's recorded settings (see settings.py): they select
+    exactly what the recorded ones did, without the YAML file they came from."""
+    def patterns(entries: Iterable[Tuple[str, Optional[str]]]) -> Tuple[WeightPattern, ...]:
+        return tuple(WeightPattern(_compile(p, "recorded rules"), layout) for p, layout in entries)
+    return Rules(family=family, linear_weights=patterns(linear_weights),
+                 blacklist=tuple(blacklist), family_weights=patterns(family_weights))

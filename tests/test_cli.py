@@ -379,7 +379,8 @@ def test_format_option_with_bin_name(tmp_path: Path, llama: Path, fmt: str) -> N
     assert summary_count(result, dst) == 14
     assert formats.detect_format(dst) == fmt  # sniffed from the bytes, not the name
     assert quantized_layers(dst, fmt) == EXPECTED_DEFAULT
-    assert re.search(rf"^47 tensors, .*, {fmt}", ok(run("inspect", dst)).stdout, re.M)
+    records = 48 if fmt == "ckpt" else 47  # a .ckpt holds the settings as a str record
+    assert re.search(rf"^{records} tensors, .*, {fmt}", ok(run("inspect", dst)).stdout, re.M)
     if fmt == "safetensors":
         from safetensors.numpy import load_file  # an independent reader
         loaded = load_file(os.fspath(dst))
@@ -402,8 +403,11 @@ def test_no_matching_tensor_warns_and_copies(tmp_path: Path) -> None:
     assert len(warnings) == 1 and "no tensor matched the llama2 rules" in warnings[0], warnings
     assert summary_count(result, dst) == 0
     assert "copied 11;" in result.stdout
-    # every tensor copied bit for bit: our records are MindSpore's, so the file is identical
-    assert dst.read_bytes() == SMALL.read_bytes()
+    # every tensor copied bit for bit: our records are MindSpore's, so the file is the input's
+    # bytes followed by the settings record
+    assert dst.read_bytes().startswith(SMALL.read_bytes())
+    with formats.open_reader(dst) as reader:
+        assert [t.name for t in reader.tensors] == [*SMALL_TENSORS, "ckpt_rtn_settings"]
 
 
 def test_no_matching_tensor_warns_in_dry_run(tmp_path: Path) -> None:
@@ -411,7 +415,8 @@ def test_no_matching_tensor_warns_in_dry_run(tmp_path: Path) -> None:
     assert any(line.startswith(f"warning: {SMALL}: no tensor matched")
                for line in result.stderr.splitlines())
     assert re.search(r"^0 of 11 tensors would be quantized", result.stdout, re.M)
-    assert _dry_run_size(result, "ckpt") == SMALL.stat().st_size
+    ok(run("convert", "-q", "--config", "llama2", SMALL, tmp_path / "copy.ckpt"))
+    assert _dry_run_size(result, "ckpt") == (tmp_path / "copy.ckpt").stat().st_size
 
 
 def test_safetensors_round_trip_back_to_ckpt(tmp_path: Path, llama: Path) -> None:

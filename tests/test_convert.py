@@ -14,6 +14,7 @@ from ckpt_rtn import converter
 from ckpt_rtn.cli import main
 from ckpt_rtn.numerics import FloatFormat
 from ckpt_rtn.rules import load_rules
+from ckpt_rtn.settings import NAME as SETTINGS, Settings
 
 from conftest import llama_weights, ms_bytes, ms_load, ms_save
 from test_rtn import golden_stick_reference
@@ -28,8 +29,10 @@ def run(*args: str) -> None:
 
 
 def assert_same_tensors(a_path: Path, b_path: Path) -> None:
-    """MindSpore loads the same names and bytes from both files."""
+    """MindSpore loads the same names and bytes from both files (the .ckpt settings record,
+    which MindSpore returns as a str, aside)."""
     a, b = ms_load(a_path), ms_load(b_path)
+    a.pop(SETTINGS, None), b.pop(SETTINGS, None)
     assert a.keys() == b.keys()
     for name in a:
         assert ms_bytes(a[name]) == ms_bytes(b[name]), name
@@ -64,6 +67,9 @@ def test_mindspore_llama_converts_to_golden_stick_tensor_set(fp16_llama, tmp_pat
     out = tmp_path / out_name
     run("convert", str(root / "llama.ckpt"), str(out), "-q")
     loaded = ms_load(out)
+    if out_name.endswith(".ckpt"):  # the settings record comes back as a str
+        assert Settings.from_json(loaded.pop(SETTINGS), out).summary.endswith(
+            "w8a16, llama2 rules, blacklist lm_head")
     assert {k: str(v.dtype) for k, v in loaded.items()} == expected_names(weights)
     for name, w in weights.items():
         layer = name[:-len(".weight")]
@@ -160,7 +166,9 @@ def test_safetensors_metadata_is_kept_but_stale_crc_dropped(fp16_llama, tmp_path
               metadata={"crc_num": "123", "remove_redundancy": "False"})
     run("convert", str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors"), "-q")
     with safe_open(str(tmp_path / "out.safetensors"), framework="numpy") as f:
-        assert f.metadata() == {"format": "ms", "remove_redundancy": "False"}
+        metadata = f.metadata()
+    assert Settings.from_json(metadata.pop(SETTINGS), None).format == "safetensors"
+    assert metadata == {"format": "ms", "remove_redundancy": "False"}
 
 
 def test_output_is_byte_identical_for_any_number_of_workers(tmp_path: Path) -> None:

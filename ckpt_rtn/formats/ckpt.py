@@ -257,22 +257,29 @@ def _record_header(name: bytes, dims: Sequence[int], type_name: bytes, chunk_len
     return pw.key(1, pw.LEN) + pw.encode_varint(value_len) + value_head + tensor_head
 
 
-def _chunks(nbytes: int, chunk_size: int) -> List[int]:
-    """Chunk lengths MindSpore uses: byte-aligned cuts, one empty record for 0 bytes."""
-    if nbytes == 0:
-        return [0]
-    return [min(chunk_size, nbytes - start) for start in range(0, nbytes, chunk_size)]
+def records(info: TensorInfo, chunk_size: int = CHUNK_SIZE) -> List[Tuple[bytes, int, int]]:
+    """The records `CkptWriter` writes for a tensor: (header, data start, data length) each.
+
+    MindSpore's cuts: byte-aligned chunks, one empty record for 0 bytes.
+    """
+    name, type_name = info.name.encode(), info.dtype.name.encode()
+    out = []
+    for start in range(0, info.nbytes, chunk_size) if info.nbytes else [0]:
+        length = min(chunk_size, info.nbytes - start)
+        out.append((_record_header(name, _dims_for(info), type_name, length), start, length))
+    return out
+
+
+def crc_trailer(crc: int) -> bytes:
+    """The trailer for a file whose bytes before it have this CRC-32."""
+    return CRC_MAGIC + crc.to_bytes(10, "big")
 
 
 def planned_size(tensors: Sequence[TensorInfo], *, crc: bool = False,
                  chunk_size: int = CHUNK_SIZE) -> int:
     """Exact size of the file `CkptWriter` will write for these tensors."""
-    total = CRC_TRAILER_SIZE if crc else 0
-    for info in tensors:
-        name, type_name = info.name.encode(), info.dtype.name.encode()
-        for length in _chunks(info.nbytes, chunk_size):
-            total += len(_record_header(name, _dims_for(info), type_name, length)) + length
-    return total
+    return (CRC_TRAILER_SIZE if crc else 0) + sum(
+        len(header) + length for info in tensors for header, _, length in records(info, chunk_size))
 
 
 class CkptWriter(TensorWriter):
@@ -285,11 +292,9 @@ class CkptWriter(TensorWriter):
         self._crc: Optional[int] = 0 if crc else None
 
     def _store(self, info: TensorInfo, data: memoryview) -> None:
-        name, type_name = info.name.encode(), info.dtype.name.encode()
-        for start in range(0, max(len(data), 1), self._chunk_size):
-            chunk = data[start:start + self._chunk_size]
-            self._emit(_record_header(name, _dims_for(info), type_name, len(chunk)))
-            self._emit(chunk)
+        for header, start, length in records(info, self._chunk_size):
+            self._emit(header)
+            self._emit(data[start:start + length])
 
     def _emit(self, data: "bytes | memoryview") -> None:
         assert self._out.file is not None
@@ -299,4 +304,4 @@ class CkptWriter(TensorWriter):
 
     def _finish(self) -> None:
         if self._crc is not None:
-            self._emit(CRC_MAGIC + self._crc.to_bytes(10, "big"))
+            self._emit(crc_trailer(self._crc))

@@ -148,6 +148,11 @@ def _alignment(dtype: DType) -> int:
     return dtype.itemsize
 
 
+def header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
+    """The bytes `SafetensorsWriter` writes before the data: length prefix and JSON header."""
+    return _layout(tensors, metadata)[0]
+
+
 def planned_size(tensors: Sequence[TensorInfo], metadata: Mapping[str, str]) -> int:
     """Exact size of the file `SafetensorsWriter` will write."""
     header, _ = _layout(tensors, metadata)
