@@ -1,0 +1,73 @@
+"""The read-ahead / process / write-behind pipeline: order, batching bounds, failures."""
+from __future__ import annotations
+
+import threading
+from typing import List, Tuple
+
+import pytest
+
+from ckpt_rtn import pipeline
+from ckpt_rtn.pipeline import run_pipeline
+
+
+def test_every_item_is_stored_once_in_order() -> None:
+    stored: List[Tuple[int, int]] = []
+    run_pipeline(range(10_000), lambda i: i * 2, lambda i, x: x + i,
+                 lambda i, y: stored.append((i, y)), size=lambda _: 1)
+    assert stored == [(i, 3 * i) for i in range(10_000)]
+
+
+@pytest.mark.parametrize("sizes", [[1] * 20_000, [1 << 20] * 200, [3 << 20] * 50,
+                                   [100, 64 << 20, 100, 100] * 10])
+def test_loaded_but_unstored_bytes_stay_bounded(sizes: List[int]) -> None:
+    """At most five batches are in flight (one being filled, one in each queue, one in the
+    middle stage, one being stored), each closed once it reaches BATCH_BYTES or BATCH_ITEMS:
+    the bound the converter's memory rests on."""
+    lock = threading.Lock()
+    held = {"bytes": 0, "items": 0, "peak_bytes": 0, "peak_items": 0}
+
+    def load(i: int) -> int:
+        with lock:
+            held["bytes"] += sizes[i]
+            held["items"] += 1
+            held["peak_bytes"] = max(held["peak_bytes"], held["bytes"])
+            held["peak_items"] = max(held["peak_items"], held["items"])
+        return i
+
+    def store(i: int, _: int) -> None:
+        with lock:
+            held["bytes"] -= sizes[i]
+            held["items"] -= 1
+
+    run_pipeline(range(len(sizes)), load, lambda i, x: x, store, size=lambda i: sizes[i])
+    largest = max(sizes)
+    # A batch holds less than BATCH_BYTES before its last item, so at most BATCH_BYTES + largest.
+    assert held["peak_bytes"] <= 5 * (pipeline.BATCH_BYTES + largest)
+    assert held["peak_items"] <= 5 * pipeline.BATCH_ITEMS
+    assert held["bytes"] == 0 and held["items"] == 0
+
+
+@pytest.mark.parametrize("stage", ["load", "process", "store"])
+def test_a_failing_stage_stops_the_others_and_raises_here(stage: str) -> None:
+    seen: List[int] = []
+
+    def fail_at(name: str, i: int) -> None:
+        if name == stage and i == 5000:
+            raise RuntimeError(f"{name} failed")
+
+    def load(i: int) -> int:
+        fail_at("load", i)
+        return i
+
+    def process(i: int, x: int) -> int:
+        fail_at("process", i)
+        return x
+
+    def store(i: int, _: int) -> None:
+        fail_at("store", i)
+        seen.append(i)
+
+    with pytest.raises(RuntimeError, match=f"{stage} failed"):
+        run_pipeline(range(100_000), load, process, store, size=lambda _: 1)
+    assert seen == list(range(len(seen))) and len(seen) < 100_000
+    assert not [t for t in threading.enumerate() if t.name.startswith("ckpt-rtn-")]
