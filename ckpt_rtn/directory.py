@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -32,8 +33,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import __version__, converter
-from .errors import ConfigError, FormatError, OutputError, UnsupportedError
-from .formats import format_from_suffix, open_reader
+from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
+from .formats import format_from_suffix, open_reader, untrusted_json
 from .formats.atomic import TEMP_PATTERN, copy_atomic, write_bytes_atomic
 from .formats.strategy import Layout, is_strategy_file, read_strategy
 from .rtn import RowBounds, row_bounds
@@ -41,6 +42,9 @@ from .rules import OUT_IN, RuleChoice, Rules
 from .schemes import Scheme
 
 MANIFEST = "ckpt-rtn-manifest.json"
+#: An index JSON takes some 100 bytes per tensor; a larger .json is not read as one.
+_MAX_INDEX_SIZE = 256 * 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -198,12 +202,13 @@ def _scan(src: str) -> _Layout:
 
 
 def _is_index(path: str) -> bool:
+    """A JSON object with a `weight_map` (Hugging Face's sharded index); a malformed one is
+    refused by name when rewritten, not copied as if it were some other file."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        data = untrusted_json.load_file(path, "index", max_size=_MAX_INDEX_SIZE)
+    except CkptRtnError:
         return False
-    return isinstance(data, dict) and isinstance(data.get("weight_map"), dict)
+    return isinstance(data, dict) and "weight_map" in data
 
 
 def _settings(rules: Rules, scheme: Scheme, crc: bool) -> Dict[str, object]:
@@ -221,19 +226,43 @@ def _load_manifest(dst: str, settings: Dict[str, object]) -> Dict[str, object]:
     path = os.path.join(dst, MANIFEST)
     if not os.path.exists(path):
         return _new_manifest(settings)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        assert isinstance(files, dict)
-    except (OSError, ValueError, KeyError, AssertionError):
-        raise ConfigError(path, "unreadable manifest; remove it (and the output) to start "
-                          "over") from None
+    manifest = untrusted_json.load_file(path, "manifest", error=ConfigError)
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise ConfigError(path, f"unreadable manifest ({problem}); remove it (and the output) "
+                          "to start over")
+    assert isinstance(manifest, dict)
     if manifest.get("settings") != settings:
         raise ConfigError(path, "was written with other settings "
-                          f"({manifest.get('settings')}); resume with the same options, or "
-                          "start over in a new directory")
+                          f"({untrusted_json.brief(manifest.get('settings'))}); resume with the "
+                          "same options, or start over in a new directory")
     return manifest
+
+
+def _manifest_problem(manifest: object) -> Optional[str]:
+    """What is wrong with a manifest's shape (None if nothing): --resume trusts its entries."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return '"files" is not an object'
+    for rel, entry in files.items():
+        where = f"entry {untrusted_json.brief(rel)}"
+        if not isinstance(entry, dict):
+            return f"{where} is not an object"
+        size, digest = entry.get("size"), entry.get("sha256")
+        if type(size) is not int or size < 0:
+            return f"{where} has no valid size"
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return f"{where} has no valid sha256"
+        tensors = entry.get("tensors")
+        if tensors is None:
+            continue
+        if not isinstance(tensors, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("name"), str)
+                and type(t.get("nbytes")) is int and t["nbytes"] >= 0 for t in tensors):
+            return f"{where} has a tensor list without names and sizes"
+    return None
 
 
 def _is_done(manifest: Dict[str, object], rel: str, out: str) -> bool:
@@ -258,12 +287,19 @@ def _record(dst: str, manifest: Dict[str, object], rel: str, out: str,
 def _rewrite_index(src: str, dst: str, rel: str, manifest: Dict[str, object]) -> None:
     """Point every output tensor at its shard; total_size becomes the output's tensor bytes."""
     path = os.path.join(src, rel)
-    with open(path) as f:
-        index = json.load(f)
+    index = untrusted_json.load_file(path, "index", max_size=_MAX_INDEX_SIZE)
+    old_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(old_map, dict):
+        raise FormatError(path, "weight_map is not a JSON object (tensor name -> shard file)")
+    for name, shard in old_map.items():
+        if not isinstance(shard, str):
+            raise FormatError(path, f"weight_map gives tensor {untrusted_json.brief(name)} the "
+                              f"shard {untrusted_json.brief(shard)}, which is not a file name")
+    assert isinstance(index, dict)
     files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
     weight_map: Dict[str, str] = {}
     total = 0
-    for shard in sorted(set(index["weight_map"].values())):
+    for shard in sorted(set(old_map.values())):
         entry = files.get(os.path.normpath(os.path.join(os.path.dirname(rel), shard)))
         if entry is None or "tensors" not in entry:
             raise FormatError(path, f"weight_map names {shard!r}, which is not a converted shard")
