@@ -86,9 +86,11 @@ def main() -> None:
               help="Drop the family's blacklist (e.g. to quantize lm_head too).")
 @click.option("--format", "out_format", type=click.Choice(formats.FORMATS),
               help="Output format. Default: from DST's suffix.")
-@click.option("--crc", is_flag=True, help="Append MindSpore's CRC trailer (.ckpt output).")
+@click.option("--crc", is_flag=True,
+              help="Write MindSpore's CRC: a .ckpt trailer, or safetensors' crc_num.")
 @click.option("--no-verify-crc", is_flag=True,
-              help="Do not check the input's CRC trailer (it is checked by default).")
+              help="Do not check the input's CRC (.ckpt trailer or safetensors crc_num; it is "
+              "checked by default).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--resume", is_flag=True,
               help="Directory input: finish an interrupted run into DST, skipping the files "
@@ -273,7 +275,8 @@ def _print_dry_run(plan: converter.Plan, input_size: int) -> None:
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=str))
-@click.option("--no-verify-crc", is_flag=True, help="Do not check a .ckpt CRC trailer.")
+@click.option("--no-verify-crc", is_flag=True,
+              help="Do not check a .ckpt CRC trailer or safetensors crc_num.")
 @_reported
 def inspect(path: str, no_verify_crc: bool) -> None:
     """List the tensors in a .ckpt or .safetensors file: name, dtype, shape, bytes."""

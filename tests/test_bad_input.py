@@ -105,10 +105,12 @@ def llama_infos(layers: int = 2) -> List[TensorInfo]:
 
 
 def write_llama_ckpt(path: Path, *, crc: bool = False) -> Path:
-    """A small Llama-shaped .ckpt written by our own writer (14 quantizable weights)."""
+    """A small Llama-shaped .ckpt (or .safetensors, by suffix) written by our own writer
+    (14 quantizable weights)."""
     rng = np.random.default_rng(1234)
     infos = llama_infos()
-    with formats.open_writer(path, infos, format="ckpt", metadata={}, crc=crc) as writer:
+    fmt = formats.format_from_suffix(path)
+    with formats.open_writer(path, infos, format=fmt, metadata={}, crc=crc) as writer:
         for info in infos:
             writer.write(info.name, rng.standard_normal(info.shape).astype(np.float16))
     return path
@@ -279,6 +281,46 @@ def test_crc_mismatch_no_verify_crc_reads_it(tmp_path: Path, crc_damaged: Path) 
     result = run("convert", "--quiet", "--no-verify-crc", "--config", "llama2", crc_damaged, dst)
     assert result.exit_code == 0, result.stderr
     assert dst.is_file() and temp_files(dst.parent) == []
+
+
+@pytest.fixture
+def st_crc_damaged(tmp_path: Path) -> Path:
+    """A safetensors file with crc_num and one weight byte flipped."""
+    src = write_llama_ckpt(tmp_path / "damaged.safetensors", crc=True)
+    with formats.open_reader(src, verify_crc=False) as reader:
+        info = next(t for t in reader.tensors if t.name.endswith("wq.weight"))
+        offset = reader.segments(info)[0].offset
+    data = bytearray(src.read_bytes())
+    data[offset + 5] ^= 0x01
+    src.write_bytes(bytes(data))
+    return src
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_safetensors_crc_mismatch(tmp_path: Path, st_crc_damaged: Path, command: str) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dst = out_dir / "w8.ckpt"
+    result = run(command, st_crc_damaged) if command == "inspect" else \
+        run("convert", st_crc_damaged, dst)
+    line = assert_refused(result, st_crc_damaged, r"CRC mismatch: crc_num says \d+",
+                          leaves=[dst], directory=out_dir)
+    assert "--no-verify-crc" in line
+    result = run("inspect", "--no-verify-crc", st_crc_damaged)
+    assert result.exit_code == 0 and "not checked" in result.stdout, result.output
+
+
+@pytest.mark.parametrize("src_name", ["in.ckpt", "in.safetensors"])
+def test_crc_with_safetensors_output(tmp_path: Path, src_name: str) -> None:
+    """--crc writes MindSpore's crc_num; --dry-run's size is the written size."""
+    src = write_llama_ckpt(tmp_path / src_name, crc=True)
+    dst = tmp_path / "out.safetensors"
+    plan = converter.plan_conversion(src, dst, load_rules("llama2"), crc=True)
+    result = run("convert", "-q", "--crc", src, dst)
+    assert result.exit_code == 0, result.stderr
+    assert dst.stat().st_size == plan.output_size
+    result = run("inspect", dst)
+    assert result.exit_code == 0 and re.search(r"CRC 0x[0-9a-f]{8} verified", result.stdout)
 
 
 # --------------------------------------------------------------------------- lying safetensors
