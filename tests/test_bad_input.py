@@ -392,8 +392,18 @@ HOSTILE_HEADERS = {
     # name: (header text, data bytes, reason regex)
     "nested_100000_deep": ('{"a":' + "[" * 100_000 + "]" * 100_000 + "}", 0,
                            r"nested too deeply"),
+    "nested_in_an_entry": ('{"a":{"dtype":"F32","shape":' + "[" * 100_000 + "]" * 100_000
+                           + "}}", 0, r"nested too deeply"),
     "nested_in_metadata": ('{"__metadata__":{"k":' + "[" * 100_000 + "]" * 100_000 + "}}", 0,
-                           r"nested too deeply"),
+                           r"__metadata__ must map strings to strings"),
+    "entry_of_a_million_lists": ('{"a":[' + ",".join(["[]"] * 1_000_000) + "]}", 0,
+                                 r"takes more than 65536 characters"),
+    "shape_of_a_million_dims": ('{"a":{"dtype":"F32","shape":[' + ",".join(["1"] * 1_000_000)
+                                + '],"data_offsets":[0,4]}}', 4,
+                                r"takes more than 65536 characters"),
+    "metadata_of_5000_keys": ('{"__metadata__":{' + ",".join(f'"k{i}":"v"' for i in range(5000))
+                              + "}}", 0, r"__metadata__ holds more than 1000 entries"),
+    "metadata_value_a_number": ('{"__metadata__":{"format":1}}', 0, r"__metadata__ must map"),
     "offset_of_5000_digits": ('{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,'
                               + "9" * 5000 + "]}}", 8, r"integer of 5000 digits"),
     "shape_of_400_digits": ('{"a":{"dtype":"F32","shape":[' + "1" * 400

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import tracemalloc
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict
 
@@ -13,7 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ckpt_rtn import dtypes
-from ckpt_rtn.errors import ChecksumError
+from ckpt_rtn.errors import ChecksumError, FormatError
 from ckpt_rtn.formats import crc32, open_reader, open_writer, planned_size
 from ckpt_rtn.formats.tensor import TensorInfo
 
@@ -223,3 +226,52 @@ def test_mindspore_checks_our_crc(tmp_path: Path) -> None:
     flip_data_byte(path, "a.f32")
     with pytest.raises(ValueError, match="crc check has failed"):
         ms_load(path, crc_check=True)
+
+
+# --------------------------------------------------------------------------- header cost
+
+def test_header_over_the_limit_is_refused_before_it_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 100_000_001) + b"{")
+        f.truncate(8 + 100_000_001)  # sparse
+    reads = []
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    with pytest.raises(FormatError, match=r"over the safetensors limit of 100000000"):
+        open_reader(path)
+    assert max(reads) <= 16
+
+
+def indexing_peak(path: Path) -> int:
+    """Bytes allocated at most while `path` is indexed (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError) if path.name.startswith("bad") else nullcontext():
+            open_reader(path, verify_crc=False).close()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_indexing_costs_a_bounded_multiple_of_the_header(tmp_path: Path) -> None:
+    """A legal header: its text and the index (~300 bytes a tensor), never a dict of dicts
+    (over 1000 bytes a tensor before). A hostile one (an entry of a million lists, each a
+    Python object) costs no more than its text before it is refused."""
+    count = 50_000
+    infos = [TensorInfo.of(f"layers.{i}.w", dtypes.FLOAT16, (1,)) for i in range(count)]
+    path = tmp_path / "many.safetensors"
+    with open_writer(path, infos, format="safetensors", metadata={}) as writer:
+        for info in infos:
+            writer.write(info.name, np.float16([1]))
+    assert indexing_peak(path) < 600 * count
+    text = b'{"a":[' + b",".join([b"[]"] * 1_000_000) + b"]}"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(text)) + text)
+    assert indexing_peak(bad) < 3 * len(text)

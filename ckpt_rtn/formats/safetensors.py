@@ -30,7 +30,8 @@ from array import array
 from dataclasses import dataclass
 from json.decoder import scanstring
 from json.encoder import encode_basestring_ascii
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
+                    Tuple)
 
 import numpy as np
 
@@ -50,11 +51,24 @@ _CRC_VALUE = re.compile(r"[0-9]{1,%d}" % _CRC_WIDTH)
 _WS = re.compile(r"[ \t\n\r]*").match
 _SPACE = " \t\n\r"
 _INT = r"(?:0|[1-9][0-9]{0,19})"  # a JSON integer (no leading zeros) of at most 20 digits
-#: One header entry exactly as the safetensors library writes it: name (no escapes), dtype,
-#: shape, data_offsets.
+#: A tensor entry's value exactly as the safetensors library writes it (compact, its key
+#: order, at most MAX_DIMS dims): dtype, shape, begin, end.
 _CANONICAL_ENTRY = re.compile(
-    r'"([^"\\\x00-\x1f]*)":\{"dtype":"([A-Z0-9_]{1,16})","shape":\[((?:%s(?:,%s)*)?)\],'
-    r'"data_offsets":\[(%s),(%s)\]\}' % (_INT, _INT, _INT, _INT)).match
+    r'\{"dtype":"([A-Z0-9_]{1,16})","shape":\[((?:%s(?:,%s){0,%d})?)\],'
+    r'"data_offsets":\[(%s),(%s)\]\}' % (_INT, _INT, MAX_DIMS - 1, _INT, _INT)).match
+#: Any JSON scalar, array of scalars, or object of those: what a tensor entry can be.
+_SCALAR = (r'(?:"(?:[^"\\\x00-\x1f]|\\.)*"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?'
+           r"|true|false|null|NaN|-?Infinity)")
+_FLAT = r"(?:%s|\[[ \t\n\r]*(?:%s[ \t\n\r]*(?:,[ \t\n\r]*%s[ \t\n\r]*)*)?\])" % (
+    _SCALAR, _SCALAR, _SCALAR)
+_MEMBER = r'"(?:[^"\\\x00-\x1f]|\\.)*"[ \t\n\r]*:[ \t\n\r]*%s[ \t\n\r]*' % _FLAT
+_FLAT_VALUE = re.compile(r"%s|\{[ \t\n\r]*(?:%s(?:,[ \t\n\r]*%s)*)?\}" % (
+    _FLAT, _MEMBER, _MEMBER)).match
+#: The JSON text a tensor entry may take beyond the library's compact form. The cap bounds
+#: what a hostile entry (a 100 MB array of arrays) can cost before it is refused.
+_MAX_ENTRY_TEXT = 64 * 1024
+#: __metadata__ holds a few keys plus at most one Int4 mark per tensor.
+_METADATA_SPARE = 1000
 #: Writes of at most this size are gathered into runs of adjacent bytes...
 _SMALL_WRITE = 64 * 1024
 #: ...written once they reach this size, or when more than _MAX_RUNS runs are open.
@@ -68,6 +82,53 @@ class _Fields(NamedTuple):
     dtype: str
     shape: List[int]
     data_offsets: List[int]
+
+
+class _JSONObject:
+    """The members of the JSON object at `pos` in `text`, walked one name at a time.
+
+    Iterating yields (name, position of the name) with `pos` at the member's
+    value; the caller decodes the value and moves `pos` past it. After the
+    closing brace `end` is the position after it.
+    """
+
+    def __init__(self, text: str, pos: int, syntax: Callable[[str, int, str], None],
+                 what: str) -> None:
+        if text[pos:pos + 1] != "{":
+            syntax(text, pos, f"{what} is not a JSON object")
+        self.text, self.pos, self.end = text, pos + 1, -1
+        self._syntax = syntax
+
+    def __iter__(self) -> Iterator[Tuple[str, int]]:
+        text = self.text
+        pos = _WS(text, self.pos).end()
+        if text[pos:pos + 1] == "}":
+            self.end = pos + 1
+            return
+        while True:
+            if text[pos:pos + 1] != '"':
+                self._syntax(text, pos, "expected a name in double quotes")
+            name, after = scanstring(text, pos + 1)
+            if text[after:after + 1] != ":":  # (compact JSON skips the regex calls)
+                after = _WS(text, after).end()
+                if text[after:after + 1] != ":":
+                    self._syntax(text, after, "expected ':'")
+            self.pos = after + 1
+            if text[self.pos:self.pos + 1] in _SPACE:
+                self.pos = _WS(text, self.pos).end()
+            yield name, pos
+            pos = self.pos
+            if text[pos:pos + 1] in _SPACE:
+                pos = _WS(text, pos).end()
+            separator = text[pos:pos + 1]
+            if separator == "}":
+                self.end = pos + 1
+                return
+            if separator != ",":
+                self._syntax(text, pos, "expected ',' or '}'")
+            pos += 1
+            if text[pos:pos + 1] in _SPACE:
+                pos = _WS(text, pos).end()
 
 
 class SafetensorsReader(TensorReader):
@@ -121,15 +182,7 @@ class SafetensorsReader(TensorReader):
         with untrusted_json.refusing(self.path, "header", 8):
             text = raw.decode("utf-8")
         del raw
-        entries: List[Tuple[int, int, TensorInfo]] = []
-        metadata: Optional[Dict[str, str]] = None
-        for name, at, value in self._members(text):
-            if type(value) is _Fields:
-                entries.append(self._entry(name, value, text, at))  # type: ignore[arg-type]
-            elif name == "__metadata__":
-                metadata = self._metadata(value, self._at(text, at))
-            else:
-                entries.append(self._entry(name, self._fields(name, value, text, at), text, at))
+        entries, metadata = self._header(text)
         del text
         self.metadata = metadata or {}
         data_start = 8 + header_len
@@ -140,61 +193,68 @@ class SafetensorsReader(TensorReader):
         self._mark_int4()
         self._read_crc(verify_crc)
 
-    def _members(self, text: str) -> Iterator[Tuple[str, int, object]]:
-        """(name, position, value) of each member of the header's JSON object, in order.
+    def _header(self, text: str) -> Tuple[List[Tuple[int, int, TensorInfo]],
+                                          Optional[Dict[str, str]]]:
+        """The tensor entries (begin, end, info) and __metadata__ of the header's JSON object.
 
-        One member at a time, so that the header is never held as one dict of
-        dicts (a 100 MB header would take gigabytes), and a name seen twice is
-        caught instead of silently replaced. An entry written as the
-        safetensors library writes it (compact, keys in its order) is matched
-        by one regular expression and comes as _Fields; anything else is
-        decoded as JSON (with bounded integers and depth).
+        Read one member at a time, so that the header is never held as one dict
+        of dicts (a 100 MB header would take gigabytes), a name seen twice is
+        caught instead of silently replaced, and no member can cost more than
+        its share: an entry as the safetensors library writes it is matched by
+        one regular expression, any other is decoded from at most
+        _MAX_ENTRY_TEXT characters of JSON.
         """
+        entries: List[Tuple[int, int, TensorInfo]] = []
+        metadata: Optional[Dict[str, str]] = None
         seen = set()
         with untrusted_json.refusing(self.path, "header", 8):
-            pos = _WS(text).end()
-            if text[pos:pos + 1] != "{":
-                raise FormatError(self.path, "header is not a JSON object", self._at(text, pos))
-            pos = _WS(text, pos + 1).end()
-            closed = text[pos:pos + 1] == "}"
-            while not closed:
-                if text[pos:pos + 1] != '"':
-                    self._syntax(text, pos, "expected a tensor name in double quotes")
-                start = pos
-                canonical = _CANONICAL_ENTRY(text, pos)
-                if canonical is not None and canonical.group(1) != "__metadata__":
-                    name, code, shape, begin, end = canonical.groups()
-                    pos = canonical.end()
-                    value: object = _Fields(code, [int(d) for d in shape.split(",")] if shape
-                                            else [], [int(begin), int(end)])
-                else:
-                    name, pos = scanstring(text, pos + 1)
-                    pos = _WS(text, pos).end()
-                    if text[pos:pos + 1] != ":":
-                        self._syntax(text, pos, "expected ':'")
-                    pos = _WS(text, pos + 1).end()
-                    try:
-                        value, pos = untrusted_json.DECODER.scan_once(text, pos)
-                    except StopIteration:
-                        self._syntax(text, pos, "expected a value")
+            start = _WS(text).end()
+            if text[start:start + 1] != "{":
+                raise FormatError(self.path, "header is not a JSON object", self._at(text, start))
+            members = _JSONObject(text, start, self._syntax, "header")
+            for name, at in members:
                 if name in seen:
                     raise FormatError(self.path, f"{brief(name)} appears twice in the header",
-                                      self._at(text, start))
+                                      self._at(text, at))
                 seen.add(name)
-                yield name, start, value
-                if text[pos:pos + 1] in _SPACE:  # (compact JSON skips the regex calls)
-                    pos = _WS(text, pos).end()
-                separator = text[pos:pos + 1]
-                if separator == ",":
-                    pos += 1
-                    if text[pos:pos + 1] in _SPACE:
-                        pos = _WS(text, pos).end()
-                elif separator == "}":
-                    closed = True
+                if name == "__metadata__":
+                    metadata, members.pos = self._metadata(text, members.pos, at)
+                    continue
+                canonical = _CANONICAL_ENTRY(text, members.pos)
+                if canonical is not None:
+                    code, shape, begin, end = canonical.groups()
+                    members.pos = canonical.end()
+                    fields = _Fields(code, [int(d) for d in shape.split(",")] if shape else [],
+                                     [int(begin), int(end)])
                 else:
-                    self._syntax(text, pos, "expected ',' or '}'")
-            if _WS(text, pos + 1).end() != len(text):
-                self._syntax(text, pos + 1, "text after the header's closing brace")
+                    value, members.pos = self._bounded_value(text, members.pos, name)
+                    fields = self._fields(name, value, text, at)
+                entries.append(self._entry(name, fields, text, at))
+            if _WS(text, members.end).end() != len(text):
+                self._syntax(text, members.end, "text after the header's closing brace")
+        return entries, metadata
+
+    def _bounded_value(self, text: str, pos: int, name: str) -> Tuple[object, int]:
+        """The JSON value at `pos` and the position after it, decoded from at most
+        _MAX_ENTRY_TEXT characters (a flat value is recognised without copying)."""
+        if _FLAT_VALUE(text, pos, pos + _MAX_ENTRY_TEXT) is None:
+            window = text[pos:pos + _MAX_ENTRY_TEXT]
+            try:
+                value, end = untrusted_json.DECODER.scan_once(window, 0)
+            except (StopIteration, json.JSONDecodeError) as exc:
+                failed = exc.value if isinstance(exc, StopIteration) else exc.pos
+                if len(window) == _MAX_ENTRY_TEXT and failed >= len(window) - 1:
+                    raise FormatError(self.path, f"header entry {brief(name)} takes more than "
+                                      f"{_MAX_ENTRY_TEXT} characters: not a tensor entry",
+                                      self._at(text, pos)) from None
+                self._syntax(text, pos + failed, "expected a value" if isinstance(
+                    exc, StopIteration) else exc.msg)
+            return value, pos + end
+        try:
+            return untrusted_json.DECODER.scan_once(text, pos)
+        except StopIteration:
+            self._syntax(text, pos, "expected a value")
+            raise AssertionError("unreachable")
 
     def _syntax(self, text: str, pos: int, what: str) -> None:
         raise FormatError(self.path, f"header is not valid JSON ({what})", self._at(text, pos))
@@ -204,13 +264,29 @@ class SafetensorsReader(TensorReader):
         """File offset of character `pos` of the header (computed on the error path only)."""
         return 8 + len(text[:pos].encode("utf-8"))
 
-    def _metadata(self, value: object, at: int) -> Dict[str, str]:
-        if value is None:
-            return {}
-        if type(value) is not dict or not all(
-                type(k) is str and type(v) is str for k, v in value.items()):
-            raise FormatError(self.path, "__metadata__ must map strings to strings", at)
-        return value
+    def _metadata(self, text: str, pos: int, at: int) -> Tuple[Dict[str, str], int]:
+        """__metadata__ (null, or an object of strings) at `pos`, and the position after it.
+
+        It may hold a few keys plus one Int4 mark per tensor (counted from the
+        header's data_offsets), which bounds what a hostile one can cost.
+        """
+        if text.startswith("null", pos):
+            return {}, pos + 4
+        if text[pos:pos + 1] != "{":
+            raise FormatError(self.path, "__metadata__ must map strings to strings",
+                              self._at(text, at))
+        limit = text.count('"data_offsets"') + _METADATA_SPARE
+        metadata: Dict[str, str] = {}
+        members = _JSONObject(text, pos, self._syntax, "__metadata__")
+        for key, key_at in members:
+            if text[members.pos:members.pos + 1] != '"':
+                raise FormatError(self.path, "__metadata__ must map strings to strings",
+                                  self._at(text, key_at))
+            metadata[key], members.pos = scanstring(text, members.pos + 1)
+            if len(metadata) > limit:
+                raise FormatError(self.path, f"__metadata__ holds more than {limit} entries "
+                                  f"(a few, and at most one per tensor)", self._at(text, key_at))
+        return metadata, members.end
 
     def _fields(self, name: str, value: object, text: str, at: int) -> _Fields:
         """A header entry decoded as JSON, checked for the types _Fields holds."""
@@ -221,8 +297,7 @@ class SafetensorsReader(TensorReader):
         if type(code) is not str:
             raise UnsupportedError(self.path, f"tensor {brief(name)} has unknown dtype "
                                    f"{brief(code)}")
-        if type(shape) is not list or len(shape) > MAX_DIMS \
-                or not all(type(d) is int for d in shape):
+        if type(shape) is not list or not all(type(d) is int for d in shape):
             raise FormatError(self.path, f"tensor {brief(name)} has an invalid shape "
                               f"{brief(shape)}", self._at(text, at))
         if type(offsets) is not list or len(offsets) != 2 \
