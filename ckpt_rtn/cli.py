@@ -150,9 +150,11 @@ def main() -> None:
               help="Drop the family's blacklist (e.g. to quantize lm_head too).")
 @click.option("--format", "out_format", type=click.Choice(formats.FORMATS),
               help="Output format. Default: from DST's suffix.")
-@click.option("--crc", is_flag=True, help="Append MindSpore's CRC trailer (.ckpt output).")
+@click.option("--crc", is_flag=True,
+              help="Write MindSpore's CRC: a .ckpt trailer, or safetensors' crc_num.")
 @click.option("--no-verify-crc", is_flag=True,
-              help="Do not check the input's CRC trailer (it is checked by default).")
+              help="Do not check the input's CRC (.ckpt trailer or safetensors crc_num; it is "
+              "checked by default).")
 @click.option("--overwrite", is_flag=True,
               help="Replace DST if it exists (a regular file: a directory, device, FIFO or "
                    "symlink is never replaced).")
@@ -393,7 +395,8 @@ def verify(src: str, dst: str, no_verify_crc: bool, workers: Optional[int], quie
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=str))
-@click.option("--no-verify-crc", is_flag=True, help="Do not check a .ckpt CRC trailer.")
+@click.option("--no-verify-crc", is_flag=True,
+              help="Do not check a .ckpt CRC trailer or safetensors crc_num.")
 @_reported
 def inspect(path: str, no_verify_crc: bool) -> None:
     """List the tensors in a .ckpt or .safetensors file: name, dtype, shape, bytes."""

@@ -201,13 +201,11 @@ def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
 
 
 def output_format(dst: "os.PathLike[str] | str", requested: Optional[str], crc: bool) -> str:
-    """--format if given, else the output's suffix; --crc needs .ckpt output."""
+    """--format if given, else the output's suffix."""
     fmt = requested or formats.format_from_suffix(dst)
     if fmt is None:
         raise OutputError(dst, "cannot tell the output format from the file name: "
                           "name it .ckpt or .safetensors, or pass --format")
-    if crc and fmt != "ckpt":
-        raise UnsupportedError(dst, "--crc applies to .ckpt output only")
     return fmt
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -40,8 +41,8 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 
 from . import __version__, converter, paths
-from .errors import ConfigError, FormatError, OutputError, UnsupportedError
-from .formats import format_from_suffix, open_reader
+from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
+from .formats import format_from_suffix, open_reader, untrusted_json
 from .formats.atomic import TEMP_PATTERN, copy_atomic, remove_dead_temp_files, write_bytes_atomic
 from .formats.strategy import Layout, is_strategy_file, read_strategy
 from .rtn import RowBounds, row_bounds
@@ -50,6 +51,9 @@ from .schemes import Scheme
 from .settings import NAME as SETTINGS_NAME, Settings
 
 MANIFEST = "ckpt-rtn-manifest.json"
+#: An index JSON takes some 100 bytes per tensor; a larger .json is not read as one.
+_MAX_INDEX_SIZE = 256 * 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -347,12 +351,13 @@ def _remove_empty_directories(dst: str) -> None:
 
 
 def _is_index(path: str) -> bool:
+    """A JSON object with a `weight_map` (Hugging Face's sharded index); a malformed one is
+    refused by name when rewritten, not copied as if it were some other file."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        data = untrusted_json.load_file(path, "index", max_size=_MAX_INDEX_SIZE)
+    except CkptRtnError:
         return False
-    return isinstance(data, dict) and isinstance(data.get("weight_map"), dict)
+    return isinstance(data, dict) and "weight_map" in data
 
 
 def manifest_tensors(plan: converter.Plan) -> List[Dict[str, object]]:
@@ -370,14 +375,12 @@ def _load_manifest(dst: str, settings: Settings) -> Dict[str, object]:
     path = os.path.join(dst, MANIFEST)
     if not os.path.exists(path):
         return _new_manifest(settings)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        assert isinstance(files, dict)
-    except (OSError, ValueError, KeyError, AssertionError):
-        raise ConfigError(path, "unreadable manifest; remove it (and the output) to start "
-                          "over") from None
+    manifest = untrusted_json.load_file(path, "manifest", error=ConfigError)
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise ConfigError(path, f"unreadable manifest ({problem}); remove it (and the output) "
+                          "to start over")
+    assert isinstance(manifest, dict)
     if manifest.get("settings") != settings.to_dict():
         try:
             were = Settings.from_dict(manifest.get("settings"), path).summary
@@ -387,6 +390,32 @@ def _load_manifest(dst: str, settings: Settings) -> Dict[str, object]:
                           f"{settings.summary}); resume with the same options, or start over "
                           "in a new directory")
     return manifest
+
+
+def _manifest_problem(manifest: object) -> Optional[str]:
+    """What is wrong with a manifest's shape (None if nothing): --resume trusts its entries."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return '"files" is not an object'
+    for rel, entry in files.items():
+        where = f"entry {untrusted_json.brief(rel)}"
+        if not isinstance(entry, dict):
+            return f"{where} is not an object"
+        size, digest = entry.get("size"), entry.get("sha256")
+        if type(size) is not int or size < 0:
+            return f"{where} has no valid size"
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            return f"{where} has no valid sha256"
+        tensors = entry.get("tensors")
+        if tensors is None:
+            continue
+        if not isinstance(tensors, list) or not all(
+                isinstance(t, dict) and isinstance(t.get("name"), str)
+                and type(t.get("nbytes")) is int and t["nbytes"] >= 0 for t in tensors):
+            return f"{where} has a tensor list without names and sizes"
+    return None
 
 
 def _is_done(manifest: Dict[str, object], rel: str, out: str) -> bool:
@@ -425,14 +454,18 @@ def rewritten_index(src: str, rel: str, files: Dict[str, Dict[str, object]]) -> 
     `files`' tensor lists); total_size becomes the output's tensor bytes. A `.ckpt` shard's
     settings record is not a tensor to look up: it is left out."""
     path = os.path.join(src, rel)
-    try:
-        with open(path) as f:
-            index = json.load(f)
-    except OSError as exc:
-        raise FormatError(path, f"cannot read: {exc.strerror}") from None
+    index = untrusted_json.load_file(path, "index", max_size=_MAX_INDEX_SIZE)
+    old_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(old_map, dict):
+        raise FormatError(path, "weight_map is not a JSON object (tensor name -> shard file)")
+    for name, shard in old_map.items():
+        if not isinstance(shard, str):
+            raise FormatError(path, f"weight_map gives tensor {untrusted_json.brief(name)} the "
+                              f"shard {untrusted_json.brief(shard)}, which is not a file name")
+    assert isinstance(index, dict)
     weight_map: Dict[str, str] = {}
     total = 0
-    for shard in sorted(set(index["weight_map"].values())):
+    for shard in sorted(set(old_map.values())):
         entry = files.get(os.path.normpath(os.path.join(os.path.dirname(rel), shard)))
         if entry is None or "tensors" not in entry:
             raise FormatError(path, f"weight_map names {shard!r}, which is not a converted shard")

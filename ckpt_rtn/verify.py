@@ -30,7 +30,7 @@ import numpy as np
 
 from . import __version__, converter, directory, formats, paths
 from .errors import CkptRtnError, FormatError, UnsupportedError
-from .formats import ckpt, safetensors
+from .formats import ckpt, crc32, safetensors
 from .formats.strategy import is_strategy_file
 from .formats.tensor import TensorInfo, TensorReader, raw_bytes
 from .pipeline import run_pipeline
@@ -255,11 +255,15 @@ class _FileCheck:
         if plan.out_format != out.format:
             self._add("format", f"the file is {out.format}; its settings say {plan.out_format}")
         self.header = b""
+        #: safetensors with crc_num: each tensor's (CRC-32 of name and bytes, their length).
+        self.crc_parts: Optional[Dict[str, Tuple[int, int]]] = None
         if plan.out_format == "safetensors":
-            self.header = safetensors.header(expected, plan.metadata)
+            self.header = safetensors.header(expected, plan.metadata, 0 if plan.crc else None)
             stored = json.loads(self.header[8:])
             self._metadata(stored.pop("__metadata__", {}))
             order = list(stored)
+            if plan.crc:
+                self.crc_parts = {}
         else:
             order = [t.name for t in expected]
         if not self.differences:
@@ -284,6 +288,8 @@ class _FileCheck:
                 self._add(got.name, f"extra {_describe(got)}: convert does not write it")
 
     def _metadata(self, expected: Mapping[str, str]) -> None:
+        """Metadata against convert's; crc_num's value is checked with the header, once every
+        tensor's bytes have given it."""
         actual = self.out.metadata
         for key in sorted(set(expected) | set(actual)):
             if key not in actual:
@@ -291,7 +297,7 @@ class _FileCheck:
             elif key not in expected:
                 self._add(f"metadata {key!r}", f"extra ({_short(actual[key])}): convert does not "
                           "write it")
-            elif actual[key] != expected[key]:
+            elif actual[key] != expected[key] and key != safetensors.CRC_KEY:
                 self._add(f"metadata {key!r}", f"{_short(actual[key])} where convert writes "
                           f"{_short(expected[key])}")
 
@@ -315,6 +321,10 @@ class _FileCheck:
                       f"{info.nbytes}")
         if self.plan.out_format == "ckpt":
             self._records(info, want)
+        elif self.crc_parts is not None:
+            name = info.name.encode("utf-8")
+            self.crc_parts[info.name] = (zlib.crc32(want, zlib.crc32(name)),
+                                         len(name) + info.nbytes)
 
     def _records(self, info: TensorInfo, data: memoryview) -> None:
         """Follow the `.ckpt` writer through this tensor's records (they come in file order)."""
@@ -334,6 +344,17 @@ class _FileCheck:
         size = os.path.getsize(self.out.path)
         if self.plan.out_format == "safetensors":
             expected_size = len(self.header) + sum(t.nbytes for t in self.plan.outputs)
+            if self.crc_parts is not None:
+                parts = self.crc_parts
+                self.header = safetensors.header(
+                    self.plan.outputs, self.plan.metadata,
+                    crc32.chain(parts[name] for name in sorted(parts)))
+                stored = self.out.metadata.get(safetensors.CRC_KEY)
+                expected = json.loads(self.header[8:])["__metadata__"][safetensors.CRC_KEY]
+                if stored != expected:
+                    self._add(f"metadata {safetensors.CRC_KEY!r}", f"{_short(str(stored))} "
+                              f"where convert writes {_short(expected)}")
+                    return
             if self._read_at(0, len(self.header)) != self.header:
                 self._add("header", "its bytes differ from the header convert writes (same "
                           "tensors and metadata, other spacing or key order)")

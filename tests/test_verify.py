@@ -81,7 +81,8 @@ def refused(result, path: Path, *words: str) -> str:
 def flip_byte(path: Path, name: str, at: int = 3) -> None:
     """Invert one byte of a tensor's data in place."""
     with open_reader(path) as reader:
-        offset = reader._segments[name][0].offset + at  # pylint: disable=protected-access
+        info = next(t for t in reader.tensors if t.name == name)
+        offset = reader.segments(info)[0].offset + at
     with open(path, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)[0]
@@ -269,6 +270,22 @@ def test_format_bytes_outside_the_tensors(src: Path, tmp_path: Path) -> None:
     assert differences(verify(src, no_trailer)) == [
         "CRC trailer: missing; the settings say convert writes one"]
     assert differences(verify(src, flipped))[0].startswith("CRC trailer: ")
+
+
+
+def test_safetensors_crc_num_is_verified(src: Path, tmp_path: Path) -> None:
+    """--crc safetensors output verifies; a wrong crc_num (same length, so the header still
+    parses) is named, with --no-verify-crc too: it is part of what convert writes."""
+    dst = convert(src, tmp_path / "crc.safetensors", "--crc")
+    assert verify(src, dst).exit_code == 0
+    raw = dst.read_bytes()
+    stored = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])["__metadata__"]["crc_num"]
+    wrong = str((int(stored) + 1) % 10 ** len(stored)).rjust(len(stored), "1")
+    bad = tmp_path / "bad_crc.safetensors"
+    bad.write_bytes(raw.replace(f'"crc_num":"{stored}"'.encode(),
+                                f'"crc_num":"{wrong}"'.encode(), 1))
+    assert differences(verify(src, bad, "--no-verify-crc")) == [
+        f"metadata 'crc_num': '{wrong}' where convert writes '{stored}'"]
 
 
 # --------------------------------------------------------------------------- refused

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional, Sequence
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError
 from ..paths import input_stat
 from . import ckpt, safetensors
 from .tensor import TensorInfo, TensorReader, TensorWriter
@@ -46,25 +46,25 @@ def detect_format(path: "os.PathLike[str] | str") -> str:
 def open_reader(path: "os.PathLike[str] | str", *, format: Optional[str] = None,
                 verify_crc: bool = True, defer_crc: bool = False) -> TensorReader:
     """Index a checkpoint file; `verify_crc` and `defer_crc` apply to `.ckpt` CRC trailers
-    (see CkptReader): a deferred check ends in `reader.finish()`."""
+    and safetensors `crc_num` (see CkptReader, SafetensorsReader): a deferred check ends
+    in `reader.finish()`."""
     input_stat(path)  # a FIFO, a device or a directory is refused before it is opened
     fmt = format or detect_format(path)
     if fmt == "ckpt":
         return ckpt.CkptReader(path, verify_crc=verify_crc, defer_crc=defer_crc)
     if fmt == "safetensors":
-        return safetensors.SafetensorsReader(path)
+        return safetensors.SafetensorsReader(path, verify_crc=verify_crc, defer_crc=defer_crc)
     raise ValueError(f"unknown format {fmt!r}")
 
 
 def open_writer(path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo], *, format: str,
                 metadata: Mapping[str, str], crc: bool = False) -> TensorWriter:
-    """A writer for `tensors`; `metadata` goes to safetensors, `crc` to `.ckpt`."""
+    """A writer for `tensors`; `metadata` goes to safetensors; `crc` writes a `.ckpt` CRC
+    trailer, or MindSpore's safetensors `crc_num`."""
     if format == "ckpt":
         return ckpt.CkptWriter(path, tensors, crc=crc)
     if format == "safetensors":
-        if crc:
-            raise UnsupportedError(path, "--crc applies to .ckpt output only")
-        return safetensors.SafetensorsWriter(path, tensors, metadata)
+        return safetensors.SafetensorsWriter(path, tensors, metadata, crc=crc)
     raise ValueError(f"unknown format {format!r}")
 
 
@@ -73,7 +73,7 @@ def planned_size(tensors: Sequence[TensorInfo], *, format: str,
     """Exact byte size of the file `open_writer` would write for `tensors`."""
     if format == "ckpt":
         return ckpt.planned_size(tensors, crc=crc)
-    return safetensors.planned_size(tensors, metadata)
+    return safetensors.planned_size(tensors, metadata, crc)
 
 
 __all__ = ["FORMATS", "TensorInfo", "TensorReader", "TensorWriter", "detect_format",

@@ -10,37 +10,86 @@ them. See shared/specs/mindspore-ckpt-format.md for the layout.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import zlib
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import dtypes
 from ..errors import ChecksumError, EncryptedCheckpointError, FormatError, UnsupportedError
 from . import protowire as pw
-from .tensor import Segment, TensorInfo, TensorReader, TensorWriter, expected_nbytes
+from . import sniff
+from .untrusted_json import brief
+from .tensor import (MAX_DIMS, Segment, TensorInfo, TensorReader, TensorWriter,
+                     shape_problem)
 
 #: MindSpore cuts tensors into records of this many bytes (SLICE_SIZE, 512 MiB).
 CHUNK_SIZE = 512 * 1024 * 1024
 CRC_MAGIC = b"crc_num"
 CRC_TRAILER_SIZE = len(CRC_MAGIC) + 10
-#: First four bytes (little-endian) of files saved with enc_key.
-ENCRYPTION_MAGICS = {0x7F3A5ED8: "AES-GCM", 0x7F3A5ED9: "AES-CBC", 0x7F3A5EDA: "SM4-CBC"}
-_CRC_BLOCK = 16 * 1024 * 1024
+#: Chunks up to this size are written together with their record header, in one write.
+_JOIN_CHUNK = 64 * 1024
 
 
-@dataclass
-class _Group:
+class _Group(NamedTuple):
     """Consecutive records with one tag: one tensor."""
 
     name: str
     type_name: str
     dims: List[int]
     offset: int
-    segments: List[Segment] = field(default_factory=list)
+    first: Segment
+    more: List[Segment]
+
+
+def _canonical_record(mm: mmap.mmap, pos: int, end: int):
+    """The record at `pos` if it is laid out exactly as MindSpore writes it, else None.
+
+    Checkpoint.value (0x0a) holding tag (0x0a) then tensor (0x12), which holds
+    dims (0x08 each, non-negative), tensor_type (0x12) and tensor_content
+    (0x1a), each length ending exactly where its message does. Checked byte
+    by byte here, a record costs a fraction of the general field-by-field
+    walk (`CkptReader._parse_value`), which handles everything else and
+    reports what is wrong. Returns (tag bytes, dims, dtype name bytes,
+    content segment, position after the record).
+    """
+    try:
+        if mm[pos] != 0x0A:
+            return None
+        length, p = pw.decode_varint(mm, pos + 1, end)
+        stop = p + length
+        if stop > end or p >= stop or mm[p] != 0x0A:
+            return None
+        length, p = pw.decode_varint(mm, p + 1, stop)
+        tag_end = p + length
+        if tag_end >= stop or mm[tag_end] != 0x12:
+            return None
+        tag = mm[p:tag_end]
+        length, p = pw.decode_varint(mm, tag_end + 1, stop)
+        if p + length != stop:
+            return None
+        dims = []
+        while p < stop and mm[p] == 0x08:
+            dim, p = pw.decode_varint(mm, p + 1, stop)
+            if dim >= 1 << 63:  # negative: left to the general walk to report
+                return None
+            dims.append(dim)
+        if p >= stop or mm[p] != 0x12:
+            return None
+        length, p = pw.decode_varint(mm, p + 1, stop)
+        type_end = p + length
+        if type_end >= stop or mm[type_end] != 0x1A:
+            return None
+        type_name = mm[p:type_end]
+        length, p = pw.decode_varint(mm, type_end + 1, stop)
+        if p + length != stop:
+            return None
+        return tag, dims, type_name, Segment(p, length), stop
+    except pw.WireError:
+        return None
 
 
 class CkptReader(TensorReader):
@@ -60,6 +109,7 @@ class CkptReader(TensorReader):
         super().__init__(path)
         self.crc: Optional[int] = None
         self._end = 0
+        self._dtypes: Dict[str, dtypes.DType] = {}  # by tensor_type, as met
         #: (pos, crc): the running CRC of the file's first `pos` bytes, while deferred.
         self._crc_state: Optional[Tuple[int, int]] = None
         try:
@@ -87,7 +137,7 @@ class CkptReader(TensorReader):
     def _crc_through(self, info: TensorInfo, data: memoryview) -> Tuple[int, int]:
         """Extend the running CRC over a tensor just read (and the headers before it)."""
         pos, crc = self._crc_state  # type: ignore[misc]
-        segments = self._segments[info.name]
+        segments = self.segments(info)
         if segments[0].offset < pos:  # read out of file order: start over at finish()
             return 0, 0
         done = 0
@@ -102,6 +152,10 @@ class CkptReader(TensorReader):
         size = os.fstat(self._fd).st_size
         if size == 0:
             raise FormatError(self.path, "empty file: not a MindSpore checkpoint")
+        head = os.pread(self._fd, sniff.HEAD_SIZE, 0)
+        if sniff.kind(head, size) == "safetensors":
+            raise FormatError(self.path, "not a MindSpore checkpoint"
+                              + sniff.hint(head, size, "ckpt"), 0)
         with mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) as mm:
             end = size
             if size >= CRC_TRAILER_SIZE and mm[size - CRC_TRAILER_SIZE:size - 10] == CRC_MAGIC:
@@ -110,46 +164,52 @@ class CkptReader(TensorReader):
             if end and mm[0] != 0x0A:
                 self._refuse_first_bytes(mm[:4])
             try:
-                groups = self._walk(mm, end)
+                self._walk(mm, end)
             except pw.WireError as exc:
                 raise FormatError(self.path, f"corrupt or truncated checkpoint: {exc}",
                                   exc.offset) from None
-        for group in groups:
-            self._add(group)
         self._end = end
         if verify_crc and self.crc is not None:
             self._check_crc(self._crc_range(0, end, 0))
 
     def _refuse_first_bytes(self, head: bytes) -> None:
         magic = int.from_bytes(head, "little") if len(head) == 4 else None
-        if magic in ENCRYPTION_MAGICS:
+        if magic in sniff.ENCRYPTION_MAGICS:
             raise EncryptedCheckpointError(
-                self.path, f"encrypted checkpoint ({ENCRYPTION_MAGICS[magic]}): decrypt it with "
-                "MindSpore (load_checkpoint with dec_key) and save it without enc_key first")
+                self.path, f"encrypted checkpoint ({sniff.ENCRYPTION_MAGICS[magic]}): decrypt it "
+                "with MindSpore (load_checkpoint with dec_key) and save it without enc_key first")
         raise FormatError(self.path, "not a MindSpore checkpoint: first byte is "
                           f"0x{head[0]:02x}, expected 0x0a", 0)
 
-    def _walk(self, mm: mmap.mmap, end: int) -> List[_Group]:
-        groups: List[_Group] = []
+    def _walk(self, mm: mmap.mmap, end: int) -> None:
+        """Index every record; consecutive records with one tag are chunks of one tensor."""
+        group: Optional[_Group] = None
         pos = 0
         while pos < end:
             record = pos
-            fnum, wire, pos = pw.read_key(mm, pos, end)
-            if fnum != 1 or wire != pw.LEN:
-                pos = pw.skip_field(mm, wire, pos, end)  # unknown Checkpoint field
-                continue
-            start, pos = pw.read_len(mm, pos, end)
-            tag, dims, type_name, content = self._parse_value(mm, start, pos, record)
-            last = groups[-1] if groups else None
-            if last is not None and last.name == tag:
-                if dims != last.dims or type_name != last.type_name:
-                    raise FormatError(self.path, f"chunk of tensor {tag!r} disagrees with the "
-                                      "first chunk on shape or dtype", record)
+            canonical = _canonical_record(mm, pos, end)
+            if canonical is not None:
+                raw_tag, dims, raw_type, content, pos = canonical
+                tag = self._text(raw_tag, "tensor name", record)
+                type_name = self._text(raw_type, "dtype name", record)
             else:
-                last = _Group(tag, type_name, dims, record)
-                groups.append(last)
-            last.segments.append(content)
-        return groups
+                fnum, wire, pos = pw.read_key(mm, pos, end)
+                if fnum != 1 or wire != pw.LEN:
+                    pos = pw.skip_field(mm, wire, pos, end)  # unknown Checkpoint field
+                    continue
+                start, pos = pw.read_len(mm, pos, end)
+                tag, dims, type_name, content = self._parse_value(mm, start, pos, record)
+            if group is not None and group.name == tag:
+                if dims != group.dims or type_name != group.type_name:
+                    raise FormatError(self.path, f"chunk of tensor {brief(tag)} disagrees with the "
+                                      "first chunk on shape or dtype", record)
+                group.more.append(content)
+                continue
+            if group is not None:
+                self._add(group)
+            group = _Group(tag, type_name, dims, record, content, [])
+        if group is not None:
+            self._add(group)
 
     def _parse_value(self, mm: mmap.mmap, pos: int, end: int, record: int):
         """Checkpoint.Value: tag (1) and TensorProto (2), in any order."""
@@ -164,15 +224,15 @@ class CkptReader(TensorReader):
                 elif fnum == 2:
                     tensor = (start, pos)
                 else:
-                    raise UnsupportedError(self.path, f"record {tag or '?'!r} is a MapParameter "
-                                           "(embedding hash map), which ckpt-rtn does not convert",
-                                           record)
+                    raise UnsupportedError(self.path, f"record {brief(tag or '?')} is a "
+                                           "MapParameter (embedding hash map), which ckpt-rtn "
+                                           "does not convert", record)
             else:
                 pos = pw.skip_field(mm, wire, pos, end)
         if tag is None:
             raise FormatError(self.path, "record without a tensor name", record)
         if tensor is None:
-            raise FormatError(self.path, f"record {tag!r} holds no tensor", record)
+            raise FormatError(self.path, f"record {brief(tag)} holds no tensor", record)
         dims, type_name, content = self._parse_tensor(mm, *tensor, tag, record)
         return tag, dims, type_name, content
 
@@ -196,9 +256,10 @@ class CkptReader(TensorReader):
                 pos = pw.skip_field(mm, wire, pos, end)
         if type_name is None or content is None:
             missing = "dtype" if type_name is None else "data"
-            raise FormatError(self.path, f"tensor {tag!r} has no {missing}", record)
-        if any(d < 0 for d in dims):
-            raise FormatError(self.path, f"tensor {tag!r} has a negative dimension {dims}", record)
+            raise FormatError(self.path, f"tensor {brief(tag)} has no {missing}", record)
+        if dims and min(dims) < 0:
+            raise FormatError(self.path, f"tensor {brief(tag)} has a negative dimension "
+                              f"{brief(dims)}", record)
         return dims, type_name, content
 
     def _text(self, raw: bytes, what: str, offset: int) -> str:
@@ -208,31 +269,33 @@ class CkptReader(TensorReader):
             raise FormatError(self.path, f"{what} is not valid UTF-8", offset) from None
 
     def _add(self, group: _Group) -> None:
-        if group.name in self._segments:
-            raise FormatError(self.path, f"tensor {group.name!r} appears twice", group.offset)
-        dtype = dtypes.from_mindspore_name(group.type_name)
-        total = sum(s.length for s in group.segments)
+        name = group.name
+        if name in self._position:
+            raise FormatError(self.path, f"tensor {brief(name)} appears twice", group.offset)
+        dtype = self._dtypes.get(group.type_name)
+        if dtype is None:
+            dtype = self._dtypes[group.type_name] = dtypes.from_mindspore_name(group.type_name)
+        total = group.first.length
+        if group.more:
+            total += sum(s.length for s in group.more)
         shape = tuple(group.dims)
         if dtype is dtypes.STRING or (shape == (0,) and total > 0):
             shape = ()  # str values and legacy scalars are written with dims [0]
-        expected = expected_nbytes(dtype, shape)
+        if dtype is dtypes.STRING and total % 4:
+            raise FormatError(self.path, f"str value {brief(name)} holds {total} bytes, not a "
+                              "whole number of UTF-32 code units (4 bytes each)", group.offset)
+        itemsize = dtype.itemsize
+        expected = None if itemsize is None else math.prod(shape) * itemsize
+        if len(shape) > MAX_DIMS or not expected:  # rare: checked in full only here
+            problem = shape_problem(shape, itemsize)
+            if problem is not None:
+                raise FormatError(self.path, f"tensor {brief(name)} {problem}", group.offset)
         if expected is not None and expected != total:
-            raise FormatError(self.path, f"tensor {group.name!r}: {dtype} {list(shape)} needs "
+            raise FormatError(self.path, f"tensor {brief(name)}: {dtype} {list(shape)} needs "
                               f"{expected} bytes, its records hold {total}", group.offset)
-        self.tensors.append(TensorInfo(group.name, dtype, shape, total))
-        self._segments[group.name] = group.segments
-
-    def _crc_range(self, pos: int, end: int, crc: int) -> int:
-        """`crc` extended over the file's bytes [pos, end), read in blocks."""
-        buf = bytearray(min(_CRC_BLOCK, max(end - pos, 1)))
-        view = memoryview(buf)
-        while pos < end:
-            got = os.preadv(self._fd, [view[:min(len(buf), end - pos)]], pos)
-            if got == 0:
-                raise FormatError(self.path, "file shrank while its CRC was checked", pos)
-            crc = zlib.crc32(view[:got], crc)
-            pos += got
-        return crc
+        if group.more:
+            self._more[len(self.tensors)] = group.more
+        self._add_tensor(TensorInfo(name, dtype, shape, total), *group.first)
 
     def _check_crc(self, crc: int) -> None:
         if crc != self.crc:
@@ -245,29 +308,59 @@ def _dims_for(info: TensorInfo) -> Sequence[int]:
     return (0,) if info.dtype is dtypes.STRING else info.shape
 
 
-def _record_header(name: bytes, dims: Sequence[int], type_name: bytes, chunk_len: int) -> bytes:
-    """Everything of one record that precedes its chunk of tensor bytes."""
-    tensor_head = b"".join(pw.key(1, pw.VARINT) + pw.encode_varint(d) for d in dims)
-    tensor_head += pw.key(2, pw.LEN) + pw.encode_varint(len(type_name)) + type_name
-    tensor_head += pw.key(3, pw.LEN) + pw.encode_varint(chunk_len)
+def _tensor_head(info: TensorInfo, chunk_len: int) -> bytes:
+    """TensorProto up to its content: dims (1), tensor_type (2), the content's key and length."""
+    type_name = info.dtype.name.encode()
+    return (b"".join(b"\x08" + pw.encode_varint(d) for d in _dims_for(info))
+            + b"\x12" + pw.encode_varint(len(type_name)) + type_name
+            + b"\x1a" + pw.encode_varint(chunk_len))
+
+
+def _record_header(name: bytes, tensor_head: bytes, chunk_len: int) -> bytes:
+    """Everything of one record that precedes its chunk of tensor bytes: Checkpoint.value
+    (1) holding tag (1) and tensor (2), then the tensor's head."""
     tensor_len = len(tensor_head) + chunk_len
-    value_head = (pw.key(1, pw.LEN) + pw.encode_varint(len(name)) + name
-                  + pw.key(2, pw.LEN) + pw.encode_varint(tensor_len))
-    value_len = len(value_head) + tensor_len
-    return pw.key(1, pw.LEN) + pw.encode_varint(value_len) + value_head + tensor_head
+    value_head = (b"\x0a" + pw.encode_varint(len(name)) + name
+                  + b"\x12" + pw.encode_varint(tensor_len))
+    return b"\x0a" + pw.encode_varint(len(value_head) + tensor_len) + value_head + tensor_head
 
 
-def records(info: TensorInfo, chunk_size: int = CHUNK_SIZE) -> List[Tuple[bytes, int, int]]:
-    """The records `CkptWriter` writes for a tensor: (header, data start, data length) each.
+def _record_size(name_len: int, tensor_head_len: int, chunk_len: int) -> int:
+    """len(_record_header(...)) + chunk_len, without building the header."""
+    tensor_len = tensor_head_len + chunk_len
+    value_len = 2 + pw.varint_size(name_len) + name_len + pw.varint_size(tensor_len) + tensor_len
+    return 1 + pw.varint_size(value_len) + value_len
 
-    MindSpore's cuts: byte-aligned chunks, one empty record for 0 bytes.
-    """
-    name, type_name = info.name.encode(), info.dtype.name.encode()
-    out = []
-    for start in range(0, info.nbytes, chunk_size) if info.nbytes else [0]:
-        length = min(chunk_size, info.nbytes - start)
-        out.append((_record_header(name, _dims_for(info), type_name, length), start, length))
-    return out
+
+def _chunks(nbytes: int, chunk_size: int) -> List[Tuple[int, int]]:
+    """(start, length) of each record's piece: MindSpore's byte-aligned cuts, and one empty
+    record for 0 bytes."""
+    if nbytes == 0:
+        return [(0, 0)]
+    return [(start, min(chunk_size, nbytes - start)) for start in range(0, nbytes, chunk_size)]
+
+
+class _TensorHeads:
+    """_tensor_head, remembered: the tensors of a checkpoint share a few dtypes and shapes."""
+
+    def __init__(self) -> None:
+        self._known: Dict[Tuple[str, Tuple[int, ...], int], bytes] = {}
+
+    def __call__(self, info: TensorInfo, chunk_len: int) -> bytes:
+        key = (info.dtype.name, info.shape, chunk_len)
+        head = self._known.get(key)
+        if head is None:
+            head = self._known[key] = _tensor_head(info, chunk_len)
+        return head
+
+
+def records(info: TensorInfo, chunk_size: int = CHUNK_SIZE,
+            heads: Optional[_TensorHeads] = None) -> List[Tuple[bytes, int, int]]:
+    """The records `CkptWriter` writes for a tensor: (header, data start, data length) each."""
+    heads = heads or _TensorHeads()
+    name = info.name.encode()
+    return [(_record_header(name, heads(info, length), length), start, length)
+            for start, length in _chunks(info.nbytes, chunk_size)]
 
 
 def crc_trailer(crc: int) -> bytes:
@@ -278,8 +371,13 @@ def crc_trailer(crc: int) -> bytes:
 def planned_size(tensors: Sequence[TensorInfo], *, crc: bool = False,
                  chunk_size: int = CHUNK_SIZE) -> int:
     """Exact size of the file `CkptWriter` will write for these tensors."""
-    return (CRC_TRAILER_SIZE if crc else 0) + sum(
-        len(header) + length for info in tensors for header, _, length in records(info, chunk_size))
+    heads = _TensorHeads()
+    total = CRC_TRAILER_SIZE if crc else 0
+    for info in tensors:
+        name_len = len(info.name.encode())
+        for _, length in _chunks(info.nbytes, chunk_size):
+            total += _record_size(name_len, len(heads(info, length)), length)
+    return total
 
 
 class CkptWriter(TensorWriter):
@@ -290,11 +388,16 @@ class CkptWriter(TensorWriter):
         super().__init__(path, tensors)
         self._chunk_size = chunk_size
         self._crc: Optional[int] = 0 if crc else None
+        self._heads = _TensorHeads()
 
     def _store(self, info: TensorInfo, data: memoryview) -> None:
-        for header, start, length in records(info, self._chunk_size):
-            self._emit(header)
-            self._emit(data[start:start + length])
+        for header, start, length in records(info, self._chunk_size, self._heads):
+            chunk = data[start:start + length]
+            if length <= _JOIN_CHUNK:
+                self._emit(header + chunk)  # one buffered write and one CRC update, not two
+            else:
+                self._emit(header)
+                self._emit(chunk)
 
     def _emit(self, data: "bytes | memoryview") -> None:
         assert self._out.file is not None

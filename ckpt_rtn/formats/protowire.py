@@ -22,8 +22,14 @@ class WireError(ValueError):
         self.offset = offset
 
 
+#: The one-byte varints, prebuilt: most lengths and dims in a record are below 128.
+_SMALL = tuple(bytes((v,)) for v in range(0x80))
+
+
 def encode_varint(value: int) -> bytes:
     """Base-128 varint; negative numbers as 10-byte two's complement."""
+    if 0 <= value < 0x80:
+        return _SMALL[value]
     if value < 0:
         value += 1 << 64
     out = bytearray()
@@ -37,8 +43,17 @@ def encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
+def varint_size(value: int) -> int:
+    """Bytes `encode_varint(value)` takes."""
+    return 10 if value < 0 else max(1, (value.bit_length() + 6) // 7)
+
+
 def decode_varint(buf: "bytes | memoryview", pos: int, end: int) -> Tuple[int, int]:
     """Decode the varint at `pos`; returns (value, position after it)."""
+    if pos < end:
+        byte = buf[pos]
+        if byte < 0x80:  # one byte: the common case, without the loop
+            return byte, pos + 1
     start = pos
     result = 0
     shift = 0

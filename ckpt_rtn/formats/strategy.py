@@ -11,13 +11,13 @@ protobuf is walked with the same wire helpers as `.ckpt` records
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import FormatError
 from . import protowire as pw
+from . import untrusted_json
 
 
 @dataclass(frozen=True)
@@ -78,21 +78,40 @@ def read_strategy(path: "os.PathLike[str] | str") -> Dict[str, Layout]:
 
 
 def _json_layouts(path: "os.PathLike[str] | str") -> Optional[Dict[str, Layout]]:
+    """The layouts of a JSON strategy, None if the file is not one (not JSON, or not shaped
+    like a strategy: integers where MindSpore writes them)."""
     try:
-        with open(path) as f:
-            items = json.load(f).get("parallel_layout_item")
-        return {name: Layout(tuple(int(d) for d in item.get("dev_matrix", ())),
-                             tuple(_axis(d) for d in item.get("tensor_map", ())))
-                for name, item in items.items()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None  # not JSON, or not shaped like a strategy
+        document = untrusted_json.load_file(path, "strategy", max_size=_MAX_STRATEGY_SIZE)
+    except FormatError:
+        return None
+    items = document.get("parallel_layout_item") if isinstance(document, dict) else None
+    if not isinstance(items, dict):
+        return None
+    layouts = {}
+    for name, item in items.items():
+        if not isinstance(item, dict):
+            return None
+        dev_matrix, tensor_map = item.get("dev_matrix", []), item.get("tensor_map", [])
+        if not _int_list(dev_matrix) or not isinstance(tensor_map, list) \
+                or not all(_is_int(e) or _int_list(e) for e in tensor_map):
+            return None
+        layouts[name] = Layout(tuple(dev_matrix), tuple(_axis(e) for e in tensor_map))
+    return layouts
 
 
-def _axis(entry: object) -> int:
-    """A tensor_map entry; a tuple of axes (several device axes) counts by its first split one."""
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
+
+
+def _axis(entry: "int | List[int]") -> int:
+    """A tensor_map entry; a list of axes (several device axes) counts by its first split one."""
     if isinstance(entry, list):
-        return next((int(e) for e in entry if int(e) >= 0), -1)
-    return int(entry)  # type: ignore[call-overload]
+        return next((e for e in entry if e >= 0), -1)
+    return entry
 
 
 def _protobuf_layouts(data: bytes) -> Dict[str, Layout]:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
+from array import array
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -12,6 +14,7 @@ from ..dtypes import DType, STRING
 from ..errors import FormatError, OutputError
 from ..paths import open_input
 from .atomic import AtomicFile
+from .untrusted_json import brief
 
 
 @dataclass(frozen=True)
@@ -36,52 +39,50 @@ class TensorInfo:
         return cls(name, dtype, shape, math.prod(shape) * dtype.itemsize)
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """A run of a tensor's bytes at a file offset (a ckpt chunk record)."""
 
     offset: int
     length: int
 
 
-def expected_nbytes(dtype: DType, shape: Sequence[int]) -> Optional[int]:
-    """Bytes a tensor of this dtype and shape must hold; None if not implied."""
-    return None if dtype.itemsize is None else math.prod(shape) * dtype.itemsize
-
-
 def as_array(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
     """View a tensor's raw bytes (uint8) as the array it stands for.
 
-    Opaque dtypes stay flat bytes; a str value becomes a 0-d numpy string.
+    Opaque dtypes stay flat bytes; a str value becomes a 0-d numpy string
+    (readers refuse str values whose length is not a whole number of UTF-32
+    code units; numpy has no empty string type, so "" is '<U1').
     """
     if info.dtype is STRING:
-        return raw.view(f"<U{raw.size // 4}").reshape(())
+        return raw.view(f"<U{raw.size // 4}").reshape(()) if raw.size else np.array("", "<U1")
     if info.dtype.numpy is None:
         return raw
     return raw.view(info.dtype.numpy).reshape(info.shape)
 
 
-def read_segments(fd: int, path: str, info: TensorInfo,
-                  segments: Sequence[Segment]) -> np.ndarray:
-    """Read a tensor's segments with pread into one fresh uint8 buffer.
+#: Reads up to this size go through the read-ahead block (see TensorReader._small).
+_SMALL_READ = 64 * 1024
+_READ_AHEAD = 1024 * 1024
+_CRC_BLOCK = 16 * 1024 * 1024
+#: numpy's limit on dimensions (NPY_MAXDIMS in numpy 1.x); a tensor with more cannot be viewed.
+MAX_DIMS = 32
+#: numpy refuses arrays whose nonzero dimensions multiply (times the itemsize) past this.
+_MAX_ARRAY_BYTES = 2 ** 63 - 1
 
-    pread leaves no file position behind (safe from several threads) and keeps
-    resident memory to the buffer itself, where a memory map would count every
-    page touched towards RSS.
+
+def shape_problem(shape: Sequence[int], itemsize: Optional[int]) -> Optional[str]:
+    """Why numpy could not hold a tensor of this shape (None if it can), from a header's dims.
+
+    A dimension of 0 makes the byte count 0 whatever the others are, so the
+    others are bounded here: numpy still refuses to shape an array past 2**63 bytes.
     """
-    raw = np.empty(info.nbytes, dtype=np.uint8)
-    view = memoryview(raw)
-    pos = 0
-    for seg in segments:
-        done = 0
-        while done < seg.length:
-            got = os.preadv(fd, [view[pos + done:pos + seg.length]], seg.offset + done)
-            if got == 0:
-                raise FormatError(path, f"file ends inside tensor {info.name!r}",
-                                  seg.offset + done)
-            done += got
-        pos += seg.length
-    return raw
+    if len(shape) > MAX_DIMS:
+        return f"has {len(shape)} dimensions (at most {MAX_DIMS} are supported)"
+    if any(d < 0 for d in shape):
+        return f"has a negative dimension {brief(list(shape))}"
+    if math.prod(d for d in shape if d) * (itemsize or 1) > _MAX_ARRAY_BYTES:
+        return f"shape {brief(list(shape))} is too large for any file"
+    return None
 
 
 class TensorReader:
@@ -89,6 +90,10 @@ class TensorReader:
 
     `tensors` is the index (headers only); `read` loads one tensor's bytes.
     Use as a context manager so the file descriptor is closed.
+
+    Where each tensor lies is kept in flat arrays (one offset and length per
+    tensor, extra pieces only for tensors stored in several), not in an
+    object per tensor: a MoE checkpoint lists 100 000 and more.
     """
 
     format: str = ""
@@ -97,15 +102,96 @@ class TensorReader:
         self.path = os.fspath(path)
         self.tensors: List[TensorInfo] = []
         self.metadata: Dict[str, str] = {}
-        self._segments: Dict[str, List[Segment]] = {}
+        self._position: Dict[str, int] = {}  # name -> index in self.tensors
+        self._offsets = array("q")
+        self._lengths = array("q")
+        self._more: Dict[int, List[Segment]] = {}  # pieces after the first, by tensor index
+        self._ahead: Tuple[int, bytes] = (0, b"")  # read-ahead block: (file offset, bytes)
+        self._last_end = 0  # where the last small read ended: reads that follow it read ahead
         self._fd = open_input(self.path)  # a regular file, or our error (never blocks on a FIFO)
+
+    def _add_tensor(self, info: TensorInfo, offset: int, length: int) -> None:
+        """Index a tensor whose (first) piece of bytes is at [offset, offset + length)."""
+        self._position[info.name] = len(self.tensors)
+        self.tensors.append(info)
+        self._offsets.append(offset)
+        self._lengths.append(length)
+
+    def segments(self, info: TensorInfo) -> List[Segment]:
+        """Where the tensor's bytes lie, in order."""
+        i = self._position[info.name]
+        return [Segment(self._offsets[i], self._lengths[i])] + self._more.get(i, [])
 
     def read(self, info: TensorInfo) -> np.ndarray:
         """The tensor's data as a numpy array of its storage dtype and shape."""
         return as_array(info, self._read_raw(info))
 
     def _read_raw(self, info: TensorInfo) -> np.ndarray:
-        return read_segments(self._fd, self.path, info, self._segments[info.name])
+        """A tensor's bytes in one fresh uint8 buffer, read with pread.
+
+        pread leaves no file position behind (safe from several threads) and
+        keeps resident memory to the buffer itself, where a memory map would
+        count every page touched towards RSS.
+        """
+        i = self._position[info.name]
+        raw = np.empty(info.nbytes, dtype=np.uint8)
+        view = memoryview(raw)
+        length = self._lengths[i]
+        self._read_into(view[:length], self._offsets[i], info.name)
+        for seg in self._more.get(i, ()):
+            self._read_into(view[length:length + seg.length], seg.offset, info.name)
+            length += seg.length
+        return raw
+
+    def _read_into(self, view: memoryview, offset: int, name: str) -> None:
+        """Fill `view` from the file at `offset`."""
+        if not view:
+            return
+        if len(view) <= _SMALL_READ:
+            view[:] = self._small(offset, len(view), name)
+            return
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise FormatError(self.path, f"file ends inside tensor {brief(name)}",
+                                  offset + done)
+            done += got
+
+    def _small(self, offset: int, length: int, name: Optional[str]) -> memoryview:
+        """Up to _SMALL_READ bytes at `offset`, through the read-ahead block.
+
+        Tiny tensors read in file order then cost one pread per block rather
+        than one each; a read that does not follow the last one reads only
+        what it needs, so random access never pays for a whole block.
+        """
+        start, block = self._ahead
+        if not start <= offset <= offset + length <= start + len(block):
+            sequential = self._last_end <= offset < self._last_end + _SMALL_READ
+            start, block = offset, os.pread(self._fd, _READ_AHEAD if sequential else length,
+                                            offset)
+            if sequential:
+                self._ahead = (start, block)
+            if len(block) < length:
+                reason = ("file shrank while its CRC was checked" if name is None
+                          else f"file ends inside tensor {brief(name)}")
+                raise FormatError(self.path, reason, offset + len(block))
+        self._last_end = offset + length
+        return memoryview(block)[offset - start:offset - start + length]
+
+    def _crc_range(self, pos: int, end: int, crc: int) -> int:
+        """`crc` extended over the file's bytes [pos, end), read in blocks."""
+        if end - pos <= _SMALL_READ:
+            return zlib.crc32(self._small(pos, end - pos, None), crc) if end > pos else crc
+        buf = bytearray(min(_CRC_BLOCK, end - pos))
+        view = memoryview(buf)
+        while pos < end:
+            got = os.preadv(self._fd, [view[:min(len(buf), end - pos)]], pos)
+            if got == 0:
+                raise FormatError(self.path, "file shrank while its CRC was checked", pos)
+            crc = zlib.crc32(view[:got], crc)
+            pos += got
+        return crc
 
     def finish(self) -> None:
         """Checks that need the whole file read (a deferred CRC); none by default."""
@@ -134,7 +220,10 @@ def raw_bytes(info: TensorInfo, array: np.ndarray) -> memoryview:
     """The bytes to store for `array`, checked against its planned size."""
     if info.dtype is STRING:
         text = np.asarray(array, dtype=np.str_)
-        data = memoryview(text.astype(text.dtype.newbyteorder("<")).tobytes())
+        encoded = text.astype(text.dtype.newbyteorder("<")).tobytes()
+        if len(encoded) > info.nbytes and not encoded[info.nbytes:].strip(b"\0"):
+            encoded = encoded[:info.nbytes]  # numpy pads "" to one NUL code unit
+        data = memoryview(encoded)
     else:
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     if len(data) != info.nbytes:
