@@ -36,7 +36,7 @@ import re
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple, Type
 
 import numpy as np
 
@@ -375,12 +375,7 @@ def _load_manifest(dst: str, settings: Settings) -> Dict[str, object]:
     path = os.path.join(dst, MANIFEST)
     if not os.path.exists(path):
         return _new_manifest(settings)
-    manifest = untrusted_json.load_file(path, "manifest", error=ConfigError)
-    problem = _manifest_problem(manifest)
-    if problem is not None:
-        raise ConfigError(path, f"unreadable manifest ({problem}); remove it (and the output) "
-                          "to start over")
-    assert isinstance(manifest, dict)
+    manifest = read_manifest(path, ConfigError, "; remove it (and the output) to start over")
     if manifest.get("settings") != settings.to_dict():
         try:
             were = Settings.from_dict(manifest.get("settings"), path).summary
@@ -389,6 +384,17 @@ def _load_manifest(dst: str, settings: Settings) -> Dict[str, object]:
         raise ConfigError(path, f"was written with other settings ({were}; this run: "
                           f"{settings.summary}); resume with the same options, or start over "
                           "in a new directory")
+    return manifest
+
+
+def read_manifest(path: str, error: Type[CkptRtnError], advice: str = "") -> Dict[str, object]:
+    """A manifest whose shape was checked (files' size, sha256 and tensor lists): `--resume`
+    and `verify` trust its entries. Anything else raises `error`, with `advice` after it."""
+    manifest = untrusted_json.load_file(path, "manifest", error=error)
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise error(path, f"unreadable manifest ({problem}){advice}")
+    assert isinstance(manifest, dict)
     return manifest
 
 

@@ -385,21 +385,8 @@ def _read_manifest(path: str) -> Tuple[Dict[str, Dict[str, object]], Settings]:
         raise FormatError(os.path.dirname(path), f"has no {directory.MANIFEST}: not an output "
                           f"directory of {TOOL} convert (or written by a version before it "
                           "kept one)")
-    try:
-        with open(path, "rb") as f:
-            manifest = json.loads(f.read())
-    except OSError as exc:
-        raise FormatError(path, f"cannot read: {exc.strerror}") from None
-    except (ValueError, RecursionError):
-        raise FormatError(path, "is not valid JSON") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
-        raise FormatError(path, "malformed manifest: no \"files\" object")
-    for rel, entry in files.items():
-        if not (isinstance(entry, dict) and _is_int(entry.get("size"))
-                and isinstance(entry.get("sha256"), str)):
-            raise FormatError(path, f"malformed manifest: the entry of {rel!r} needs a size and "
-                              "a sha256")
+    manifest = directory.read_manifest(path, FormatError)
+    files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
     return files, Settings.from_dict(manifest.get("settings"), path)
 
 
@@ -484,7 +471,3 @@ def _describe(info: TensorInfo) -> str:
 
 def _short(text: str) -> str:
     return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -437,7 +437,8 @@ def test_manifest_sha_mismatch_and_copied_files(sharded, out_copy: Path) -> None
 def test_directory_without_manifest_is_refused(sharded, out_copy: Path) -> None:
     src, _ = sharded
     (out_copy / MANIFEST).write_text('{"files": []}')
-    refused(verify(src, out_copy), out_copy / MANIFEST, "malformed manifest")
+    refused(verify(src, out_copy), out_copy / MANIFEST, "unreadable manifest",
+            '"files" is not an object')
     os.unlink(out_copy / MANIFEST)
     refused(verify(src, out_copy), out_copy, "has no ckpt-rtn-manifest.json")
 
