@@ -101,8 +101,8 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
             if entry is _DONE:
                 put(processed, _DONE)
                 break
-            done = [(item, process(item, data)) for item, data in entry]  # type: ignore[attr-defined]
-            if not put(processed, done):
+            batch: List[Tuple[T, A]] = entry  # type: ignore[assignment]
+            if not put(processed, [(item, process(item, data)) for item, data in batch]):
                 break
     except BaseException:
         abort.set()
