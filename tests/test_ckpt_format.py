@@ -12,6 +12,7 @@ import pytest
 from ckpt_rtn import dtypes
 from ckpt_rtn.errors import ChecksumError
 from ckpt_rtn.formats import ckpt, open_reader, open_writer
+from ckpt_rtn.formats import protowire as pw
 from ckpt_rtn.formats.tensor import TensorInfo
 from ckpt_rtn.numerics import bf16_to_float32
 
@@ -273,3 +274,10 @@ def test_deferred_crc_is_checked_while_reading(tmp_path: Path, fixtures: Path) -
             reader.finish()
     with pytest.raises(ChecksumError):
         open_reader(damaged)
+
+
+def test_varint_encoding_refuses_what_int64_cannot_hold() -> None:
+    assert pw.encode_varint(-1) == b"\xff" * 9 + b"\x01"
+    assert pw.decode_varint(pw.encode_varint(-(2 ** 63)), 0, 10)[0] == 2 ** 63
+    with pytest.raises(ValueError, match="int64"):
+        pw.encode_varint(-(2 ** 63) - 1)  # looped for ever before

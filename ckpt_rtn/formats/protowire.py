@@ -31,6 +31,8 @@ def encode_varint(value: int) -> bytes:
     if 0 <= value < 0x80:
         return _SMALL[value]
     if value < 0:
+        if value < -(1 << 63):
+            raise ValueError(f"{value} is below int64's range")
         value += 1 << 64
     out = bytearray()
     while True:

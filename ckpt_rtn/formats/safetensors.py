@@ -30,8 +30,8 @@ from array import array
 from dataclasses import dataclass
 from json.decoder import scanstring
 from json.encoder import encode_basestring_ascii
-from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
-                    Tuple)
+from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, NoReturn, Optional,
+                    Sequence, Tuple)
 
 import numpy as np
 
@@ -92,7 +92,7 @@ class _JSONObject:
     closing brace `end` is the position after it.
     """
 
-    def __init__(self, text: str, pos: int, syntax: Callable[[str, int, str], None],
+    def __init__(self, text: str, pos: int, syntax: Callable[[str, int, str], NoReturn],
                  what: str) -> None:
         if text[pos:pos + 1] != "{":
             syntax(text, pos, f"{what} is not a JSON object")
@@ -254,9 +254,8 @@ class SafetensorsReader(TensorReader):
             return untrusted_json.DECODER.scan_once(text, pos)
         except StopIteration:
             self._syntax(text, pos, "expected a value")
-            raise AssertionError("unreachable")
 
-    def _syntax(self, text: str, pos: int, what: str) -> None:
+    def _syntax(self, text: str, pos: int, what: str) -> NoReturn:
         raise FormatError(self.path, f"header is not valid JSON ({what})", self._at(text, pos))
 
     @staticmethod
