@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 from . import __version__
 from .dtypes import STRING
 from .errors import ConfigError, FormatError
+from .formats import untrusted_json
 from .formats.tensor import TensorReader
 from .rules import IN_OUT, OUT_IN, Rules, recorded_rules
 from .schemes import SCHEME_NAMES, Scheme, get_scheme
@@ -96,14 +97,10 @@ class Settings:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str, path: "os.PathLike[str] | str | None") -> "Settings":
+    def from_json(cls, text: str, path: "os.PathLike[str] | str") -> "Settings":
         """Parse recorded settings, which are untrusted: only FormatError comes out."""
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise FormatError(path, f"recorded {TOOL} settings are not valid JSON "
-                              f"({type(exc).__name__})") from None
-        return cls.from_dict(data, path)
+        return cls.from_dict(untrusted_json.loads(text, path, f"recorded {TOOL} settings"),
+                             path)
 
     @classmethod
     def from_dict(cls, data: object, path: "os.PathLike[str] | str | None") -> "Settings":
@@ -118,6 +115,8 @@ class Settings:
                       else f"written by {_short(tool)}, not {TOOL}")
         values = {}
         for key, (check, expected) in _FIELDS.items():
+            if key not in data:
+                raise bad(f"{key} is missing")
             if not check(data.get(key)):
                 raise bad(f"{key} is {_short(data.get(key))}, expected {expected}")
             values[key] = data[key]

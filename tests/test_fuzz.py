@@ -30,6 +30,8 @@ from ckpt_rtn.directory import convert_directory
 from ckpt_rtn.errors import CkptRtnError
 from ckpt_rtn.formats import TensorInfo, protowire
 from ckpt_rtn.rules import load_rules
+from ckpt_rtn.schemes import get_scheme
+from ckpt_rtn.settings import Settings
 
 from conftest import FIXTURES
 
@@ -281,11 +283,11 @@ def test_a_file_under_the_wrong_suffix(tmp_path_factory: pytest.TempPathFactory,
 SHARD = "model-00001-of-00001.safetensors"
 TENSORS = [{"name": "a.weight", "dtype": "Float16", "shape": [2, 2], "nbytes": 8},
            {"name": "b", "dtype": "Int8", "shape": [], "nbytes": 1}]
-SETTINGS: Dict[str, object] = {"scheme": "w8", "crc": False}
+SETTINGS = Settings.of(load_rules("llama2"), get_scheme(), crc=False, out_format=None)
 
 
 def manifest_document() -> Dict[str, object]:
-    return {"tool": "ckpt-rtn", "version": "0", "settings": copy.deepcopy(SETTINGS),
+    return {"tool": "ckpt-rtn", "version": "0", "settings": SETTINGS.to_dict(),
             "files": {SHARD: {"size": 9, "sha256": "0" * 64, "tensor_count": 2,
                               "tensors": copy.deepcopy(TENSORS)},
                       "config.json": {"size": 2, "sha256": "f" * 64}}}
@@ -324,7 +326,7 @@ def test_manifest_loading(tmp_path_factory: pytest.TempPathFactory, text: bytes)
     (root / SHARD).write_bytes(bytes(9))
 
     def load_and_use() -> None:
-        manifest = directory._load_manifest(str(root), copy.deepcopy(SETTINGS))
+        manifest = directory._load_manifest(str(root), SETTINGS)
         for rel in list(manifest["files"]):  # type: ignore[arg-type]
             directory._is_done(manifest, rel, str(root / SHARD))
         directory._record(str(root), manifest, "new.bin", str(root / SHARD), TENSORS)
