@@ -169,7 +169,7 @@ def test_safetensors_metadata_is_kept_but_stale_crc_dropped(fp16_llama, tmp_path
         "--no-verify-crc")
     with safe_open(str(tmp_path / "out.safetensors"), framework="numpy") as f:
         metadata = f.metadata()
-    assert Settings.from_json(metadata.pop(SETTINGS), None).format == "safetensors"
+    assert Settings.from_json(metadata.pop(SETTINGS), "metadata").format == "safetensors"
     assert metadata == {"format": "ms", "remove_redundancy": "False"}
 
 
