@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -233,6 +233,27 @@ def strategy_file(path: Path, layouts: Dict[str, List[int]], ranks: int) -> Path
     return path
 
 
+#: Row-parallel Linear weights: split along their input channels under tensor parallelism.
+COLUMN_SPLIT = ("model.layers.0.attention.wo.weight", "model.layers.0.feed_forward.w2.weight")
+
+
+def write_tp2(src: Path,
+              other_layouts: Optional[Dict[str, List[int]]] = None) -> Dict[str, np.ndarray]:
+    """A one-layer fp16 Llama saved as two TP ranks, `COLUMN_SPLIT` split along input
+    channels (rank 0's half of wo has the larger maxima), with the strategy file saying so
+    (plus `other_layouts`); returns the whole weights."""
+    full = {k: v.astype(np.float16) for k, v in llama_weights(layers=1).items()}
+    full["model.layers.0.attention.wo.weight"][:, :32] *= 4
+    for rank in (0, 1):
+        local = {k: np.array_split(v, 2, axis=1)[rank] if k in COLUMN_SPLIT else v
+                 for k, v in full.items()}
+        (src / f"rank_{rank}").mkdir(parents=True)
+        write_ckpt(src / f"rank_{rank}" / "net.ckpt", local)
+    strategy_file(src / "strategy" / "ckpt_strategy.ckpt",
+                  {name: [-1, 0] for name in COLUMN_SPLIT} | (other_layouts or {}), ranks=2)
+    return full
+
+
 @pytest.mark.parametrize("args,names,spec", [
     ((), legacy_names, W8),
     (("--scheme", "w8a16-ptq", "--asymmetric"), ptq_names,
@@ -242,23 +263,13 @@ def test_input_split_weights_get_the_whole_weights_scale(tmp_path: Path, args, n
     """Row-parallel wo/w2 under TP: each rank holds some input channels of every row. With
     the strategy file, every rank's slice gets the scale (and zero point) of the whole
     weight (Golden Stick's replicated scale) and its codes are the whole weight's columns."""
-    full = {k: v.astype(np.float16) for k, v in llama_weights(layers=1).items()}
-    full["model.layers.0.attention.wo.weight"][:, :32] *= 4  # rank 0's half has the larger max
-    column_split = ("model.layers.0.attention.wo.weight", "model.layers.0.feed_forward.w2.weight")
     src = tmp_path / "tp2"
-    for rank in (0, 1):
-        local = {k: np.array_split(v, 2, axis=1)[rank] if k in column_split else v
-                 for k, v in full.items()}
-        (src / f"rank_{rank}").mkdir(parents=True)
-        write_ckpt(src / f"rank_{rank}" / "net.ckpt", local)
-    strategy_file(src / "strategy" / "ckpt_strategy.ckpt",
-                  {name: [-1, 0] for name in column_split}
-                  | {"model.layers.0.attention.wq.weight": [0, -1]}, ranks=2)
+    full = write_tp2(src, {"model.layers.0.attention.wq.weight": [0, -1]})
     result = cli("convert", src, tmp_path / "out", *args)
     assert result.exit_code == 0, result.stderr
     assert "scaled 2 input-split weights over all ranks" in result.stdout
     ranks = [read_all(tmp_path / "out" / f"rank_{r}" / "net.ckpt") for r in (0, 1)]
-    for name in column_split:
+    for name in COLUMN_SPLIT:
         stored = names(name[:-len(".weight")])
         whole = quantize_rtn(full[name], FloatFormat.FLOAT16, spec)
         np.testing.assert_array_equal(np.concatenate([r[stored.weight] for r in ranks], axis=1),

@@ -21,7 +21,7 @@ from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
 from ckpt_rtn.settings import NAME, Settings
 
 from conftest import cli, llama_weights
-from test_directory import strategy_file, write_ckpt
+from test_directory import write_ckpt, write_tp2
 
 DIMS = dict(layers=1, hidden=128, kv=64, ffn=256, vocab=32)  # two groups of 64 per row
 SCHEMES = {
@@ -337,17 +337,8 @@ def test_file_against_directory_is_refused(src: Path, tmp_path: Path) -> None:
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Path]:
     """Two ranks, row-parallel wo/w2 split along input channels (strategy file), converted."""
     root = tmp_path_factory.mktemp("sharded")
-    full = {k: v.astype(np.float16) for k, v in llama_weights(layers=1).items()}
-    full["model.layers.0.attention.wo.weight"][:, :32] *= 4  # the ranks' maxima differ
-    column_split = ("model.layers.0.attention.wo.weight", "model.layers.0.feed_forward.w2.weight")
     src = root / "tp2"
-    for rank in (0, 1):
-        local = {k: np.array_split(v, 2, axis=1)[rank] if k in column_split else v
-                 for k, v in full.items()}
-        (src / f"rank_{rank}").mkdir(parents=True)
-        write_ckpt(src / f"rank_{rank}" / "net.ckpt", local)
-    strategy_file(src / "strategy" / "ckpt_strategy.ckpt",
-                  {name: [-1, 0] for name in column_split}, ranks=2)
+    write_tp2(src)
     (src / "README").write_text("tp2 Llama\n")
     result = cli("convert", src, root / "out", "-q", "--scheme", "w8a16-ptq", "--asymmetric")
     assert result.exit_code == 0, result.stderr

@@ -19,30 +19,20 @@ per-tensor overhead) and peak RSS. Issue #10's targets on the 2-core machine:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from bench_convert import measure  # noqa: E402
 from ckpt_rtn import dtypes  # noqa: E402
 from ckpt_rtn.formats import TensorInfo, open_writer  # noqa: E402
 
-#: Measures one command in a fresh process: wall time, peak RSS of its children, exit code.
-_MEASURE = r"""
-import json, resource, subprocess, sys, time
-start = time.perf_counter()
-rc = subprocess.run(sys.argv[1], shell=True).returncode
-wall = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"wall": wall, "rss": rss, "rc": rc}))
-"""
 
 def tiny_tensors(count: int) -> List[TensorInfo]:
     """`count` one-element [1] float16 tensors under Llama2 norm names (copied, not quantized)."""
@@ -55,15 +45,6 @@ def write(path: str, infos: List[TensorInfo], fmt: str) -> None:
     with open_writer(path, infos, format=fmt, metadata={}) as writer:
         for info in infos:
             writer.write(info.name, one.reshape(info.shape))
-
-
-def measure(command: str) -> Dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", _MEASURE, command], check=True,
-                         capture_output=True, text=True).stdout
-    result = json.loads(out)
-    if result["rc"]:
-        raise SystemExit(f"failed ({result['rc']}): {command}")
-    return result
 
 
 def main() -> None:
@@ -88,6 +69,8 @@ def main() -> None:
             os.unlink(dst)
             run = measure(f"{env}{sys.executable} -m ckpt_rtn convert -q --config llama2 "
                           f"{src} {dst}")
+            if run["rc"]:
+                raise SystemExit(f"convert of {src} failed with exit status {run['rc']}")
             os.unlink(dst)
             print(f"{fmt:<12} {count:>9} {os.path.getsize(src) / 1e6:>8.1f} {cat['wall']:>7.2f} "
                   f"{run['wall']:>10.2f} {run['wall'] - cat['wall']:>11.2f} "
