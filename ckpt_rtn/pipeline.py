@@ -7,10 +7,11 @@ one item each, which bounds memory to a handful of tensors whatever the
 model's size. Any stage failing (or Ctrl-C in the main thread) stops the
 others and the first error is raised in the caller.
 
-Items travel between the stages in batches of up to `BATCH_BYTES` (as
-`size` counts them) or `BATCH_ITEMS` items: a thread hand-off costs tens of
+Items travel between the stages in batches of at most `BATCH_BYTES` (as
+`size` counts them) and `BATCH_ITEMS` items: a thread hand-off costs tens of
 microseconds, which MoE checkpoints of 100 000 tiny tensors would pay per
-tensor, while a large tensor still travels alone.
+tensor, while an item larger than a batch travels alone, so memory holds
+what the unbatched pipeline held.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ B = TypeVar("B")
 
 _DONE = object()
 _POLL = 0.1  # seconds between checks for a failed stage
-#: A batch closes once its items reach this many bytes or this many items.
+#: A batch holds at most this many bytes (unless one item is larger) and this many items.
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_ITEMS = 4096
 
@@ -72,12 +73,15 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
         batch: List[Tuple[T, A]] = []
         weight = 0
         for item in items:
-            batch.append((item, load(item)))
-            weight += size(item)
-            if weight >= BATCH_BYTES or len(batch) >= BATCH_ITEMS:
+            nbytes = size(item)
+            # Hand over what is gathered before loading an item that would overfill it: a
+            # large tensor must not be read while the batch before it waits for the stage.
+            if batch and (weight + nbytes > BATCH_BYTES or len(batch) == BATCH_ITEMS):
                 if not put(loaded, batch):
                     return
                 batch, weight = [], 0
+            batch.append((item, load(item)))
+            weight += nbytes
         if not batch or put(loaded, batch):
             put(loaded, _DONE)
 
