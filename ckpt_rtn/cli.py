@@ -592,7 +592,7 @@ def evaluate(model_yaml: str, ckpt: str, text_path: Optional[str], wikitext_path
     corpora = _corpora(config, [text_path] if text_path else [],
                        [wikitext_path] if wikitext_path else [], seq_len, max_tokens)
     evaluator = Evaluator(config, ckpt, seq_len)
-    for name, corpus in corpora.items():
+    for corpus in corpora.values():
         result = _measure(evaluator, corpus, "eval", quiet)
         what = "WikiText-2 " if corpus.pad_id is not None else ""
         click.echo(f"{ckpt}: {what}PPL {result.ppl:.4f}  loss {result.loss:.4f}  tokens "
