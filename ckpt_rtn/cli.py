@@ -23,9 +23,7 @@ from .schemes import SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_
 from .settings import NAME as SETTINGS_NAME, recorded
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
-    import numpy as np
-
-    from .evaluate import Evaluator, Perplexity
+    from .evaluate import Corpus, Evaluator, Perplexity
     from .models import ModelConfig
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -499,95 +497,142 @@ _MAX_TOKENS_OPTION = click.option("--max-tokens", type=click.IntRange(min=2),
                                   help="Evaluate only the first N tokens of the text.")
 
 
-def _read_windows(config: "ModelConfig", text_path: str, seq_len: int,
-                  max_tokens: Optional[int]) -> "np.ndarray":
-    from .evaluate import tokenize, windows
+_WIKITEXT_HELP = ("A wiki.*.tokens file (WikiText-2) to measure as Golden Stick does: "
+                  "detokenised, headings dropped, chunks of --seq-len - 1 tokens plus one pad.")
 
+
+def _read_text(text_path: str) -> str:
     try:
         with open(text_path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as exc:
         raise UnsupportedError(text_path, f"cannot read the text: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise UnsupportedError(text_path, f"not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_windows(config: "ModelConfig", text_path: str, seq_len: int,
+                  max_tokens: Optional[int]) -> "Corpus":
+    from .evaluate import Corpus, tokenize, windows
+
+    text = _read_text(text_path)
     try:
-        return windows(tokenize(config, text), seq_len, max_tokens)
+        return Corpus(windows(tokenize(config, text), seq_len, max_tokens))
     except ConfigError as exc:
         raise ConfigError(text_path, exc.reason) from None
 
 
-def _measure(evaluator: "Evaluator", text_windows: "np.ndarray", label: str,
-             quiet: bool) -> "Perplexity":
-    with tqdm(total=len(text_windows), unit="window", desc=label, leave=False,
+def _read_wikitext(config: "ModelConfig", path: str, seq_len: int,
+                   max_tokens: Optional[int]) -> "Corpus":
+    from . import wikitext
+    from .evaluate import Corpus
+    from .models import load_tokenizer
+
+    text = _read_text(path)
+    tokenizer = load_tokenizer(config)
+    pad_id = config.model.get("pad_token_id", 0)
+    try:
+        return Corpus(wikitext.chunks(text, lambda para: tokenizer.encode(para).ids, seq_len,
+                                      pad_id, max_tokens), pad_id=pad_id)
+    except ConfigError as exc:
+        raise ConfigError(path, exc.reason) from None
+
+
+def _corpora(config: "ModelConfig", texts: Sequence[str], wikitexts: Sequence[str],
+             seq_len: int, max_tokens: Optional[int]) -> Dict[str, "Corpus"]:
+    """Each text's windows under its column name (WikiText-2 files are prefixed)."""
+    if not texts and not wikitexts:
+        raise ConfigError(None, "nothing to measure: give --text or --wikitext")
+    corpora = {os.path.basename(t): _read_windows(config, t, seq_len, max_tokens) for t in texts}
+    corpora.update({f"wikitext2:{os.path.basename(w)}":
+                    _read_wikitext(config, w, seq_len, max_tokens) for w in wikitexts})
+    return corpora
+
+
+def _measure(evaluator: "Evaluator", corpus: "Corpus", label: str, quiet: bool) -> "Perplexity":
+    with tqdm(total=len(corpus.windows), unit="window", desc=label, leave=False,
               disable=True if quiet else None) as bar:
-        return evaluator.perplexity(text_windows, progress=bar.update)
+        return evaluator.measure(corpus, progress=bar.update)
 
 
-def _perplexities(config: "ModelConfig", ckpt: str, corpora: Dict[str, "np.ndarray"],
+def _perplexities(config: "ModelConfig", ckpt: str, corpora: Dict[str, "Corpus"],
                   seq_len: int, quiet: bool) -> Dict[str, "Perplexity"]:
     """Each corpus's perplexity through one network holding `ckpt`."""
     from .evaluate import Evaluator
 
     evaluator = Evaluator(config, ckpt, seq_len)
-    return {name: _measure(evaluator, text_windows, f"{os.path.basename(ckpt)} {name}", quiet)
-            for name, text_windows in corpora.items()}
+    return {name: _measure(evaluator, corpus, f"{os.path.basename(ckpt)} {name}", quiet)
+            for name, corpus in corpora.items()}
 
 
 @main.command("eval")
 @_MODEL_OPTION
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
               help="FP or ckpt-rtn W8A16 checkpoint (detected from its tensor names).")
-@click.option("--text", "text_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+@click.option("--text", "text_path", type=click.Path(dir_okay=False, path_type=str),
               help="UTF-8 text to measure perplexity on.")
+@click.option("--wikitext", "wikitext_path", type=click.Path(dir_okay=False, path_type=str),
+              help=_WIKITEXT_HELP)
 @_SEQ_OPTION
 @_MAX_TOKENS_OPTION
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_reported
-def evaluate(model_yaml: str, ckpt: str, text_path: str, seq_len: int,
-             max_tokens: Optional[int], quiet: bool) -> None:
+def evaluate(model_yaml: str, ckpt: str, text_path: Optional[str], wikitext_path: Optional[str],
+             seq_len: int, max_tokens: Optional[int], quiet: bool) -> None:
     """Perplexity of a checkpoint through the MindFormers network, on CPU.
 
-    Next-token negative log-likelihood averaged over all predicted tokens of
-    non-overlapping --seq-len windows, as Golden Stick's table measures it.
+    --text: next-token negative log-likelihood averaged over all predicted
+    tokens of non-overlapping --seq-len windows. --wikitext: Golden Stick's
+    WikiText-2 protocol and MindFormers' PerplexityMetric. Both may be given.
     """
     from .evaluate import Evaluator
     from .models import load_model_config
 
     config = load_model_config(model_yaml)
-    text_windows = _read_windows(config, text_path, seq_len, max_tokens)
-    result = _measure(Evaluator(config, ckpt, seq_len), text_windows, "eval", quiet)
-    click.echo(f"{ckpt}: PPL {result.ppl:.4f}  loss {result.loss:.4f}  tokens {result.tokens} "
-               f"({result.windows} x {seq_len})  {result.tokens_per_second:.0f} tokens/s")
+    corpora = _corpora(config, [text_path] if text_path else [],
+                       [wikitext_path] if wikitext_path else [], seq_len, max_tokens)
+    evaluator = Evaluator(config, ckpt, seq_len)
+    for corpus in corpora.values():
+        result = _measure(evaluator, corpus, "eval", quiet)
+        what = "WikiText-2 " if corpus.pad_id is not None else ""
+        click.echo(f"{ckpt}: {what}PPL {result.ppl:.4f}  loss {result.loss:.4f}  tokens "
+                   f"{result.tokens} ({result.windows} x {seq_len})  "
+                   f"{result.tokens_per_second:.0f} tokens/s")
 
 
 @main.command()
 @_MODEL_OPTION
 @click.argument("checkpoints", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=str))
-@click.option("--text", "texts", multiple=True, required=True,
+@click.option("--text", "texts", multiple=True,
               type=click.Path(dir_okay=False, path_type=str),
               help="A corpus to measure on (repeatable): one PPL column each.")
+@click.option("--wikitext", "wikitexts", multiple=True,
+              type=click.Path(dir_okay=False, path_type=str),
+              help=_WIKITEXT_HELP + " Repeatable: one column each.")
 @_SEQ_OPTION
 @_MAX_TOKENS_OPTION
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
               help="Also write the table as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_reported
-def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str], seq_len: int,
-            max_tokens: Optional[int], json_path: Optional[str], quiet: bool) -> None:
+def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
+            wikitexts: Sequence[str], seq_len: int, max_tokens: Optional[int],
+            json_path: Optional[str], quiet: bool) -> None:
     """Size and perplexity of several checkpoints of one model, side by side.
 
     The first checkpoint is the baseline (normally the FP16 one); the table
     gives each one's size, the bytes of its Linear weights, its perplexity on
-    each --text, and the change against the baseline.
+    each --text and --wikitext, and the change against the baseline.
     """
     from .evaluate import in_fresh_process, linear_weight_bytes
     from .models import load_model_config
 
     if json_path is not None:
-        paths.check_replaceable(json_path, "the JSON table", [model_yaml, *checkpoints, *texts])
+        paths.check_replaceable(json_path, "the JSON table",
+                                [model_yaml, *checkpoints, *texts, *wikitexts])
     config = load_model_config(model_yaml)
-    corpora = {os.path.basename(t): _read_windows(config, t, seq_len, max_tokens) for t in texts}
+    corpora = _corpora(config, texts, wikitexts, seq_len, max_tokens)
     rows = []
     for ckpt in checkpoints:
         row: Dict[str, object] = {"checkpoint": ckpt, "size_bytes": os.path.getsize(ckpt),

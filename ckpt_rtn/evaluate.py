@@ -4,6 +4,10 @@ Measured as Golden Stick's W8A16 paper table is: the text is tokenized
 once, cut into non-overlapping windows of `seq_len` tokens, and every token
 after the first of a window is predicted from those before it; perplexity
 is exp of the mean next-token negative log-likelihood over all of them.
+WikiText-2 (`--wikitext`) is measured instead as Golden Stick measures it
+(ckpt_rtn/wikitext.py prepares the chunks): MindFormers' PerplexityMetric
+takes each chunk's mean loss over its labels that are not the pad token,
+and averages those means over the chunks.
 FP and W8A16 checkpoints go through the same network: a quantized one gets
 its Linear layers replaced by the deploy loader's W8A16 cells first.
 """
@@ -16,13 +20,25 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import numpy as np
 
 from . import deploy  # sets MindFormers' log directory before it is imported
 from .errors import CkptRtnError, ConfigError
 from .models import ModelConfig, build_llama, load_tokenizer
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Token windows to measure, and how.
+
+    `pad_id` set: Golden Stick's WikiText-2 protocol (labels equal to it are
+    masked out, the loss is the mean of per-chunk means); None: the plain
+    mean over every predicted token of every window.
+    """
+    windows: np.ndarray
+    pad_id: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,16 @@ def windows(ids: np.ndarray, seq_len: int, max_tokens: Optional[int] = None) -> 
     return ids[:count * seq_len].reshape(count, seq_len)
 
 
+def chunk_mean_loss(nll: np.ndarray, labels: np.ndarray, pad_id: int) -> "tuple[float, int]":
+    """One chunk's loss as MindFormers' PerplexityCell computes it, and its token count.
+
+    CrossEntropyLoss with the network's input mask: the mean NLL over the
+    labels that are not the pad token (1e-8 keeps an all-pad chunk finite).
+    """
+    mask = labels != pad_id
+    return float((nll * mask).sum() / (mask.sum() + 1e-8)), int(mask.sum())
+
+
 def next_token_nll(logits: np.ndarray, window: np.ndarray) -> np.ndarray:
     """-log p(window[t+1] | window[:t+1]) for each t, from [seq, vocab] logits."""
     logits = logits[:-1].astype(np.float64)
@@ -80,19 +106,39 @@ class Evaluator:
     def perplexity(self, text_windows: np.ndarray,
                    progress: Optional[Callable[[int], None]] = None) -> Perplexity:
         """Perplexity over `text_windows` ([n, seq_len] token ids)."""
-        if text_windows.shape[1] != self.seq_len:
-            raise ValueError(f"windows of {text_windows.shape[1]} tokens for a network "
-                             f"compiled for {self.seq_len}")
         started = time.perf_counter()
-        nll: List[np.ndarray] = []
-        for window in text_windows:
-            nll.append(next_token_nll(self.logits(window), window))
-            if progress is not None:
-                progress(1)
-        losses = np.concatenate(nll)
+        losses = np.concatenate(list(self._nll(text_windows, progress)))
         loss = float(losses.mean())
         return Perplexity(ppl=math.exp(loss), loss=loss, tokens=int(losses.size),
                           windows=len(text_windows), seconds=time.perf_counter() - started)
+
+    def chunk_perplexity(self, chunks: np.ndarray, pad_id: int,
+                         progress: Optional[Callable[[int], None]] = None) -> Perplexity:
+        """Perplexity as MindFormers' PerplexityMetric gives it over batches of one chunk."""
+        started = time.perf_counter()
+        per_chunk = [chunk_mean_loss(nll, chunk[1:], pad_id)
+                     for nll, chunk in zip(self._nll(chunks, progress), chunks)]
+        loss = float(np.mean([chunk_loss for chunk_loss, _ in per_chunk]))
+        return Perplexity(ppl=math.exp(loss), loss=loss,
+                          tokens=sum(count for _, count in per_chunk), windows=len(chunks),
+                          seconds=time.perf_counter() - started)
+
+    def measure(self, corpus: Corpus,
+                progress: Optional[Callable[[int], None]] = None) -> Perplexity:
+        if corpus.pad_id is None:
+            return self.perplexity(corpus.windows, progress)
+        return self.chunk_perplexity(corpus.windows, corpus.pad_id, progress)
+
+    def _nll(self, text_windows: np.ndarray,
+             progress: Optional[Callable[[int], None]]) -> Iterator[np.ndarray]:
+        """Each window's next-token NLLs ([seq_len - 1]), in order."""
+        if text_windows.shape[1] != self.seq_len:
+            raise ValueError(f"windows of {text_windows.shape[1]} tokens for a network "
+                             f"compiled for {self.seq_len}")
+        for window in text_windows:
+            yield next_token_nll(self.logits(window), window)
+            if progress is not None:
+                progress(1)
 
 
 T = TypeVar("T")

@@ -9,14 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ckpt_rtn import wikitext
 from ckpt_rtn.corpora import wiki_text
 from ckpt_rtn.errors import ConfigError, FormatError
 from ckpt_rtn.evaluate import Evaluator, in_fresh_process, next_token_nll, tokenize, windows
-from ckpt_rtn.models import load_model_config
+from ckpt_rtn.models import load_model_config, load_tokenizer
 
-from conftest import cli
+from conftest import FIXTURES, cli
 
 SEQ = 128
+#: The WikiText-2 validation split (shared/data; a user elsewhere downloads it).
+WIKI_VALID = FIXTURES.parents[1] / "data" / "wikitext-2" / "wiki.valid.tokens"
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +69,59 @@ def test_w8a16_perplexity_within_one_percent(model, fp_evaluator, slice_windows)
     assert abs(w8.ppl - fp.ppl) / fp.ppl < 0.01, (fp.ppl, w8.ppl)
 
 
-def test_eval_and_compare_commands(model) -> None:
+@pytest.fixture(scope="module")
+def wiki_valid() -> Path:
+    if not WIKI_VALID.is_file():
+        pytest.skip(f"no WikiText-2 validation split at {WIKI_VALID}")
+    return WIKI_VALID
+
+
+def test_wikitext_loss_is_mindformers_perplexity_metric(model, fp_evaluator, wiki_valid) -> None:
+    """Our chunk loss against MindFormers' own PerplexityMetric fed the network's eval-mode
+    outputs (logits, tokens, input mask), as Golden Stick's evaluation loop feeds it."""
+    from mindformers.core.metric import PerplexityMetric
+    from mindspore import Tensor
+
+    config = load_model_config(model[0])
+    tokenizer = load_tokenizer(config)
+    pad = config.model["pad_token_id"]
+    chunks = wikitext.chunks(wiki_valid.read_text(encoding="utf-8"),
+                             lambda para: tokenizer.encode(para).ids, SEQ, pad,
+                             max_tokens=3 * (SEQ - 1))
+    chunks[1, 40] = pad  # a pad id inside the text is masked out too
+    ours = fp_evaluator.chunk_perplexity(chunks, pad)
+    assert ours.windows == 3 and ours.tokens == 3 * (SEQ - 2) - 1
+    metric = PerplexityMetric()
+    metric.clear()
+    for chunk in chunks:
+        metric.update(*fp_evaluator.net(Tensor(chunk[None, :])))
+    reference = metric.eval()
+    # MindFormers sums in float32, we in float64; an unmasked pad would move the loss far more.
+    assert ours.loss == pytest.approx(reference["loss"], abs=1e-4)
+    assert ours.ppl == pytest.approx(reference["PPL"], rel=1e-4)
+    assert 5 < ours.ppl < 60
+
+
+def test_eval_and_compare_commands(model, wiki_valid) -> None:
     config_path, w8, text = model
     result = cli("eval", "--config", config_path, "--ckpt", w8, "--text", text, "--seq-len",
                  str(SEQ), "--max-tokens", str(2 * SEQ), "-q")
     assert result.exit_code == 0, result.stderr
     assert re.search(rf"PPL \d+\.\d+  loss \d+\.\d+  tokens {2 * (SEQ - 1)} \(2 x {SEQ}\)",
                      result.stdout)
-    table = cli("compare", "--config", config_path, "--text", text, "--seq-len", str(SEQ),
-                "--max-tokens", str(2 * SEQ), "-q", config_path.parent / "model.ckpt", w8)
+    wiki = cli("eval", "--config", config_path, "--ckpt", w8, "--wikitext", wiki_valid,
+               "--seq-len", str(SEQ), "--max-tokens", str(2 * (SEQ - 1)), "-q")
+    assert wiki.exit_code == 0, wiki.stderr
+    # Two chunks of SEQ - 1 tokens and a pad: SEQ - 2 predicted tokens each.
+    assert re.search(rf"WikiText-2 PPL \d+\.\d+  loss \d+\.\d+  tokens {2 * (SEQ - 2)} "
+                     rf"\(2 x {SEQ}\)", wiki.stdout), wiki.stdout
+    table = cli("compare", "--config", config_path, "--text", text, "--wikitext", wiki_valid,
+                "--seq-len", str(SEQ), "--max-tokens", str(2 * SEQ), "-q",
+                config_path.parent / "model.ckpt", w8)
     assert table.exit_code == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["checkpoint", "size", "GB", "Linear", "GB", "PPL", "wiki.txt",
-                                "delta"]
+                                "delta", "PPL", "wikitext2:wiki.valid.tokens", "delta"]
     assert lines[1].split()[0] == "model.ckpt" and lines[1].split()[-1] == "+0.00%"
     fp_linear, w8_linear = float(lines[1].split()[2]), float(lines[2].split()[2])
     assert 0.45 < w8_linear / fp_linear < 0.55  # int8 + fp16 scales vs fp16 weights
