@@ -144,7 +144,7 @@ def _check_shards(src: str, dst: str, layout: "directory._Layout",
     bounds = (directory._bounds_over_ranks(  # pylint: disable=protected-access
         src, layout.shards, strategies, settings.build_rules(), settings.build_scheme())
         if strategies else {})
-    total = sum(os.path.getsize(os.path.join(src, rel)) for rel in layout.shards)
+    total = sum(layout.sizes[rel] for rel in layout.shards)
 
     def shard_progress(advance: int, _total: int) -> None:
         if progress is not None:
@@ -168,8 +168,7 @@ def _check_shards(src: str, dst: str, layout: "directory._Layout",
         verdict.shards += 1
         verdict.tensors += len(plan.outputs)
         verdict.quantized += len(plan.quantized)
-        shard_progress(os.path.getsize(os.path.join(src, rel))
-                       - sum(s.source.nbytes for s in plan.steps), total)
+        shard_progress(layout.sizes[rel] - sum(s.source.nbytes for s in plan.steps), total)
     return planned
 
 
