@@ -299,43 +299,58 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     check_output(src, dst, overwrite)
     fmt = output_format(dst, out_format, crc)
     workers = workers or default_workers()
-    errors: List[LayerError] = []
     with formats.open_reader(src, verify_crc=verify_crc, defer_crc=True) as reader, \
             ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-rtn") as pool:
         plan = make_plan(reader, resolve_rules(rules, reader), fmt, crc=crc, scheme=scheme)
-        total = reader.nbytes
-
-        def quantize(step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
-            result = convert_step(reader.path, step, data, scheme,
-                                  pool=pool if workers > 1 else None, stats=stats,
-                                  row_bounds=row_bounds)
-            if result.stats is not None:
-                errors.append(LayerError(step.layer or "", step.source.shape,
-                                         step.source.dtype.name, result.stats.max_abs,
-                                         result.stats.mean_abs, result.stats.relative))
-            return result.arrays
-
         with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
                                  crc=crc) as writer:
-            def store(step: Step, arrays: Tuple[np.ndarray, ...]) -> None:
-                for info, array in zip(step.outputs, arrays):
-                    writer.write(info.name, array)
-                if progress is not None:
-                    progress(step.source.nbytes, total)
-
-            try:
-                run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store,
-                             size=lambda step: step.source.nbytes)
-                for info, value in plan.records:
-                    writer.write(info.name, value)
-            except CkptRtnError:
-                reader.finish()  # a CRC mismatch explains the failure better than its symptom
-                raise
-            reader.finish()  # a bad CRC discards the output before it is committed
-            if progress is not None and plan.dropped:
-                progress(sum(t.nbytes for t in plan.dropped), total)
+            # A bad CRC fails here, so the output is discarded before it is committed.
+            errors = stream(reader, plan, lambda info, array: writer.write(info.name, array),
+                            pool=pool if workers > 1 else None, stats=stats,
+                            row_bounds=row_bounds, progress=progress)
     return Result(plan, os.path.getsize(src), plan.output_size,  # dst may not be renamed yet
                   time.perf_counter() - started, workers, errors)
+
+
+def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndarray], None], *,
+           pool: Optional[ThreadPoolExecutor] = None, stats: bool = False,
+           row_bounds: Optional[Mapping[str, RowBounds]] = None,
+           progress: Optional[ProgressFn] = None) -> List[LayerError]:
+    """Hand `sink` every output tensor and record of `plan`, in order, computed from
+    `reader`'s tensors through the read-ahead / quantize / write-behind pipeline; then run
+    the reader's deferred checks (its CRC). `convert` writes what `sink` gets, `verify`
+    compares it. Returns each layer's error when `stats`.
+    """
+    errors: List[LayerError] = []
+    total = reader.nbytes
+
+    def quantize(step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
+        result = convert_step(reader.path, step, data, plan.scheme, pool=pool, stats=stats,
+                              row_bounds=row_bounds)
+        if result.stats is not None:
+            errors.append(LayerError(step.layer or "", step.source.shape, step.source.dtype.name,
+                                     result.stats.max_abs, result.stats.mean_abs,
+                                     result.stats.relative))
+        return result.arrays
+
+    def store(step: Step, arrays: Tuple[np.ndarray, ...]) -> None:
+        for info, array in zip(step.outputs, arrays):
+            sink(info, array)
+        if progress is not None:
+            progress(step.source.nbytes, total)
+
+    try:
+        run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store,
+                     size=lambda step: step.source.nbytes)
+        for info, value in plan.records:
+            sink(info, value)
+    except CkptRtnError:
+        reader.finish()  # a CRC mismatch explains the failure better than its symptom
+        raise
+    reader.finish()
+    if progress is not None and plan.dropped:
+        progress(sum(t.nbytes for t in plan.dropped), total)
+    return errors
 
 
 def convert_step(path: str, step: Step, data: np.ndarray, scheme: Scheme, *,

@@ -29,11 +29,10 @@ from typing import Dict, List, Mapping, Optional, Set, Tuple
 import numpy as np
 
 from . import __version__, converter, directory, formats, paths
-from .errors import CkptRtnError, FormatError, UnsupportedError
+from .errors import FormatError, UnsupportedError
 from .formats import ckpt, crc32, safetensors
 from .formats.strategy import is_strategy_file
 from .formats.tensor import TensorInfo, TensorReader, raw_bytes
-from .pipeline import run_pipeline
 from .rtn import RowBounds
 from .settings import TOOL, Settings, recorded
 
@@ -211,28 +210,8 @@ def _compare_file(src: str, out: TensorReader, settings: Settings, *,
             ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-verify") as pool:
         plan = _make_plan(reader, settings)
         check = _FileCheck(plan, out, raw.fileno())
-        total = reader.nbytes
-
-        def quantize(step: converter.Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
-            return converter.convert_step(reader.path, step, data, plan.scheme,
-                                          pool=pool if workers > 1 else None,
-                                          row_bounds=row_bounds).arrays
-
-        def compare(step: converter.Step, arrays: Tuple[np.ndarray, ...]) -> None:
-            for info, array in zip(step.outputs, arrays):
-                check.tensor(info, array)
-            if progress is not None:
-                progress(step.source.nbytes, total)
-
-        try:
-            run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, compare,
-                         size=lambda step: step.source.nbytes)
-        except CkptRtnError:
-            reader.finish()  # a CRC mismatch explains the failure better than its symptom
-            raise
-        reader.finish()
-        for info, value in plan.records:
-            check.tensor(info, value)
+        converter.stream(reader, plan, check.tensor, pool=pool if workers > 1 else None,
+                         row_bounds=row_bounds, progress=progress)
         check.finish()
     return plan, check.differences
 
