@@ -24,6 +24,7 @@ from . import __version__
 from .dtypes import STRING
 from .errors import ConfigError, FormatError
 from .formats import untrusted_json
+from .formats.untrusted_json import brief
 from .formats.tensor import TensorReader
 from .rules import IN_OUT, OUT_IN, Rules, recorded_rules
 from .schemes import SCHEME_NAMES, Scheme, get_scheme
@@ -112,13 +113,13 @@ class Settings:
         tool = data.get("tool")
         if tool != TOOL:
             raise bad(f"no tool name: not those of this {TOOL} version" if tool is None
-                      else f"written by {_short(tool)}, not {TOOL}")
+                      else f"written by {brief(tool)}, not {TOOL}")
         values = {}
         for key, (check, expected) in _FIELDS.items():
             if key not in data:
                 raise bad(f"{key} is missing")
             if not check(data.get(key)):
-                raise bad(f"{key} is {_short(data.get(key))}, expected {expected}")
+                raise bad(f"{key} is {brief(data.get(key))}, expected {expected}")
             values[key] = data[key]
         settings = cls(version=values["version"], scheme=values["scheme"],
                        group_size=values["group_size"], symmetric=values["symmetric"],
@@ -166,11 +167,6 @@ def _is_pattern_list(value: object) -> bool:
     return isinstance(value, list) and all(
         isinstance(e, dict) and set(e) == {"pattern", "layout"} and isinstance(e["pattern"], str)
         and e["layout"] in (OUT_IN, IN_OUT, None) for e in value)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 _FIELDS: Dict[str, Tuple[Callable[[object], bool], str]] = {

@@ -33,6 +33,7 @@ from .errors import FormatError, UnsupportedError
 from .formats import ckpt, crc32, safetensors
 from .formats.strategy import is_strategy_file
 from .formats.tensor import TensorInfo, TensorReader, raw_bytes
+from .formats.untrusted_json import brief
 from .rtn import RowBounds
 from .settings import TOOL, Settings, recorded
 
@@ -271,13 +272,13 @@ class _FileCheck:
         actual = self.out.metadata
         for key in sorted(set(expected) | set(actual)):
             if key not in actual:
-                self._add(f"metadata {key!r}", f"missing (convert writes {_short(expected[key])})")
+                self._add(f"metadata {key!r}", f"missing (convert writes {brief(expected[key])})")
             elif key not in expected:
-                self._add(f"metadata {key!r}", f"extra ({_short(actual[key])}): convert does not "
+                self._add(f"metadata {key!r}", f"extra ({brief(actual[key])}): convert does not "
                           "write it")
             elif actual[key] != expected[key] and key != safetensors.CRC_KEY:
-                self._add(f"metadata {key!r}", f"{_short(actual[key])} where convert writes "
-                          f"{_short(expected[key])}")
+                self._add(f"metadata {key!r}", f"{brief(actual[key])} where convert writes "
+                          f"{brief(expected[key])}")
 
     def _order(self, expected: List[str]) -> None:
         actual = [t.name for t in self.out.tensors]
@@ -330,8 +331,8 @@ class _FileCheck:
                 stored = self.out.metadata.get(safetensors.CRC_KEY)
                 expected = json.loads(self.header[8:])["__metadata__"][safetensors.CRC_KEY]
                 if stored != expected:
-                    self._add(f"metadata {safetensors.CRC_KEY!r}", f"{_short(str(stored))} "
-                              f"where convert writes {_short(expected)}")
+                    self._add(f"metadata {safetensors.CRC_KEY!r}", f"{brief(str(stored))} "
+                              f"where convert writes {brief(expected)}")
                     return
             if self._read_at(0, len(self.header)) != self.header:
                 self._add("header", "its bytes differ from the header convert writes (same "
@@ -445,7 +446,3 @@ def _same_kind(a: TensorInfo, b: TensorInfo) -> bool:
 
 def _describe(info: TensorInfo) -> str:
     return f"{info.dtype} [{', '.join(map(str, info.shape))}] ({info.nbytes} bytes)"
-
-
-def _short(text: str) -> str:
-    return repr(text) if len(text) <= 60 else repr(text[:57] + "...")
