@@ -23,7 +23,7 @@ from .schemes import SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_
 from .settings import NAME as SETTINGS_NAME, recorded
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
-    from .evaluate import Corpus, Evaluator, Perplexity
+    from .runtime.evaluate import Corpus, Evaluator, Perplexity
     from .models import ModelConfig
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -513,7 +513,7 @@ def _read_text(text_path: str) -> str:
 
 def _read_windows(config: "ModelConfig", text_path: str, seq_len: int,
                   max_tokens: Optional[int]) -> "Corpus":
-    from .evaluate import Corpus, tokenize, windows
+    from .runtime.evaluate import Corpus, tokenize, windows
 
     text = _read_text(text_path)
     try:
@@ -524,8 +524,8 @@ def _read_windows(config: "ModelConfig", text_path: str, seq_len: int,
 
 def _read_wikitext(config: "ModelConfig", path: str, seq_len: int,
                    max_tokens: Optional[int]) -> "Corpus":
-    from . import wikitext
-    from .evaluate import Corpus
+    from .tasks import wikitext
+    from .runtime.evaluate import Corpus
     from .models import load_tokenizer
 
     text = _read_text(path)
@@ -558,7 +558,7 @@ def _measure(evaluator: "Evaluator", corpus: "Corpus", label: str, quiet: bool) 
 def _perplexities(config: "ModelConfig", ckpt: str, corpora: Dict[str, "Corpus"],
                   seq_len: int, quiet: bool) -> Dict[str, "Perplexity"]:
     """Each corpus's perplexity through one network holding `ckpt`."""
-    from .evaluate import Evaluator
+    from .runtime.evaluate import Evaluator
 
     evaluator = Evaluator(config, ckpt, seq_len)
     return {name: _measure(evaluator, corpus, f"{os.path.basename(ckpt)} {name}", quiet)
@@ -585,7 +585,7 @@ def evaluate(model_yaml: str, ckpt: str, text_path: Optional[str], wikitext_path
     tokens of non-overlapping --seq-len windows. --wikitext: Golden Stick's
     WikiText-2 protocol and MindFormers' PerplexityMetric. Both may be given.
     """
-    from .evaluate import Evaluator
+    from .runtime.evaluate import Evaluator
     from .models import load_model_config
 
     config = load_model_config(model_yaml)
@@ -625,7 +625,7 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
     gives each one's size, the bytes of its Linear weights, its perplexity on
     each --text and --wikitext, and the change against the baseline.
     """
-    from .evaluate import in_fresh_process, linear_weight_bytes
+    from .runtime.evaluate import in_fresh_process, linear_weight_bytes
     from .models import load_model_config
 
     if json_path is not None:
@@ -684,8 +684,9 @@ def generate(model_yaml: str, ckpt: str, tokenizer_path: Optional[str], prompt: 
     Mirrors Golden Stick's deploy steps: build the network, quantize its
     Linear layers as the checkpoint says, load it, generate.
     """
-    from .deploy import generate_greedy, load_checkpoint_into
-    from .models import build_llama, load_model_config, load_text_codec
+    from .runtime.deploy import generate_greedy, load_checkpoint_into
+    from .models import load_model_config, load_text_codec
+    from .runtime.network import build_llama
 
     config = load_model_config(model_yaml)
     encode, decode = load_text_codec(config, tokenizer_path)

@@ -4,11 +4,10 @@
 beside them; evaluation and the deploy loader read the YAML back to rebuild
 the same network. The YAML holds only the architecture (LlamaConfig keyword
 arguments); the run-time values (sequence length, dtypes, the settings that
-make MindFormers Llama work on CPU) are chosen by `build_llama`, so one file
-serves every use. See shared/specs/mindformers-cpu.md.
+make MindFormers Llama work on CPU) are chosen by
+`ckpt_rtn.runtime.network.build_llama`, so one file serves every use.
 
-MindSpore and MindFormers are imported inside the functions that need them:
-the converter imports this package and must never pull in MindSpore.
+MindSpore-free: `import-gguf` writes these files without the [mindspore] extra.
 """
 from __future__ import annotations
 
@@ -42,11 +41,10 @@ OPTIONAL_KEYS: Dict[str, Tuple[Type[Any], ...]] = {
     "tie_word_embeddings": (bool,), "pad_token_id": (int,), "bos_token_id": (int,),
     "eos_token_id": (int,),
 }
-#: Values that make MindFormers Llama run on CPU (shared/specs/mindformers-cpu.md):
-#: no fused RmsNorm kernel on CPU, and the sliced rotary avoids a BatchMatMul
-#: broadcast the CPU backend lacks. Harmless on other devices.
-CPU_SAFE = {"batch_size": 1, "use_past": False, "use_rope_slice": True, "fused_rms_norm": False}
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+#: LlamaConfig keywords the network builder sets for each run, never a model.yaml.
+RUNTIME_KEYS = frozenset({"batch_size", "seq_length", "use_past", "use_rope_slice",
+                          "fused_rms_norm", "compute_dtype", "param_init_type",
+                          "layernorm_compute_type", "softmax_compute_type", "rotary_dtype"})
 _HEADER = "# written by ckpt-rtn import-gguf\n"
 
 
@@ -126,7 +124,7 @@ def check_architecture(path: Optional[Path], model: Mapping[str, Any]) -> None:
     allowed = {**{k: (t,) for k, t in REQUIRED_KEYS.items()}, **OPTIONAL_KEYS}
     for key, value in model.items():
         if key not in allowed:
-            why = "is chosen by build_llama" if key in CPU_SAFE or key == "seq_length" else \
+            why = "is chosen at run time" if key in RUNTIME_KEYS else \
                 "is not an architecture keyword ckpt-rtn knows"
             raise ConfigError(path, f"model.{key} {why}")
         types = allowed[key]
@@ -139,32 +137,6 @@ def check_architecture(path: Optional[Path], model: Mapping[str, Any]) -> None:
     if model["hidden_size"] % heads or heads % kv_heads:
         raise ConfigError(path, "model: hidden_size must be a multiple of num_heads, and "
                           "num_heads of n_kv_heads")
-
-
-def build_llama(config: ModelConfig, seq_length: int, compute_dtype: str = "float32") -> Any:
-    """A MindFormers LlamaForCausalLM for `config`, in eval mode, with random weights.
-
-    Every float type (compute, parameters, norms, softmax, rotary) is
-    `compute_dtype`, so weights are loaded into parameters of that dtype. On a
-    CPU device target the graph mode is forced: PyNative fails on CPU
-    ("The kernel RmsNorm unregistered"). A device the caller already chose
-    with `mindspore.set_device` is left alone.
-    """
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ConfigError(None, f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
-                          f"not {compute_dtype!r}")
-    check_architecture(None, config.model)
-    import mindspore as ms
-    from mindformers import LlamaConfig, LlamaForCausalLM
-
-    if ms.get_context("device_target") == "CPU":
-        ms.set_context(mode=ms.GRAPH_MODE)
-    dtypes = dict.fromkeys(("compute_dtype", "param_init_type", "layernorm_compute_type",
-                            "softmax_compute_type", "rotary_dtype"), compute_dtype)
-    llama_config = LlamaConfig(seq_length=seq_length, **CPU_SAFE, **dtypes, **config.model)
-    net = LlamaForCausalLM(llama_config)
-    net.set_train(False)
-    return net
 
 
 def load_tokenizer(config: ModelConfig) -> "tokenizers.Tokenizer":

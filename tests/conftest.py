@@ -11,12 +11,15 @@ from typing import Dict, Tuple
 import numpy as np
 import pytest
 
-# Keep MindSpore's C++ log quiet in test output (read when mindspore is imported), and
-# MindFormers' ./output/log out of the checkout.
+# Keep MindSpore's C++ log quiet in test output (read when mindspore is imported), and the
+# frameworks' logs (MindFormers' ./output/log above all) out of the checkout: in one
+# directory for the session, children included, removed at its end. Tests import
+# mindformers before ckpt_rtn.runtime can point it there, hence LOCAL_DEFAULT_PATH too.
 os.environ.setdefault("GLOG_v", "3")
-if "LOCAL_DEFAULT_PATH" not in os.environ:
-    os.environ["LOCAL_DEFAULT_PATH"] = tempfile.mkdtemp(prefix="ckpt-rtn-tests-mindformers-")
-    atexit.register(shutil.rmtree, os.environ["LOCAL_DEFAULT_PATH"], ignore_errors=True)
+if "CKPT_RTN_LOG_DIR" not in os.environ:
+    os.environ["CKPT_RTN_LOG_DIR"] = tempfile.mkdtemp(prefix="ckpt-rtn-tests-logs-")
+    atexit.register(shutil.rmtree, os.environ["CKPT_RTN_LOG_DIR"], ignore_errors=True)
+os.environ.setdefault("LOCAL_DEFAULT_PATH", os.environ["CKPT_RTN_LOG_DIR"])
 
 #: Files written by real MindSpore 2.10 (shared/ sits beside the checkout).
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mindspore-2.10"

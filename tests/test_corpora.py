@@ -9,7 +9,7 @@ from typing import Dict
 
 import pytest
 
-from ckpt_rtn.corpora import lee_text, strip_wikitext, wiki_text, write_corpora
+from ckpt_rtn.tasks.corpora import lee_text, strip_wikitext, wiki_text, write_corpora
 from ckpt_rtn.gguf_import import GGUFFile, build_tokenizer, gguf_path_from_wheel, tokenizer_spec
 
 REPO = Path(__file__).resolve().parents[1]

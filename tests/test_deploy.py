@@ -10,8 +10,9 @@ import pytest
 import mindspore as ms
 from mindformers import LlamaConfig, LlamaForCausalLM
 
-from ckpt_rtn import deploy, dtypes
-from ckpt_rtn.deploy import (DeployError, W8A16Linear, generate_greedy, load_fp, load_quantized,
+from ckpt_rtn import dtypes
+from ckpt_rtn.runtime import deploy
+from ckpt_rtn.runtime.deploy import (DeployError, W8A16Linear, generate_greedy, load_fp, load_quantized,
                              quantize_network)
 from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
 

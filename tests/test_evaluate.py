@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ckpt_rtn import wikitext
-from ckpt_rtn.corpora import wiki_text
+from ckpt_rtn.tasks import wikitext
+from ckpt_rtn.tasks.corpora import wiki_text
 from ckpt_rtn.errors import ConfigError, FormatError
-from ckpt_rtn.evaluate import Evaluator, in_fresh_process, next_token_nll, tokenize, windows
+from ckpt_rtn.runtime.evaluate import Evaluator, in_fresh_process, next_token_nll, tokenize, windows
 from ckpt_rtn.models import load_model_config, load_tokenizer
 
 from conftest import FIXTURES, cli

@@ -19,10 +19,11 @@ import gguf
 import mindspore as ms
 
 from ckpt_rtn import models
-from ckpt_rtn.corpora import wiki_text
+from ckpt_rtn.tasks.corpora import wiki_text
 from ckpt_rtn.errors import ConfigError, FormatError, OutputError, UnsupportedError
 from ckpt_rtn.formats import open_reader
-from ckpt_rtn.evaluate import next_token_nll
+from ckpt_rtn.runtime.evaluate import next_token_nll
+from ckpt_rtn.runtime.network import build_llama
 from ckpt_rtn.gguf_import import (GGUFFile, build_tokenizer, gguf_path_from_wheel, import_gguf,
                                   tokenizer_spec, unpermute_rotary)
 
@@ -62,7 +63,7 @@ def weights(config: models.ModelConfig) -> Dict[str, ms.Parameter]:
 @pytest.fixture(scope="module")
 def net(config: models.ModelConfig, weights: Dict[str, ms.Parameter]):
     """The float32 CPU network with the imported weights (FP16 -> FP32 on load)."""
-    net = models.build_llama(config, SEQ)
+    net = build_llama(config, SEQ)
     assert ms.load_param_into_net(net, weights, strict_load=False) == ([], [])
     return net
 
@@ -102,7 +103,7 @@ def test_model_yaml_has_the_gguf_hyperparameters(imported: Path,
 
 def test_checkpoint_is_exactly_the_networks_parameters(config: models.ModelConfig) -> None:
     """Names, order, shapes and dtypes of an FP16 LlamaForCausalLM; a strict load leaves nothing."""
-    net16 = models.build_llama(config, SEQ, compute_dtype="float16")
+    net16 = build_llama(config, SEQ, compute_dtype="float16")
     expected = [(p.name, tuple(p.shape), str(p.dtype)) for p in net16.get_parameters()]
     with open_reader(config.checkpoint_path) as reader:
         written = [(t.name, t.shape, t.dtype.name) for t in reader.tensors]
@@ -234,7 +235,7 @@ def test_untied_head_is_lm_head(tmp_path: Path) -> None:
     source = write_gguf(tmp_path / "untied.gguf", tied=False)
     config = models.load_model_config(import_gguf(source, tmp_path / "out", dtype="float32"))
     assert config.model["tie_word_embeddings"] is False and config.model["theta"] == 10000.0
-    net = models.build_llama(config, 8)
+    net = build_llama(config, 8)
     params = ms.load_checkpoint(str(config.checkpoint_path))
     assert list(params) == [p.name for p in net.get_parameters()] and "lm_head.weight" in params
     assert ms.load_param_into_net(net, params, strict_load=True) == ([], [])

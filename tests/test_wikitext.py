@@ -7,7 +7,7 @@ from typing import List
 import numpy as np
 import pytest
 
-from ckpt_rtn import wikitext
+from ckpt_rtn.tasks import wikitext
 from ckpt_rtn.errors import ConfigError
 
 from conftest import cli

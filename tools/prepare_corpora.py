@@ -4,7 +4,7 @@
     pip install --no-deps gensim==4.4.0
     python tools/prepare_corpora.py /tmp/corpora
 
-gensim is located, never imported; the extraction lives in ckpt_rtn.corpora
+gensim is located, never imported; the extraction lives in ckpt_rtn.tasks.corpora
 so the tests and the evaluation use the same text.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ckpt_rtn.corpora import write_corpora  # noqa: E402
+from ckpt_rtn.tasks.corpora import write_corpora  # noqa: E402
 from ckpt_rtn.errors import CkptRtnError  # noqa: E402
 
 

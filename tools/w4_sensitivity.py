@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from ckpt_rtn.converter import float_format, out_in_view  # noqa: E402
-from ckpt_rtn.evaluate import Evaluator, tokenize, windows  # noqa: E402
+from ckpt_rtn.runtime.evaluate import Evaluator, tokenize, windows  # noqa: E402
 from ckpt_rtn.formats import open_reader  # noqa: E402
 from ckpt_rtn.models import load_model_config  # noqa: E402
 from ckpt_rtn.numerics import FloatFormat, to_work  # noqa: E402

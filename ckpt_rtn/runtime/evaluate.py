@@ -24,9 +24,10 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import numpy as np
 
-from . import deploy  # sets MindFormers' log directory before it is imported
-from .errors import CkptRtnError, ConfigError
-from .models import ModelConfig, build_llama, load_tokenizer
+from . import deploy
+from ..errors import CkptRtnError, ConfigError
+from ..models import ModelConfig, load_tokenizer
+from .network import build_llama
 
 
 @dataclass(frozen=True)
@@ -166,9 +167,9 @@ def linear_weight_bytes(checkpoint: "os.PathLike[str] | str", family: str) -> in
     Embeddings dominate a small model's size, so the table also reports the
     part RTN shrinks.
     """
-    from .formats import open_reader
-    from .rules import load_rules
-    from .schemes import detect_scheme
+    from ..formats import open_reader
+    from ..rules import load_rules
+    from ..schemes import detect_scheme
 
     rules = load_rules(family).with_overrides(keep_default_blacklist=False)
     with open_reader(checkpoint, verify_crc=False) as reader:

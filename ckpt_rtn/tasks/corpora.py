@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Dict, Iterator
 
-from .errors import CkptRtnError
+from ..errors import CkptRtnError
 
 GENSIM_WHEEL = "gensim==4.4.0"
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: Golden Stick evaluates with one pad token after each chunk.
 MAX_NEW_TOKENS = 1

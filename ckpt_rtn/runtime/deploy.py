@@ -9,31 +9,26 @@ mismatch. On Ascend the cell calls the fused WeightQuantBatchMatmul kernel,
 as Golden Stick does; elsewhere (CPU, GPU) it dequantizes (q + zp_neg) * scale
 to the compute dtype and runs a MatMul, with identical parameters.
 
-MindSpore and MindFormers are imported here only; the converter never is.
+Part of ckpt_rtn.runtime: the converter never imports it.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.ops.auto_generate import WeightQuantBatchMatmul
+from mindformers.modules.layers import Linear
 
-from . import dtypes
-from .errors import CkptRtnError, UnsupportedError
-from .formats import detect_format, open_reader
-from .formats.tensor import TensorInfo
-from .schemes import CheckpointScheme, detect_scheme, get_scheme, unpack_int4
-from .rules import Rules, load_rules
+from .. import dtypes
+from ..errors import CkptRtnError, UnsupportedError
+from ..formats import detect_format, open_reader
+from ..formats.tensor import TensorInfo
+from ..schemes import CheckpointScheme, detect_scheme, get_scheme, unpack_int4
+from ..rules import Rules, load_rules
 
-# MindFormers logs to ./output/log of whatever directory it is imported from;
-# send that to a scratch directory unless the user chose one.
-os.environ.setdefault("LOCAL_DEFAULT_PATH",
-                      os.path.join(tempfile.gettempdir(), "ckpt-rtn-mindformers"))
-from mindformers.modules.layers import Linear  # noqa: E402  (after the line above)
 
 
 class DeployError(CkptRtnError):
