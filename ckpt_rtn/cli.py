@@ -11,6 +11,7 @@ import threading
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import click
+import numpy as np
 from tqdm import tqdm
 
 from . import __version__, converter, directory, formats, paths
@@ -23,8 +24,8 @@ from .schemes import SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_
 from .settings import NAME as SETTINGS_NAME, recorded
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
-    from .runtime.evaluate import Corpus, Evaluator, Perplexity
     from .models import ModelConfig
+    from .runtime.measure import Request
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -491,14 +492,41 @@ def import_gguf(gguf: str, out_dir: str, dtype: str, overwrite: bool) -> None:
 _MODEL_OPTION = click.option("--config", "model_yaml", required=True,
                              type=click.Path(dir_okay=False, path_type=str),
                              help="model.yaml written by import-gguf.")
-_SEQ_OPTION = click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
-                           help="Tokens per window (non-overlapping).")
-_MAX_TOKENS_OPTION = click.option("--max-tokens", type=click.IntRange(min=2),
-                                  help="Evaluate only the first N tokens of the text.")
+_MODE_OPTION = click.option("--mode", type=click.Choice(["graph", "pynative"]), default="graph",
+                            show_default=True,
+                            help="MindSpore execution mode: compiled graph, or PyNative (eager).")
 
 
-_WIKITEXT_HELP = ("A wiki.*.tokens file (WikiText-2) to measure as Golden Stick does: "
-                  "detokenised, headings dropped, chunks of --seq-len - 1 tokens plus one pad.")
+def _measure_options(command: F) -> F:
+    """The options `eval` and `compare` share: what to measure, and how."""
+    options = [
+        click.option("--text", "texts", multiple=True,
+                     type=click.Path(dir_okay=False, path_type=str),
+                     help="UTF-8 text: perplexity over non-overlapping --seq-len windows "
+                          "(repeatable)."),
+        click.option("--wikitext", "wikitext", type=click.Path(dir_okay=False, path_type=str),
+                     help="A wiki.*.tokens file (WikiText-2) measured as Golden Stick does: "
+                          "detokenised, headings dropped, chunks of --seq-len - 1 tokens plus "
+                          "one pad, MindFormers' PerplexityMetric."),
+        click.option("--squad", "squad_path", type=click.Path(dir_okay=False, path_type=str),
+                     help="SQuAD v1.1 dev-v1.1.json: one question per paragraph answered greedily "
+                          "with Golden Stick's prompt, scored by MindFormers' EmF1Metric and by "
+                          "the official v1.1 script."),
+        click.option("--squad-samples", type=click.IntRange(min=1), metavar="N",
+                     help="Answer only the first N paragraphs (default: all)."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=32,
+                     show_default=True,
+                     help="Longest SQuAD answer; generation also stops at a newline or EOS."),
+        click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+                     help="Window of the perplexity network; the largest generation window."),
+        click.option("--max-tokens", type=click.IntRange(min=2),
+                     help="Measure perplexity on the first N tokens of each text only."),
+        _MODE_OPTION,
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def _read_text(text_path: str) -> str:
@@ -511,158 +539,125 @@ def _read_text(text_path: str) -> str:
         raise UnsupportedError(text_path, f"not UTF-8 text (byte {exc.start})") from None
 
 
-def _read_windows(config: "ModelConfig", text_path: str, seq_len: int,
-                  max_tokens: Optional[int]) -> "Corpus":
-    from .runtime.evaluate import Corpus, tokenize, windows
+def _request(config: "ModelConfig", texts: Sequence[str], wikitext: Optional[str],
+             squad_path: Optional[str], squad_samples: Optional[int], max_new_tokens: int,
+             seq_len: int, max_tokens: Optional[int], mode: str, quiet: bool) -> "Request":
+    """What to measure, read and checked once, before any network is built."""
+    from .models import load_text_codec
+    from .runtime.evaluate import Corpus, windows
+    from .runtime.measure import Request
+    from .tasks import squad, wikitext as wikitext2
 
-    text = _read_text(text_path)
-    try:
-        return Corpus(windows(tokenize(config, text), seq_len, max_tokens))
-    except ConfigError as exc:
-        raise ConfigError(text_path, exc.reason) from None
-
-
-def _read_wikitext(config: "ModelConfig", path: str, seq_len: int,
-                   max_tokens: Optional[int]) -> "Corpus":
-    from .tasks import wikitext
-    from .runtime.evaluate import Corpus
-    from .models import load_tokenizer
-
-    text = _read_text(path)
-    tokenizer = load_tokenizer(config)
+    if not texts and not wikitext and not squad_path:
+        raise ConfigError(None, "nothing to measure: give --text, --wikitext or --squad")
+    encode, _ = load_text_codec(config)
     pad_id = config.model.get("pad_token_id", 0)
-    try:
-        return Corpus(wikitext.chunks(text, lambda para: tokenizer.encode(para).ids, seq_len,
-                                      pad_id, max_tokens), pad_id=pad_id)
-    except ConfigError as exc:
-        raise ConfigError(path, exc.reason) from None
+    corpora = {}
+    for path in texts:
+        try:
+            corpora[os.path.basename(path)] = Corpus(windows(
+                np.asarray(encode(_read_text(path)), np.int32), seq_len, max_tokens))
+        except ConfigError as exc:
+            raise ConfigError(path, exc.reason) from None
+    wiki = None
+    if wikitext:
+        try:
+            wiki = Corpus(wikitext2.chunks(_read_text(wikitext), encode, seq_len, pad_id,
+                                           max_tokens), pad_id=pad_id)
+        except ConfigError as exc:
+            raise ConfigError(wikitext, exc.reason) from None
+    samples = squad.load(squad_path, squad_samples) if squad_path else []
+    for index, sample in enumerate(samples):
+        length = len(encode(squad.prompt(sample)))
+        if length + max_new_tokens > seq_len:
+            raise ConfigError(squad_path, f"paragraph {index + 1}'s prompt has {length} tokens: "
+                              f"with --max-new-tokens {max_new_tokens} it needs --seq-len "
+                              f"{length + max_new_tokens} or more, or fewer --squad-samples")
+    return Request(config=config, seq_len=seq_len, mode=mode, texts=corpora, wikitext=wiki,
+                   squad=tuple(samples), max_new_tokens=max_new_tokens, quiet=quiet)
 
 
-def _corpora(config: "ModelConfig", texts: Sequence[str], wikitexts: Sequence[str],
-             seq_len: int, max_tokens: Optional[int]) -> Dict[str, "Corpus"]:
-    """Each text's windows under its column name (WikiText-2 files are prefixed)."""
-    if not texts and not wikitexts:
-        raise ConfigError(None, "nothing to measure: give --text or --wikitext")
-    corpora = {os.path.basename(t): _read_windows(config, t, seq_len, max_tokens) for t in texts}
-    corpora.update({f"wikitext2:{os.path.basename(w)}":
-                    _read_wikitext(config, w, seq_len, max_tokens) for w in wikitexts})
-    return corpora
+def _print_table(records: Sequence[Dict[str, object]]) -> None:
+    from . import results
 
-
-def _measure(evaluator: "Evaluator", corpus: "Corpus", label: str, quiet: bool) -> "Perplexity":
-    with tqdm(total=len(corpus.windows), unit="window", desc=label, leave=False,
-              disable=True if quiet else None) as bar:
-        return evaluator.measure(corpus, progress=bar.update)
-
-
-def _perplexities(config: "ModelConfig", ckpt: str, corpora: Dict[str, "Corpus"],
-                  seq_len: int, quiet: bool) -> Dict[str, "Perplexity"]:
-    """Each corpus's perplexity through one network holding `ckpt`."""
-    from .runtime.evaluate import Evaluator
-
-    evaluator = Evaluator(config, ckpt, seq_len)
-    return {name: _measure(evaluator, corpus, f"{os.path.basename(ckpt)} {name}", quiet)
-            for name, corpus in corpora.items()}
+    header, rows = results.table(records)
+    _table(header, rows, right=tuple(range(1, len(header))))
+    click.echo(results.footnote(records))
 
 
 @main.command("eval")
 @_MODEL_OPTION
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="FP or ckpt-rtn W8A16 checkpoint (detected from its tensor names).")
-@click.option("--text", "text_path", type=click.Path(dir_okay=False, path_type=str),
-              help="UTF-8 text to measure perplexity on.")
-@click.option("--wikitext", "wikitext_path", type=click.Path(dir_okay=False, path_type=str),
-              help=_WIKITEXT_HELP)
-@_SEQ_OPTION
-@_MAX_TOKENS_OPTION
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+              help="FP or ckpt-rtn quantized checkpoint (detected from its tensor names).")
+@_measure_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the checkpoint's record as JSON (the keys of compare --json).")
 @_reported
-def evaluate(model_yaml: str, ckpt: str, text_path: Optional[str], wikitext_path: Optional[str],
-             seq_len: int, max_tokens: Optional[int], quiet: bool) -> None:
-    """Perplexity of a checkpoint through the MindFormers network, on CPU.
+def evaluate(model_yaml: str, ckpt: str, texts: Sequence[str], wikitext: Optional[str],
+             squad_path: Optional[str], squad_samples: Optional[int], max_new_tokens: int,
+             seq_len: int, max_tokens: Optional[int], mode: str, quiet: bool,
+             json_path: Optional[str]) -> None:
+    """Measure one checkpoint through the MindFormers network, on CPU.
 
-    --text: next-token negative log-likelihood averaged over all predicted
-    tokens of non-overlapping --seq-len windows. --wikitext: Golden Stick's
-    WikiText-2 protocol and MindFormers' PerplexityMetric. Both may be given.
+    Perplexity (--text: next-token NLL over all predicted tokens; --wikitext:
+    Golden Stick's WikiText-2 protocol), SQuAD 1.1 F1/EM (--squad), prefill and
+    decode tokens/s, the memory its parameters take as the network holds them,
+    and the peak RSS of the (fresh) process that measures. Give at least one of
+    --text, --wikitext, --squad.
     """
-    from .runtime.evaluate import Evaluator
     from .models import load_model_config
+    from .runtime.evaluate import in_fresh_process
+    from .runtime.measure import measure
 
+    if json_path is not None:
+        paths.check_replaceable(json_path, "the JSON record",
+                                [model_yaml, ckpt, *texts, *filter(None, [wikitext, squad_path])])
     config = load_model_config(model_yaml)
-    corpora = _corpora(config, [text_path] if text_path else [],
-                       [wikitext_path] if wikitext_path else [], seq_len, max_tokens)
-    evaluator = Evaluator(config, ckpt, seq_len)
-    for corpus in corpora.values():
-        result = _measure(evaluator, corpus, "eval", quiet)
-        what = "WikiText-2 " if corpus.pad_id is not None else ""
-        click.echo(f"{ckpt}: {what}PPL {result.ppl:.4f}  loss {result.loss:.4f}  tokens "
-                   f"{result.tokens} ({result.windows} x {seq_len})  "
-                   f"{result.tokens_per_second:.0f} tokens/s")
+    request = _request(config, texts, wikitext, squad_path, squad_samples, max_new_tokens,
+                       seq_len, max_tokens, mode, quiet)
+    record = in_fresh_process(measure, ckpt, request)
+    _print_table([record])
+    if json_path is not None:
+        atomic.write_bytes_atomic(json_path, _json_bytes(record))
 
 
 @main.command()
 @_MODEL_OPTION
 @click.argument("checkpoints", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=str))
-@click.option("--text", "texts", multiple=True,
-              type=click.Path(dir_okay=False, path_type=str),
-              help="A corpus to measure on (repeatable): one PPL column each.")
-@click.option("--wikitext", "wikitexts", multiple=True,
-              type=click.Path(dir_okay=False, path_type=str),
-              help=_WIKITEXT_HELP + " Repeatable: one column each.")
-@_SEQ_OPTION
-@_MAX_TOKENS_OPTION
+@_measure_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
-              help="Also write the table as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+              help='Also write {"checkpoints": [record, ...]} as JSON.')
 @_reported
 def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
-            wikitexts: Sequence[str], seq_len: int, max_tokens: Optional[int],
-            json_path: Optional[str], quiet: bool) -> None:
-    """Size and perplexity of several checkpoints of one model, side by side.
+            wikitext: Optional[str], squad_path: Optional[str], squad_samples: Optional[int],
+            max_new_tokens: int, seq_len: int, max_tokens: Optional[int], mode: str, quiet: bool,
+            json_path: Optional[str]) -> None:
+    """Golden Stick's results table for several checkpoints of one model.
 
-    The first checkpoint is the baseline (normally the FP16 one); the table
-    gives each one's size, the bytes of its Linear weights, its perplexity on
-    each --text and --wikitext, and the change against the baseline.
+    The first checkpoint is the baseline (normally the FP16 one). Each metric
+    is a row: checkpoint size, the Linear weights in the file, perplexity,
+    SQuAD F1/EM by both metrics, prefill and decode tokens/s, weight memory
+    and peak RSS; each checkpoint is a column, beside its change against the
+    baseline. Each checkpoint runs in a fresh process. Measures what `eval`
+    measures; give at least one of --text, --wikitext, --squad.
     """
-    from .runtime.evaluate import in_fresh_process, linear_weight_bytes
     from .models import load_model_config
+    from .runtime.evaluate import in_fresh_process
+    from .runtime.measure import measure
 
     if json_path is not None:
         paths.check_replaceable(json_path, "the JSON table",
-                                [model_yaml, *checkpoints, *texts, *wikitexts])
+                                [model_yaml, *checkpoints, *texts,
+                                 *filter(None, [wikitext, squad_path])])
     config = load_model_config(model_yaml)
-    corpora = _corpora(config, texts, wikitexts, seq_len, max_tokens)
-    rows = []
-    for ckpt in checkpoints:
-        row: Dict[str, object] = {"checkpoint": ckpt, "size_bytes": os.path.getsize(ckpt),
-                                  "linear_bytes": linear_weight_bytes(ckpt, config.family)}
-        # MindSpore holds on to each compiled network until its process exits.
-        results = in_fresh_process(_perplexities, config, ckpt, corpora, seq_len, quiet)
-        for name, result in results.items():
-            row[name] = {"ppl": result.ppl, "loss": result.loss, "tokens": result.tokens}
-        rows.append(row)
-    _print_compare(rows, list(corpora), seq_len)
+    request = _request(config, texts, wikitext, squad_path, squad_samples, max_new_tokens,
+                       seq_len, max_tokens, mode, quiet)
+    # MindSpore holds on to each compiled network until its process exits.
+    records = [in_fresh_process(measure, ckpt, request) for ckpt in checkpoints]
+    _print_table(records)
     if json_path is not None:
-        atomic.write_bytes_atomic(json_path, _json_bytes({"seq_len": seq_len, "rows": rows}))
-
-
-def _print_compare(rows: List[Dict[str, object]], corpora: List[str], seq_len: int) -> None:
-    base = rows[0]
-    header = ["checkpoint", "size GB", "Linear GB"]
-    for name in corpora:
-        header += [f"PPL {name}", "delta"]
-    table = []
-    for row in rows:
-        cells = [os.path.basename(str(row["checkpoint"])), f"{row['size_bytes'] / 1e9:.3f}",
-                 f"{row['linear_bytes'] / 1e9:.3f}"]
-        for name in corpora:
-            ppl, ref = row[name]["ppl"], base[name]["ppl"]  # type: ignore[index]
-            cells += [f"{ppl:.3f}", f"{(ppl - ref) / ref:+.2%}"]
-        table.append(cells)
-    _table(header, table, right=tuple(range(1, len(header))))
-    tokens = ", ".join(f"{name}: {base[name]['tokens']}" for name in corpora)  # type: ignore[index]
-    click.echo(f"(seq_len {seq_len}; predicted tokens {tokens})")
+        atomic.write_bytes_atomic(json_path, _json_bytes({"checkpoints": records}))
 
 
 @main.command()
@@ -676,25 +671,27 @@ def _print_compare(rows: List[Dict[str, object]], corpora: List[str], seq_len: i
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True,
               help="Window the network is compiled for; prompt + new tokens must fit.")
+@_MODE_OPTION
 @_reported
 def generate(model_yaml: str, ckpt: str, tokenizer_path: Optional[str], prompt: str,
-             max_new_tokens: int, seq_len: int) -> None:
+             max_new_tokens: int, seq_len: int, mode: str) -> None:
     """Greedy continuation of PROMPT by the MindFormers network (CPU check, no KV cache).
 
     Mirrors Golden Stick's deploy steps: build the network, quantize its
     Linear layers as the checkpoint says, load it, generate.
     """
-    from .runtime.deploy import generate_greedy, load_checkpoint_into
     from .models import load_model_config, load_text_codec
-    from .runtime.network import build_llama
+    from .runtime.deploy import load_checkpoint_into
+    from .runtime.generation import generate_greedy
+    from .runtime.network import TimedForward, build_llama
 
     config = load_model_config(model_yaml)
     encode, decode = load_text_codec(config, tokenizer_path)
-    net = build_llama(config, seq_length=seq_len)
+    net = build_llama(config, seq_length=seq_len, mode=mode)
     load_checkpoint_into(net, ckpt, upcast=True)
     ids = encode(prompt)
     try:
-        new = generate_greedy(net, ids, max_new_tokens, seq_len,
+        new = generate_greedy(TimedForward(net, seq_len), ids, max_new_tokens,
                               pad_token_id=config.model.get("pad_token_id", 0),
                               eos_token_id=config.model.get("eos_token_id"))
     except ValueError as exc:

@@ -12,9 +12,11 @@ from mindformers import LlamaConfig, LlamaForCausalLM
 
 from ckpt_rtn import dtypes
 from ckpt_rtn.runtime import deploy
-from ckpt_rtn.runtime.deploy import (DeployError, W8A16Linear, generate_greedy, load_fp, load_quantized,
+from ckpt_rtn.runtime.deploy import (DeployError, W8A16Linear, load_fp, load_quantized,
                              quantize_network)
 from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
+from ckpt_rtn.runtime.generation import generate_greedy
+from ckpt_rtn.runtime.network import TimedForward
 
 from conftest import cli
 
@@ -75,9 +77,9 @@ def test_quantized_logits_match_the_fp_network(networks) -> None:
 def test_greedy_generation_is_identical(networks) -> None:
     fp, quantized, _ = networks
     prompt = [5, 17, 99, 3, 42]
-    expected = generate_greedy(fp, prompt, 8, SEQ)
+    expected = generate_greedy(TimedForward(fp, SEQ), prompt, 8)
     assert len(expected) == 8
-    assert generate_greedy(quantized, prompt, 8, SEQ) == expected
+    assert generate_greedy(TimedForward(quantized, SEQ), prompt, 8) == expected
 
 
 def test_network_parameters_equal_the_checkpoint_tensor_set(networks, checkpoints) -> None:

@@ -272,7 +272,7 @@ def test_bad_inputs(tmp_path: Path, imported: Path) -> None:
     ("[1, 2]", "expected a mapping"),
     ("family: llama2\nmodel: {hidden_size: 8}", "missing num_layers"),
     ("model: {hidden_size: 8, num_layers: 1, num_heads: 1, intermediate_size: 8, vocab_size: 8, "
-     "seq_length: 4}", "seq_length is chosen by build_llama"),
+     "seq_length: 4}", "seq_length is chosen at run time"),
     ("model: {hidden_size: 8, num_layers: 1, num_heads: 1, intermediate_size: 8, vocab_size: 8, "
      "hiden: 4}", "hiden is not an architecture keyword"),
     ("model: {hidden_size: true, num_layers: 1, num_heads: 1, intermediate_size: 8, "

@@ -236,3 +236,12 @@ def test_official_scores_need_one_prediction_per_sample() -> None:
         squad.official_scores(["x"], [sample, sample])
     with pytest.raises(ValueError):
         squad.official_scores([], [])
+
+
+@pytest.mark.parametrize("generated, done", [
+    ("", False), ("\n", False), (" \n \n", False), ("Paris", False), ("\nParis", False),
+    ("\nParis\n", True), ("Paris\nThe", True), ("  Paris \n", True)])
+def test_an_answer_is_complete_once_a_newline_follows_its_text(generated: str, done: bool) -> None:
+    assert squad.answered(generated) is done
+    if done:  # nothing generated after that point changes what is scored (spaces aside)
+        assert squad.answer(generated + "more\ntext").strip() == squad.answer(generated)

@@ -40,7 +40,7 @@ def use_fused_kernel() -> bool:
     return ms.get_context("device_target") == "Ascend"
 
 
-class _QuantLinear(nn.Cell):
+class QuantLinear(nn.Cell):
     """The forward pass a quantized Linear shares with MindFormers' Linear.
 
     Subclasses keep the original Linear under Golden Stick's attribute name
@@ -84,7 +84,7 @@ class WeightQuantizer(nn.Cell):
         self.zp_neg = Parameter(Tensor(np.zeros(out_channels), dtype), name="zp_neg")
 
 
-class W8A16Linear(_QuantLinear):
+class W8A16Linear(QuantLinear):
     """Golden Stick v0.5 RoundToNearest deploy cell: x @ ((q + zp_neg) * scale).T.
 
     The original Linear stays as `_handler` (its bias and activation are
@@ -162,7 +162,7 @@ class PtqMatmul(nn.Cell):
         return self.matmul(x, dequantized)
 
 
-class PtqLinear(_QuantLinear):
+class PtqLinear(QuantLinear):
     """Golden Stick PTQ deploy cell (w8a16-ptq, w4a16): the Linear as `_layer`.
 
     Parameters: `<p>._layer.weight` (int8 [out, in], or qint4x2 [in, out/2]),
@@ -333,26 +333,3 @@ def _dequantize_int4_into(layer: PtqLinear) -> None:
                                                                                     axis=1)
     matmul.dequantized_weight.set_data(Tensor(weight, matmul.dequantized_weight.dtype))
 
-
-def generate_greedy(net: nn.Cell, prompt: Sequence[int], max_new_tokens: int, seq_length: int,
-                    pad_token_id: int = 0, eos_token_id: Optional[int] = None) -> List[int]:
-    """Greedy continuation of `prompt` by a MindFormers causal LM without a KV cache.
-
-    Every step runs the full window padded to `seq_length`, so the graph is
-    compiled once; this is for checking a model on a CPU, not for serving.
-    """
-    tokens = list(prompt)
-    if not tokens or len(tokens) + max_new_tokens > seq_length:
-        raise ValueError(f"prompt ({len(tokens)} tokens) + {max_new_tokens} new tokens must be "
-                         f"non-empty and fit in seq_length {seq_length}")
-    generated: List[int] = []
-    for _ in range(max_new_tokens):
-        window = np.full((1, seq_length), pad_token_id, dtype=np.int32)
-        window[0, :len(tokens)] = tokens
-        logits = net(Tensor(window))[0].asnumpy().reshape(seq_length, -1)
-        token = int(logits[len(tokens) - 1].argmax())
-        generated.append(token)
-        tokens.append(token)
-        if token == eos_token_id:
-            break
-    return generated

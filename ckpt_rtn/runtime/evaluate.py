@@ -27,7 +27,7 @@ import numpy as np
 from . import deploy
 from ..errors import CkptRtnError, ConfigError
 from ..models import ModelConfig, load_tokenizer
-from .network import build_llama
+from .network import TimedForward, build_llama
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,18 @@ class Evaluator:
     """One checkpoint loaded into a MindFormers network compiled for `seq_len` windows."""
 
     def __init__(self, config: ModelConfig, checkpoint: "os.PathLike[str] | str",
-                 seq_len: int) -> None:
+                 seq_len: int, mode: str = "graph") -> None:
         self.seq_len = seq_len
-        self.net = build_llama(config, seq_length=seq_len)
+        self.net = build_llama(config, seq_length=seq_len, mode=mode)
         self.quantized_layers = deploy.load_checkpoint_into(self.net, checkpoint, upcast=True)
+        self.logits = TimedForward(self.net, seq_len)
 
-    def logits(self, window: np.ndarray) -> np.ndarray:
-        """[seq_len, vocab] float32 logits for one window of token ids."""
-        from mindspore import Tensor
-
-        return self.net(Tensor(window[None, :].astype(np.int32)))[0].asnumpy() \
-            .reshape(self.seq_len, -1)
+    @property
+    def prefill_tokens_per_second(self) -> Optional[float]:
+        """Tokens the network took in per second of full-window forward passes (the first,
+        compiling, pass not counted); None before two passes."""
+        forward = self.logits
+        return forward.calls * self.seq_len / forward.seconds if forward.calls else None
 
     def perplexity(self, text_windows: np.ndarray,
                    progress: Optional[Callable[[int], None]] = None) -> Perplexity:
@@ -160,21 +161,3 @@ def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
             raise CkptRtnError(None, "the evaluation process died (out of memory? try a "
                                      "smaller --seq-len)") from None
 
-
-def linear_weight_bytes(checkpoint: "os.PathLike[str] | str", family: str) -> int:
-    """Bytes of a checkpoint's Linear layers: FP weights, or their quantized tensors.
-
-    Embeddings dominate a small model's size, so the table also reports the
-    part RTN shrinks.
-    """
-    from ..formats import open_reader
-    from ..rules import load_rules
-    from ..schemes import detect_scheme
-
-    rules = load_rules(family).with_overrides(keep_default_blacklist=False)
-    with open_reader(checkpoint, verify_crc=False) as reader:
-        found = detect_scheme(reader.tensors)
-        quantized = {name for layer in found.layers for name in found.names(layer)[:3]} \
-            if found is not None else set()
-        return sum(t.nbytes for t in reader.tensors
-                   if t.name in quantized or rules.select(t) is not None)

@@ -7,9 +7,11 @@ each run-time value is what it is.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import mindspore as ms
+import numpy as np
 from mindformers import LlamaConfig, LlamaForCausalLM
 
 from ..errors import ConfigError
@@ -57,3 +59,29 @@ def build_llama(config: ModelConfig, seq_length: int, compute_dtype: str = "floa
     net = LlamaForCausalLM(llama_config)
     net.set_train(False)
     return net
+
+
+class TimedForward:
+    """A network's forward pass on one window of token ids, timed for throughput.
+
+    The first call is not timed: in graph mode it compiles the network
+    (tens of seconds), which is a one-off cost, not a rate. `calls` and
+    `seconds` count the timed calls, each of which processes the whole
+    window: `seq_length` tokens of prefill, or one new token when decoding
+    without a KV cache.
+    """
+
+    def __init__(self, net: Any, seq_length: int) -> None:
+        self.net, self.seq_length = net, seq_length
+        self.calls, self.seconds = 0, 0.0
+        self._warm = False
+
+    def __call__(self, window: np.ndarray) -> np.ndarray:
+        """[seq_length, vocab] float32 logits of one [seq_length] window."""
+        started = time.perf_counter()
+        logits = self.net(ms.Tensor(window[None, :].astype(np.int32)))[0].asnumpy()
+        if self._warm:
+            self.calls += 1
+            self.seconds += time.perf_counter() - started
+        self._warm = True
+        return logits.reshape(self.seq_length, -1)

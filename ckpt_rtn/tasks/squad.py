@@ -132,6 +132,12 @@ def answer(generated: str) -> str:
     return generated.strip().split("\n")[0]
 
 
+def answered(generated: str) -> bool:
+    """Whether generating more can no longer change `answer(generated)`: a newline follows
+    the first non-space character (a newline before it, as in "\\nParis", is stripped)."""
+    return "\n" in generated.lstrip()
+
+
 def normalize_answer(text: str) -> str:
     """Lower-cased, ASCII punctuation and the articles a/an/the removed, whitespace collapsed."""
     text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
