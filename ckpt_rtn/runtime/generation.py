@@ -10,7 +10,7 @@ that holds them (a network per window size, built when first needed).
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -68,6 +68,11 @@ class Generator:
         self.config, self.checkpoint = config, checkpoint
         self.max_window, self.mode = max_window, mode
         self.forwards: Dict[int, TimedForward] = {}
+
+    def adopt(self, net: Any, window: int) -> None:
+        """Generate on `net` (built for `window`, this checkpoint loaded) instead of building
+        another: a compiled network costs GBs of host memory on CPU."""
+        self.forwards[window] = TimedForward(net, window)
 
     def forward(self, window: int) -> TimedForward:
         if window not in self.forwards:

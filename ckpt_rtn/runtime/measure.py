@@ -52,13 +52,14 @@ def measure(checkpoint: str, request: Request) -> results.Record:
                                                                      request.config.family)
     label = os.path.basename(checkpoint)
     memory: Optional[WeightMemory] = None
+    generator = Generator(request.config, checkpoint, request.seq_len, request.mode)
     if request.wikitext is not None or request.texts:
         evaluator = Evaluator(request.config, checkpoint, request.seq_len, request.mode)
         memory = weight_memory(evaluator.net)
         _perplexities(evaluator, request, label, record)
         record["prefill_tokens_per_s"] = evaluator.prefill_tokens_per_second
+        generator.adopt(evaluator.net, request.seq_len)
     if request.squad:
-        generator = Generator(request.config, checkpoint, request.seq_len, request.mode)
         encode, decode = load_text_codec(request.config)
         with request.progress(len(request.squad), f"{label} SQuAD", "question") as bar:
             scores = answer_squad(generator, encode, decode, request.squad,
