@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .. import footprint, results
 from ..models import ModelConfig, load_text_codec
-from ..tasks import squad
+from ..tasks.squad import Sample
 from .evaluate import Corpus, Evaluator
 from .generation import Generator
 from .memory import WeightMemory, peak_rss_bytes, weight_memory
@@ -36,7 +36,7 @@ class Request:
     mode: str = "graph"
     texts: Dict[str, Corpus] = field(default_factory=dict)
     wikitext: Optional[Corpus] = None
-    squad: Sequence[squad.Sample] = ()
+    squad: Sequence[Sample] = ()
     max_new_tokens: int = 32
     quiet: bool = False
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..tasks import squad
+from . import LOG_DIR
 from .generation import Generator
 
 
@@ -36,6 +37,7 @@ def golden_stick_scores(predictions: Sequence[str],
     from mindformers.core.metric.metric import EmF1Metric
 
     jieba.setLogLevel(logging.WARNING)  # not its dictionary-loading chatter
+    jieba.dt.tmp_dir = LOG_DIR  # its dictionary cache beside our logs, not loose in /tmp
     result, _ = EmF1Metric().evaluate_pairs(list(predictions), [s.answer for s in samples])
     return float(result["F1"]), float(result["Em"])
 
