@@ -1,15 +1,16 @@
-"""Perplexity of a checkpoint through the MindFormers network (needs [mindspore]).
+"""Perplexity of a checkpoint through the MindFormers network.
 
 Measured as Golden Stick's W8A16 paper table is: the text is tokenized
 once, cut into non-overlapping windows of `seq_len` tokens, and every token
 after the first of a window is predicted from those before it; perplexity
 is exp of the mean next-token negative log-likelihood over all of them.
 WikiText-2 (`--wikitext`) is measured instead as Golden Stick measures it
-(ckpt_rtn/wikitext.py prepares the chunks): MindFormers' PerplexityMetric
+(ckpt_rtn/tasks/wikitext.py prepares the chunks): MindFormers' PerplexityMetric
 takes each chunk's mean loss over its labels that are not the pad token,
 and averages those means over the chunks.
-FP and W8A16 checkpoints go through the same network: a quantized one gets
-its Linear layers replaced by the deploy loader's W8A16 cells first.
+FP and quantized checkpoints go through the same network: a quantized one
+gets its Linear layers replaced by the deploy loader's cells first. The
+same forward passes give the prefill throughput (`TimedForward`).
 """
 from __future__ import annotations
 
