@@ -171,6 +171,27 @@ def test_pynative_mode_gives_the_graph_modes_perplexity(model, tmp_path: Path) -
     assert ppl["pynative"] == pytest.approx(ppl["graph"], rel=1e-5)
 
 
+def test_bad_measurement_input_is_one_line_before_any_network(model, tmp_path: Path) -> None:
+    config_path, w8, _ = model
+    squad_path = tmp_path / "squad.json"
+    squad_path.write_text(json.dumps(TINY_SQUAD), encoding="utf-8")
+    not_json = tmp_path / "dev.json"
+    not_json.write_text("{oops", encoding="utf-8")
+    cases = [
+        ([], "error: nothing to measure: give --text, --wikitext or --squad"),
+        (["--squad", not_json], f"error: {not_json}: "),
+        (["--squad", squad_path, "--seq-len", "24"],
+         f"error: {squad_path}: paragraph 1's prompt has "),
+    ]
+    for args, start in cases:
+        result = cli("eval", "--config", config_path, "--ckpt", w8, *args)
+        assert result.exit_code == 2, (args, result.stderr)
+        assert result.stderr.startswith(start) and result.stderr.count("\n") == 1, result.stderr
+    long_prompt = cli("eval", "--config", config_path, "--ckpt", w8, "--squad", squad_path,
+                      "--seq-len", "24")
+    assert "--max-new-tokens 32 it needs --seq-len" in long_prompt.stderr
+
+
 def test_compare_prints_metrics_as_rows_and_writes_every_record(model, wiki_valid,
                                                                 tmp_path: Path) -> None:
     config_path, w8, text = model
