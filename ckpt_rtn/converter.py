@@ -16,7 +16,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -254,7 +254,14 @@ def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str"
 
 
 def resolve_rules(rules: "Rules | RuleChoice", reader: TensorReader) -> Rules:
-    """Rules as given, or chosen from the checkpoint's tensor names (family detection).
+    """Rules as given, or chosen from this file's tensor names (see rules_for)."""
+    return rules_for(rules, reader.tensors, reader.path)
+
+
+def rules_for(rules: "Rules | RuleChoice", tensors: Sequence[TensorInfo],
+              where: "os.PathLike[str] | str") -> Rules:
+    """Rules as given, or chosen from a checkpoint's tensor names (family detection):
+    those of one file, or of every shard of a directory; `where` names it in errors.
 
     An already quantized checkpoint is named as such rather than as one of
     no known family: its Linear weights are integer codes, so converting it
@@ -262,17 +269,17 @@ def resolve_rules(rules: "Rules | RuleChoice", reader: TensorReader) -> Rules:
     """
     if isinstance(rules, Rules):
         return rules
-    found = detect_scheme(reader.tensors) if rules.config is None else None
+    found = detect_scheme(tensors) if rules.config is None else None
     if found is not None:
         count = len(found.layers)
-        raise UnsupportedError(reader.path, f"is already quantized ({found.label}, {count} "
+        raise UnsupportedError(where, f"is already quantized ({found.label}, {count} "
                                f"Linear layer{'' if count == 1 else 's'}): convert the "
                                "floating-point checkpoint it was made from (or pass --config "
                                "FAMILY to copy it into another format)")
     try:
-        return rules.resolve(t.name for t in reader.tensors)
+        return rules.resolve(t.name for t in tensors)
     except ConfigError as exc:
-        raise ConfigError(reader.path, exc.reason) from None
+        raise ConfigError(where, exc.reason) from None
 
 
 def default_workers() -> int:

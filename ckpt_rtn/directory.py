@@ -45,6 +45,7 @@ from .errors import CkptRtnError, ConfigError, FormatError, OutputError, Unsuppo
 from .formats import format_from_suffix, open_reader, untrusted_json
 from .formats.atomic import TEMP_PATTERN, copy_atomic, remove_dead_temp_files, write_bytes_atomic
 from .formats.strategy import Layout, is_strategy_file, read_strategy
+from .formats.tensor import TensorInfo
 from .rtn import RowBounds, row_bounds
 from .rules import OUT_IN, RuleChoice, Rules
 from .schemes import Scheme
@@ -88,7 +89,8 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
                       report: Optional[str] = None) -> DirectoryResult:
     """Convert every shard under `src` into the same layout under `dst`.
 
-    Without an explicit family, it is detected from the first shard's names.
+    Without an explicit family, it is detected from the names of every shard
+    (read from their headers alone).
     `dst` is locked against other runs throughout (paths.destination_lock);
     a run refused before writing anything leaves no `dst` behind. `report`:
     a file the caller writes afterwards, refused here if it would land on
@@ -124,8 +126,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleCho
     started = time.perf_counter()
     _check_empty(dst, overwrite, resume)
     _check_paths(src, dst, layout, report)
-    with open_reader(os.path.join(src, layout.shards[0]), verify_crc=False) as first:
-        rules = converter.resolve_rules(rules, first)
+    rules = converter.rules_for(rules, _detection_tensors(src, layout.shards, rules), src)
     settings = Settings.of(rules, scheme, crc=crc, out_format=None)
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
     manifest = _load_manifest(dst, settings) if resume else _new_manifest(settings)
@@ -174,6 +175,25 @@ def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleCho
     result.output_size = sum(entry["size"] for entry in manifest["files"].values())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _detection_tensors(src: str, shards: List[str],
+                       rules: "Rules | RuleChoice") -> List[TensorInfo]:
+    """Every shard's tensors, from the headers alone, when the family is to be detected.
+
+    A shard may hold part of a layer, its MLP and nothing else (a large MoE
+    model spreads its experts over many shards), and an MoE model's first
+    shard may hold only its dense layers, which look like Llama's: the
+    family, and whether the checkpoint is already quantized, show only in
+    all the names together.
+    """
+    if isinstance(rules, Rules) or rules.config is not None:
+        return []
+    tensors: List[TensorInfo] = []
+    for rel in shards:
+        with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
+            tensors.extend(reader.tensors)
+    return tensors
 
 
 def _bounds_over_ranks(src: str, shards: List[str], strategies: List[str], rules: Rules,

@@ -56,8 +56,11 @@ class Rules:
     family: str
     linear_weights: Tuple[WeightPattern, ...]
     blacklist: Tuple[str, ...]
-    #: A checkpoint is of this family when each of these matches some tensor name.
+    #: A checkpoint is of this family when each of these matches some tensor name...
     detect: Tuple["re.Pattern[str]", ...] = ()
+    #: ...and none of these matches any: a family whose names another one's extends
+    #: (Llama's MLP in an MoE model's dense layers) is told apart by what it lacks.
+    reject: Tuple["re.Pattern[str]", ...] = ()
     #: The family's own patterns, kept when --include replaces `linear_weights`:
     #: they still tell the layout of the weights --include selects.
     family_weights: Tuple[WeightPattern, ...] = ()
@@ -94,7 +97,8 @@ class Rules:
     def matches(self, names: Iterable[str]) -> bool:
         """Whether a checkpoint with these tensor names is of this family."""
         names = list(names)
-        return bool(self.detect) and all(any(d.search(n) for n in names) for d in self.detect)
+        return (bool(self.detect) and all(any(d.search(n) for n in names) for d in self.detect)
+                and not any(r.search(n) for r in self.reject for n in names))
 
     def with_overrides(self, *, include: Iterable[str] = (), blacklist: Iterable[str] = (),
                        keep_default_blacklist: bool = True) -> "Rules":
@@ -172,7 +176,8 @@ def include_only_rules() -> Rules:
 
 
 def detect_family(names: Iterable[str]) -> Rules:
-    """The one built-in family whose `detect` patterns all match these tensor names."""
+    """The one built-in family whose `detect` patterns all match these tensor names and
+    whose `reject` patterns match none of them."""
     names = list(names)
     found = [rules for rules in map(load_rules, available_families()) if rules.matches(names)]
     if len(found) != 1:
@@ -186,17 +191,19 @@ def _rules_from(path: Path, data: object) -> Rules:
     if not isinstance(data, dict):
         raise ConfigError(path, "expected a mapping with family, linear_weights, blacklist")
     patterns, blacklist = data.get("linear_weights"), data.get("blacklist", [])
-    detect = data.get("detect", [])
+    detect, reject = data.get("detect", []), data.get("reject", [])
     if not (isinstance(patterns, list) and patterns):
         raise ConfigError(path, "linear_weights must be a non-empty list")
     if not (isinstance(blacklist, list) and all(isinstance(b, str) and b for b in blacklist)):
         raise ConfigError(path, "blacklist must be a list of non-empty strings")
-    if not (isinstance(detect, list) and all(isinstance(d, str) for d in detect)):
-        raise ConfigError(path, "detect must be a list of regular expressions")
+    for key, value in (("detect", detect), ("reject", reject)):
+        if not (isinstance(value, list) and all(isinstance(d, str) for d in value)):
+            raise ConfigError(path, f"{key} must be a list of regular expressions")
     weights = tuple(_weight_pattern(path, p) for p in patterns)
     return Rules(family=str(data.get("family", path.stem)), linear_weights=weights,
                  blacklist=tuple(blacklist),
-                 detect=tuple(_compile(d, str(path)) for d in detect), family_weights=weights)
+                 detect=tuple(_compile(d, str(path)) for d in detect),
+                 reject=tuple(_compile(r, str(path)) for r in reject), family_weights=weights)
 
 
 def _weight_pattern(path: Path, entry: object) -> WeightPattern:

@@ -346,6 +346,8 @@ def test_config_unknown_family(tmp_path: Path, llama: Path) -> None:
     ("family: x\nlinear_weights: []\n", r"linear_weights"),
     ("linear_weights: ['(']\n", r"invalid regular expression"),
     ("linear_weights: ['wq']\nblacklist: ['']\n", r"blacklist"),
+    ("linear_weights: ['wq']\nreject: 'experts'\n", r"reject must be a list of regular "),
+    ("linear_weights: ['wq']\nreject: ['(']\n", r"invalid regular expression"),
 ])
 def test_config_bad_yaml(tmp_path: Path, llama: Path, content: Optional[str],
                          pattern: str) -> None:

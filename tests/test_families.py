@@ -265,16 +265,17 @@ def test_gpt2_lm_head_is_tied_to_the_embedding():
 
 
 @pytest.mark.parametrize("names", [
-    # No family's markers: Qwen2 under Hugging Face names, BERT-style names.
+    # No family's markers: Mixtral under Hugging Face names, BERT-style names.
     ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-     "model.layers.0.mlp.gate_proj.weight", "lm_head.weight"],
+     "model.layers.0.block_sparse_moe.gate.weight",
+     "model.layers.0.block_sparse_moe.experts.0.w1.weight", "lm_head.weight"],
     ["bert.encoder.layer.0.attention.self.query.weight", "cls.predictions.decoder.weight"],
     # Only some of a family's markers (attention but no feed-forward).
     ["model.layers.0.attention.wq.weight", "model.norm_out.weight"],
     # Two families' markers at once.
     list(llama2_shapes()) + list(chatglm3_shapes()),
     list(qwen_shapes()) + list(gpt2_shapes()),
-], ids=["hf-qwen2", "bert", "partial-llama", "llama+chatglm", "qwen+gpt2"])
+], ids=["hf-mixtral", "bert", "partial-llama", "llama+chatglm", "qwen+gpt2"])
 def test_undetectable_checkpoints_are_refused(names):
     with pytest.raises(ConfigError, match="cannot tell the model family"):
         detect_family(names)
