@@ -282,7 +282,8 @@ def _convert_directory(src: str, dst: str, rules: RuleChoice, scheme: Scheme, *,
         # that cannot be written now leaves the finished files, recorded in the manifest.
         atomic.write_bytes_atomic(report_path, _json_bytes({
             "input_bytes": result.input_size, "output_bytes": result.output_size,
-            "seconds": round(result.seconds, 3), "skipped": result.skipped,
+            "seconds": round(result.seconds, 3), "stages": result.stages.to_json(),
+            "skipped": result.skipped,
             "copied": result.copied, "indexes": result.indexes,
             "scaled_over_ranks": result.global_scales,
             "shards": [shard.to_json() for shard in result.converted]}))

@@ -26,7 +26,7 @@ from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, Quanti
 from .formats.atomic import remove_dead_temp_files
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
-from .pipeline import run_pipeline
+from .pipeline import StageTimes, run_pipeline
 from .rtn import NonFiniteWeightError, RowBounds
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
 from .schemes import Quantized, Scheme, detect_scheme, get_scheme, transposed
@@ -116,6 +116,28 @@ class LayerError:
 
 
 @dataclass(frozen=True)
+class Stages:
+    """Seconds the read, quantize and write stages were busy during a conversion.
+
+    They overlap (see pipeline.py), so the wall time is at least the largest
+    of them, and close to it when the pipeline keeps every stage fed; the one
+    that is close to the wall time is the one that bounds the run. `write`
+    includes committing the output (flush, fsync, rename).
+    """
+    read: float
+    quantize: float
+    write: float
+
+    def to_json(self) -> Dict[str, float]:
+        return {"read_s": round(self.read, 3), "quantize_s": round(self.quantize, 3),
+                "write_s": round(self.write, 3)}
+
+    def __add__(self, other: "Stages") -> "Stages":
+        return Stages(self.read + other.read, self.quantize + other.quantize,
+                      self.write + other.write)
+
+
+@dataclass(frozen=True)
 class Result:
     plan: Plan
     input_size: int
@@ -123,6 +145,7 @@ class Result:
     seconds: float
     workers: int
     errors: List[LayerError]
+    stages: Stages
 
     def to_json(self) -> Dict[str, object]:
         """The --report document."""
@@ -137,7 +160,7 @@ class Result:
             "tensors_quantized": len(plan.quantized),
             "tensors_copied": len(plan.steps) - len(plan.quantized),
             "tensors_dropped": [t.name for t in plan.dropped],
-            "seconds": round(self.seconds, 3),
+            "seconds": round(self.seconds, 3), "stages": self.stages.to_json(),
             "throughput_gb_per_s": round(self.input_size / self.seconds / 1e9, 4)
             if self.seconds else None,
             "layers": [{"layer": e.layer, "shape": list(e.shape), "dtype": e.dtype,
@@ -312,21 +335,24 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
         with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
                                  crc=crc) as writer:
             # A bad CRC fails here, so the output is discarded before it is committed.
-            errors = stream(reader, plan, lambda info, array: writer.write(info.name, array),
-                            pool=pool if workers > 1 else None, stats=stats,
-                            row_bounds=row_bounds, progress=progress)
+            errors, busy = stream(reader, plan, lambda info, array: writer.write(info.name, array),
+                                  pool=pool if workers > 1 else None, stats=stats,
+                                  row_bounds=row_bounds, progress=progress)
+            committing = time.perf_counter()
+        commit = time.perf_counter() - committing
+    stages = Stages(read=busy.load, quantize=busy.process, write=busy.store + commit)
     return Result(plan, os.path.getsize(src), plan.output_size,  # dst may not be renamed yet
-                  time.perf_counter() - started, workers, errors)
+                  time.perf_counter() - started, workers, errors, stages)
 
 
 def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndarray], None], *,
            pool: Optional[ThreadPoolExecutor] = None, stats: bool = False,
            row_bounds: Optional[Mapping[str, RowBounds]] = None,
-           progress: Optional[ProgressFn] = None) -> List[LayerError]:
+           progress: Optional[ProgressFn] = None) -> Tuple[List[LayerError], StageTimes]:
     """Hand `sink` every output tensor and record of `plan`, in order, computed from
     `reader`'s tensors through the read-ahead / quantize / write-behind pipeline; then run
     the reader's deferred checks (its CRC). `convert` writes what `sink` gets, `verify`
-    compares it. Returns each layer's error when `stats`.
+    compares it. Returns each layer's error when `stats`, and how busy each stage was.
     """
     errors: List[LayerError] = []
     total = reader.nbytes
@@ -347,8 +373,8 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
             progress(step.source.nbytes, total)
 
     try:
-        run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store,
-                     size=lambda step: step.source.nbytes)
+        busy = run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store,
+                            size=lambda step: step.source.nbytes)
         for info, value in plan.records:
             sink(info, value)
     except CkptRtnError:
@@ -357,7 +383,7 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
     reader.finish()
     if progress is not None and plan.dropped:
         progress(sum(t.nbytes for t in plan.dropped), total)
-    return errors
+    return errors, busy
 
 
 def convert_step(path: str, step: Step, data: np.ndarray, scheme: Scheme, *,

@@ -69,6 +69,11 @@ class DirectoryResult:
     output_size: int = 0
     seconds: float = 0.0
 
+    @property
+    def stages(self) -> converter.Stages:
+        """The shards' stage times added up (shards are converted one after another)."""
+        return sum((shard.stages for shard in self.converted), converter.Stages(0.0, 0.0, 0.0))
+
 
 @dataclass
 class _Layout:

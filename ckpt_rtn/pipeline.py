@@ -12,11 +12,17 @@ Items travel between the stages in batches of at most `BATCH_BYTES` (as
 microseconds, which MoE checkpoints of 100 000 tiny tensors would pay per
 tensor, while an item larger than a batch travels alone, so memory holds
 what the unbatched pipeline held.
+
+Each stage counts the seconds it was busy (loading, processing, storing;
+not waiting on a queue), so a caller can tell which stage bounds the run:
+the wall time is at least the busiest stage's.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
@@ -30,14 +36,23 @@ BATCH_BYTES = 4 * 1024 * 1024
 BATCH_ITEMS = 4096
 
 
+@dataclass
+class StageTimes:
+    """Seconds each stage spent working, not waiting; each is written by one thread only."""
+    load: float = 0.0
+    process: float = 0.0
+    store: float = 0.0
+
+
 def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[T, A], B],
                  store: Callable[[T, B], None], *, size: Callable[[T], int],
-                 depth: int = 1) -> None:
+                 depth: int = 1) -> StageTimes:
     """load(item) in a thread, process(item, loaded) here, store(item, processed) in a thread.
 
     `size(item)` is the bytes an item holds once loaded: batches are bounded by it, so
-    memory is too.
+    memory is too. Returns how long each stage was busy.
     """
+    times = StageTimes()
     loaded: "queue.Queue[object]" = queue.Queue(maxsize=depth)
     processed: "queue.Queue[object]" = queue.Queue(maxsize=depth)
     abort = threading.Event()
@@ -80,7 +95,9 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
                 if not put(loaded, batch):
                     return
                 batch, weight = [], 0
+            started = time.perf_counter()
             batch.append((item, load(item)))
+            times.load += time.perf_counter() - started
             weight += nbytes
         if not batch or put(loaded, batch):
             put(loaded, _DONE)
@@ -90,8 +107,10 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
             entry = get(processed)
             if entry is None or entry is _DONE:
                 return
+            started = time.perf_counter()
             for item, result in entry:  # type: ignore[attr-defined]
                 store(item, result)
+            times.store += time.perf_counter() - started
 
     threads = [threading.Thread(target=guarded(reader), name="ckpt-rtn-read", daemon=True),
                threading.Thread(target=guarded(writer), name="ckpt-rtn-write", daemon=True)]
@@ -106,7 +125,10 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
                 put(processed, _DONE)
                 break
             batch: List[Tuple[T, A]] = entry  # type: ignore[assignment]
-            if not put(processed, [(item, process(item, data)) for item, data in batch]):
+            started = time.perf_counter()
+            results = [(item, process(item, data)) for item, data in batch]
+            times.process += time.perf_counter() - started
+            if not put(processed, results):
                 break
     except BaseException:
         abort.set()
@@ -117,3 +139,4 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
             thread.join()
     if errors:
         raise errors[0]
+    return times

@@ -197,6 +197,10 @@ def test_report_has_sizes_counts_and_layer_errors(fp16_llama, tmp_path: Path) ->
     assert data["output_bytes"] == out.stat().st_size
     assert data["tensors_quantized"] == 14 and data["tensors_copied"] == 7
     assert len(data["layers"]) == 14
+    stages = data["stages"]  # busy seconds per stage, which overlap: each within the wall time
+    assert set(stages) == {"read_s", "quantize_s", "write_s"}
+    assert all(0 <= stages[key] <= data["seconds"] for key in stages)
+    assert stages["quantize_s"] > 0  # 14 weights are quantized: that takes measurable time
     wq = next(l for l in data["layers"] if l["layer"] == "model.layers.0.attention.wq")
     w = weights["model.layers.0.attention.wq.weight"].astype(np.float64)
     loaded = ms_load(out)

@@ -214,7 +214,11 @@ def test_directory_report_beside_the_outputs_is_written(tmp_path: Path, shards: 
     dst = tmp_path / "out"
     result = cli("convert", "-q", *LLAMA2, "--report", dst / "report.json", shards, dst)
     assert result.exit_code == 0, result.stderr
-    assert len(json.loads((dst / "report.json").read_text())["shards"]) == 2
+    report = json.loads((dst / "report.json").read_text())
+    assert len(report["shards"]) == 2
+    for key in ("read_s", "quantize_s", "write_s"):  # the directory's: its shards' added up
+        assert report["stages"][key] == pytest.approx(
+            sum(shard["stages"][key] for shard in report["shards"]), abs=0.002)
 
 
 def char_device(path: Path) -> Path:

@@ -70,3 +70,21 @@ def test_a_failing_stage_stops_the_others_and_raises_here(stage: str) -> None:
         run_pipeline(range(100_000), load, process, store, size=lambda _: 1)
     assert seen == list(range(len(seen))) and len(seen) < 100_000
     assert not [t for t in threading.enumerate() if t.name.startswith("ckpt-rtn-")]
+
+
+def test_each_stage_counts_the_time_it_was_busy_not_waiting() -> None:
+    """Store is the slow stage here: it is busy for about the whole run, the others for
+    what they did, although they spend the rest of it waiting on the queues."""
+    import time
+
+    def nap(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:  # busy, as a real stage would be
+            pass
+
+    started = time.perf_counter()
+    times = run_pipeline(range(40), lambda i: nap(0.002), lambda i, x: nap(0.001),
+                         lambda i, x: nap(0.01), size=lambda _: 10 * 1024 * 1024)
+    wall = time.perf_counter() - started
+    assert 0.07 <= times.load <= 0.2 and 0.035 <= times.process <= 0.15
+    assert 0.4 <= times.store <= wall and times.store > 0.8 * wall

@@ -37,7 +37,9 @@ def _route_framework_logs() -> None:
     # is created, during the import: that moment's stdout is the log file, for good.
     stdout_log = open(os.path.join(LOG_DIR, "stdout.log"), "a", encoding="utf-8")  # noqa: SIM115
     with contextlib.redirect_stdout(stdout_log):
-        import mindformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+        # pylint: disable=import-outside-toplevel,unused-import
+        import mindspore  # noqa: F401  (first: a missing extra is named by its base package)
+        import mindformers  # noqa: F401
 
 
 _route_framework_logs()
