@@ -20,7 +20,10 @@ head), then times, each in its own process with its peak RSS:
 (repeatable), next to the default W8A16 runs and cat.
 
 Prints a table and the ratios ckpt-rtn/cat and naive/ckpt-rtn; paste it into
-docs/benchmarks.md with the machine's cores and RAM.
+docs/benchmarks.md with the machine's cores and RAM. For each ckpt-rtn run it
+also prints the seconds its read, quantize and write stages were busy (from
+--report) and the wall time over the busiest one: the stage near the wall
+time is the one that bounds the run.
 """
 from __future__ import annotations
 
@@ -86,11 +89,18 @@ def remove(*paths: str) -> None:
             os.unlink(path)
 
 
-def row(label: str, size: int, m: Dict[str, float]) -> Dict[str, object]:
+def row(label: str, size: int, m: Dict[str, float],
+        report: Optional[str] = None) -> Dict[str, object]:
+    """One run's figures; with `report` (a ckpt-rtn --report), also its stage times."""
     ok = m["rc"] == 0
+    stages = None
+    if ok and report is not None:
+        with open(report) as f:
+            stages = json.load(f)["stages"]
+        os.unlink(report)
     return {"run": label, "input_gb": size / 1e9, "wall_s": m["wall"] if ok else None,
             "gb_per_s": size / m["wall"] / 1e9 if ok else None, "peak_rss_gib": m["rss"] / 2**30,
-            "status": "ok" if ok else f"failed (exit {m['rc']})"}
+            "stages": stages, "status": "ok" if ok else f"failed (exit {m['rc']})"}
 
 
 def main() -> None:
@@ -109,7 +119,8 @@ def main() -> None:
     big = os.path.join(args.dir, f"llama70b_{args.layers}l.ckpt")
     out = os.path.join(args.dir, "out.ckpt")
     size = make(big, args.layers)
-    cli = f"{sys.executable} -m ckpt_rtn convert -q --overwrite"
+    report = os.path.join(args.dir, "report.json")
+    cli = f"{sys.executable} -m ckpt_rtn convert -q --overwrite --report {report}"
     rows: List[Dict[str, object]] = []
 
     subprocess.run(f"cat {big} > /dev/null", shell=True, check=True)  # warm the page cache
@@ -117,11 +128,12 @@ def main() -> None:
     remove(out)
     for workers in sorted({1, cores}):
         rows.append(row(f"ckpt-rtn --workers {workers}", size,
-                        measure(f"{cli} --workers {workers} {big} {out}")))
+                        measure(f"{cli} --workers {workers} {big} {out}"), report))
         remove(out)
     for extra in args.scheme_args:
         label = f"ckpt-rtn --workers {cores} {extra}"
-        rows.append(row(label, size, measure(f"{cli} --workers {cores} {extra} {big} {out}")))
+        rows.append(row(label, size, measure(f"{cli} --workers {cores} {extra} {big} {out}"),
+                        report))
         remove(out)
     largest = 32000 * 8192 * 2
     bound = 1.5 * 2**30 + 3 * largest
@@ -133,19 +145,25 @@ def main() -> None:
         small_size = make(small, args.naive_layers)
         subprocess.run(f"cat {small} > /dev/null", shell=True, check=True)
         rows.append(row(f"ckpt-rtn --workers {cores} (naive's input)", small_size,
-                        measure(f"{cli} --workers {cores} {small} {out}")))
+                        measure(f"{cli} --workers {cores} {small} {out}"), report))
         remove(out)
         naive = f"{sys.executable} -c '{_NAIVE}' {small} {out}"
         rows.append(row("naive MindSpore (naive's input)", small_size, measure(naive)))
         remove(out)
 
     print(f"machine: {cores} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM")
-    print(f"{'run':40s} {'input GB':>9s} {'wall s':>8s} {'GB/s':>7s} {'peak RSS GiB':>13s}  status")
+    print(f"{'run':40s} {'input GB':>9s} {'wall s':>8s} {'GB/s':>7s} {'peak RSS GiB':>13s} "
+          f"{'read s':>7s} {'quant s':>8s} {'write s':>8s} {'wall/busiest':>13s}  status")
     for r in rows:
         wall = f"{r['wall_s']:.2f}" if r["wall_s"] else "-"
         speed = f"{r['gb_per_s']:.3f}" if r["gb_per_s"] else "-"
+        stages = r["stages"] or {}
+        busy = [f"{stages[k]:.2f}" if k in stages else "-"
+                for k in ("read_s", "quantize_s", "write_s")]
+        bound = f"{r['wall_s'] / max(stages.values()):.2f}" if stages and r["wall_s"] else "-"
         print(f"{r['run']:40s} {r['input_gb']:9.2f} {wall:>8s} {speed:>7s} "
-              f"{r['peak_rss_gib']:13.2f}  {r['status']}")
+              f"{r['peak_rss_gib']:13.2f} {busy[0]:>7s} {busy[1]:>8s} {busy[2]:>8s} "
+              f"{bound:>13s}  {r['status']}")
     by = {r["run"]: r for r in rows}
 
     def ratio(a: str, b: str) -> Optional[float]:
