@@ -279,11 +279,16 @@ def test_file_converts_with_no_option(tmp_path: Path, case: str) -> None:
             f"({model.family} rules") in planned.stdout
     assert f"output safetensors: {dst.stat().st_size} bytes" in planned.stdout
 
-    again = cli("convert", dst, tmp_path / "again.safetensors")
-    assert again.exit_code == 2 and not (tmp_path / "again.safetensors").exists()
-    assert again.stderr.startswith(f"error: {dst}: is already quantized (w8a16, "
-                                   f"{len(model.linears)} Linear layers): "), again.stderr
-    assert len(again.stderr.splitlines()) == 1
+    assert_refused_as_quantized(model, dst, tmp_path / "again.safetensors")
+
+
+def assert_refused_as_quantized(model, converted: Path, again: Path) -> None:
+    """Converting an output again is one line naming it as quantized; nothing is written."""
+    result = cli("convert", converted, again)
+    assert result.exit_code == 2 and not again.exists()
+    assert result.stderr.startswith(f"error: {converted}: is already quantized (w8a16, "
+                                    f"{len(model.linears)} Linear layers): "), result.stderr
+    assert len(result.stderr.splitlines()) == 1
 
 
 def shard_of(name: str) -> int:
@@ -345,11 +350,7 @@ def test_directory_family_is_detected_across_shards(tmp_path: Path, case: str) -
     assert (out / "config.json").read_text() == (src / "config.json").read_text()
 
     # The first output shard holds no quantized layer: only all of them show it.
-    again = cli("convert", out, tmp_path / "again")
-    assert again.exit_code == 2 and not (tmp_path / "again").exists()
-    assert again.stderr.startswith(f"error: {out}: is already quantized (w8a16, "
-                                   f"{len(model.linears)} Linear layers): "), again.stderr
-    assert len(again.stderr.splitlines()) == 1
+    assert_refused_as_quantized(model, out, tmp_path / "again")
 
 
 def test_moe_whose_first_shard_looks_dense_is_moe(tmp_path: Path) -> None:
