@@ -235,3 +235,23 @@ def test_a_group_size_golden_stick_does_not_deploy_is_refused(tmp_path: Path) ->
     with pytest.raises(DeployError, match="a w4a16 g32 checkpoint: --group-size must be one of"):
         deploy.load_checkpoint_into(net, path)
     assert cli("inspect", path).stdout.splitlines()[-1] == "quantized: w4a16 g32, 1 Linear layer"
+
+
+def test_weight_memory_counts_what_each_network_holds_by_dtype(networks, checkpoints) -> None:
+    from ckpt_rtn.runtime.memory import weight_memory
+
+    fp, quantized, layers = networks
+    linear_elements = sum(int(np.prod(p.shape)) for p in fp.get_parameters()
+                          if any(p.name.startswith(layer + ".") for layer in layers))
+    channels = sum(int(p.shape[0]) for p in fp.get_parameters()
+                   if p.name.endswith(".weight") and p.name.rsplit(".", 1)[0] in layers)
+    fp_memory, q_memory = weight_memory(fp), weight_memory(quantized)
+    assert fp_memory.total_bytes == sum(p.nbytes for p in fp.get_parameters())
+    assert set(fp_memory.by_dtype) == {"float32"}
+    # Quantized layers: int8 codes, and a float32 scale and zp_neg per output channel;
+    # lm_head (blacklisted) is a Linear kept in float32 in both networks.
+    head = fp_memory.linear_bytes - 4 * linear_elements
+    assert q_memory.linear_by_dtype == {"int8": linear_elements,
+                                        "float32": head + 2 * 4 * channels}
+    assert q_memory.total_bytes - q_memory.linear_bytes == \
+        fp_memory.total_bytes - fp_memory.linear_bytes  # embeddings and norms are the same
