@@ -119,4 +119,4 @@ def test_bad_wikitext_file_is_one_error_line(smollm2: Path, tmp_path: Path, cont
 def test_eval_needs_something_to_measure(smollm2: Path) -> None:
     result = cli("eval", "--config", smollm2, "--ckpt", smollm2.parent / "model.ckpt", "-q")
     assert result.exit_code == 2
-    assert result.stderr == "error: nothing to measure: give --text or --wikitext\n"
+    assert result.stderr == "error: nothing to measure: give --text, --wikitext or --squad\n"
