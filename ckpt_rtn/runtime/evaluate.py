@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -49,11 +48,6 @@ class Perplexity:
     loss: float
     tokens: int
     windows: int
-    seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else float("inf")
 
 
 def tokenize(config: ModelConfig, text: str) -> np.ndarray:
@@ -109,22 +103,19 @@ class Evaluator:
     def perplexity(self, text_windows: np.ndarray,
                    progress: Optional[Callable[[int], None]] = None) -> Perplexity:
         """Perplexity over `text_windows` ([n, seq_len] token ids)."""
-        started = time.perf_counter()
         losses = np.concatenate(list(self._nll(text_windows, progress)))
         loss = float(losses.mean())
         return Perplexity(ppl=math.exp(loss), loss=loss, tokens=int(losses.size),
-                          windows=len(text_windows), seconds=time.perf_counter() - started)
+                          windows=len(text_windows))
 
     def chunk_perplexity(self, chunks: np.ndarray, pad_id: int,
                          progress: Optional[Callable[[int], None]] = None) -> Perplexity:
         """Perplexity as MindFormers' PerplexityMetric gives it over batches of one chunk."""
-        started = time.perf_counter()
         per_chunk = [chunk_mean_loss(nll, chunk[1:], pad_id)
                      for nll, chunk in zip(self._nll(chunks, progress), chunks)]
         loss = float(np.mean([chunk_loss for chunk_loss, _ in per_chunk]))
         return Perplexity(ppl=math.exp(loss), loss=loss,
-                          tokens=sum(count for _, count in per_chunk), windows=len(chunks),
-                          seconds=time.perf_counter() - started)
+                          tokens=sum(count for _, count in per_chunk), windows=len(chunks))
 
     def measure(self, corpus: Corpus,
                 progress: Optional[Callable[[int], None]] = None) -> Perplexity:
