@@ -27,7 +27,7 @@ from .formats.atomic import remove_dead_temp_files
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
 from .pipeline import StageTimes, run_pipeline
-from .rtn import NonFiniteWeightError, RowBounds
+from .rtn import NonFiniteWeightError, RowBounds, kernel_name
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
 from .schemes import Quantized, Scheme, detect_scheme, get_scheme, transposed
 from .settings import NAME as SETTINGS_NAME, Settings
@@ -154,7 +154,7 @@ class Result:
             "tool": "ckpt-rtn", "version": __version__, "scheme": plan.scheme.name,
             "group_size": plan.scheme.spec.group_size or None,
             "symmetric": plan.scheme.spec.symmetric, "family": plan.rules.family,
-            "format": plan.out_format, "workers": self.workers,
+            "format": plan.out_format, "workers": self.workers, "kernel": kernel_name(),
             "input_bytes": self.input_size, "output_bytes": self.output_size,
             "ratio": self.output_size / self.input_size if self.input_size else None,
             "tensors_quantized": len(plan.quantized),
