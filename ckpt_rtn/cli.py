@@ -19,8 +19,9 @@ from .errors import CkptRtnError, ConfigError, FormatError, OutputError, Unsuppo
 from .formats import atomic
 from .formats.atomic import AtomicFile
 from .numerics import to_work
+from .options import ConvertOptions
 from .rules import RuleChoice, available_families
-from .schemes import SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_scheme
+from .schemes import SCHEME_NAMES, CheckpointScheme, detect_scheme, get_scheme
 from .settings import NAME as SETTINGS_NAME, recorded
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
@@ -206,21 +207,20 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
                             symmetric=not asymmetric)
     except ValueError as exc:
         raise UnsupportedError(None, str(exc)) from None
+    options = ConvertOptions(rules=rules, scheme=chosen, crc=crc, format=out_format,
+                             overwrite=overwrite, resume=resume, verify_crc=not no_verify_crc,
+                             workers=workers, stats=report_path is not None)
     if os.path.isdir(src):
         if out_format is not None or dry_run:
             raise UnsupportedError(src, "--format and --dry-run apply to a single file; a "
                                    "directory keeps each shard's format")
-        _convert_directory(src, dst, rules, chosen, overwrite=overwrite, resume=resume, crc=crc,
-                           verify_crc=not no_verify_crc, workers=workers,
-                           report_path=report_path, quiet=quiet)
+        _convert_directory(src, dst, options, report_path=report_path, quiet=quiet)
         return
     if resume:
         raise UnsupportedError(src, "--resume applies to directory input; a single file is "
                                "written whole or not at all")
     if dry_run:
-        plan = converter.plan_conversion(src, dst, rules, out_format=out_format,
-                                         overwrite=overwrite, crc=crc,
-                                         verify_crc=not no_verify_crc, scheme=chosen)
+        plan = converter.plan_conversion(src, dst, options)
         _print_dry_run(plan, os.path.getsize(src))
         return
     # The output and its report appear together or not at all.
@@ -228,10 +228,7 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
             atomic.committed_together(), contextlib.ExitStack() as stack:
         report = None if report_path is None else stack.enter_context(AtomicFile(report_path))
         with _progress_bar(quiet) as progress:
-            result = converter.convert(src, dst, rules, out_format=out_format,
-                                       overwrite=overwrite, scheme=chosen,
-                                       crc=crc, verify_crc=not no_verify_crc, workers=workers,
-                                       stats=report is not None, progress=progress)
+            result = converter.convert(src, dst, options, progress=progress)
         if report is not None:
             report.write(_json_bytes(result.to_json()))
             report.commit()
@@ -261,16 +258,12 @@ def _progress_bar(quiet: bool, desc: str = "convert") -> Iterator[converter.Prog
             bar.close()
 
 
-def _convert_directory(src: str, dst: str, rules: RuleChoice, scheme: Scheme, *,
-                       overwrite: bool, resume: bool,
-                       crc: bool, verify_crc: bool, workers: Optional[int],
+def _convert_directory(src: str, dst: str, options: ConvertOptions, *,
                        report_path: Optional[str], quiet: bool) -> None:
     try:
         with _progress_bar(quiet) as progress:
-            result = directory.convert_directory(
-                src, dst, rules, scheme=scheme, overwrite=overwrite, resume=resume, crc=crc,
-                verify_crc=verify_crc, workers=workers, stats=report_path is not None,
-                progress=progress, report=report_path)
+            result = directory.convert_directory(src, dst, options, progress=progress,
+                                                 report=report_path)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         raise Interrupted(signum, dst, "finished files are kept, run again with --resume to "

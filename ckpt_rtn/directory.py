@@ -35,7 +35,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Set, Tuple, Type
 
 import numpy as np
@@ -47,6 +47,7 @@ from .formats.atomic import TEMP_PATTERN, copy_atomic, remove_dead_temp_files, w
 from .formats.strategy import Layout, is_strategy_file, read_strategy
 from .formats.tensor import TensorInfo
 from .rtn import RowBounds, row_bounds
+from .options import ConvertOptions
 from .rules import OUT_IN, RuleChoice, Rules
 from .schemes import Scheme
 from .settings import NAME as SETTINGS_NAME, Settings
@@ -86,10 +87,7 @@ class _Layout:
     linked: List[str]
 
 
-def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
-                      scheme: Scheme = converter.DEFAULT_SCHEME, overwrite: bool = False,
-                      resume: bool = False, crc: bool = False, verify_crc: bool = True,
-                      workers: Optional[int] = None, stats: bool = False,
+def convert_directory(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *,
                       progress: Optional[converter.ProgressFn] = None,
                       report: Optional[str] = None) -> DirectoryResult:
     """Convert every shard under `src` into the same layout under `dst`.
@@ -112,29 +110,24 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
     created = _make_directories(dst)
     try:
         with paths.destination_lock(dst, directory=True):
-            return _convert_locked(src, dst, layout, rules, scheme=scheme, overwrite=overwrite,
-                                   resume=resume, crc=crc, verify_crc=verify_crc,
-                                   workers=workers, stats=stats, progress=progress,
-                                   report=report)
+            return _convert_locked(src, dst, layout, options, progress, report)
     except BaseException:
         if created:
             _remove_empty_directories(dst)
         raise
 
 
-def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleChoice", *,
-                    scheme: Scheme,
-                    overwrite: bool, resume: bool, crc: bool, verify_crc: bool,
-                    workers: Optional[int], stats: bool,
+def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions,
                     progress: Optional[converter.ProgressFn],
                     report: Optional[str]) -> DirectoryResult:
     started = time.perf_counter()
-    _check_empty(dst, overwrite, resume)
+    _check_empty(dst, options.overwrite, options.resume)
     _check_paths(src, dst, layout, report)
-    rules = converter.rules_for(rules, _detection_tensors(src, layout.shards, rules), src)
-    settings = Settings.of(rules, scheme, crc=crc, out_format=None)
+    rules = converter.rules_for(options.rules,
+                                _detection_tensors(src, layout.shards, options.rules), src)
+    settings = options.settings(rules, None)
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
-    manifest = _load_manifest(dst, settings) if resume else _new_manifest(settings)
+    manifest = _load_manifest(dst, settings) if options.resume else _new_manifest(settings)
     _remove_dead_temp_files(dst)
     result = DirectoryResult(input_size=sum(layout.sizes.values()))
     total = sum(layout.sizes[rel] for rel in layout.shards)
@@ -144,9 +137,11 @@ def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleCho
             progress(advance, total)
 
     pending = [rel for rel in layout.shards if not _is_done(manifest, rel, os.path.join(dst, rel))]
-    bounds = (_bounds_over_ranks(src, layout.shards, strategies, rules, scheme)
+    bounds = (_bounds_over_ranks(src, layout.shards, strategies, rules, options.scheme)
               if pending and strategies else {})
     result.global_scales = sorted(bounds)
+    # Each shard keeps its own format, and replaces whatever a killed run left.
+    shard_options = replace(options, rules=rules, format=None, overwrite=True)
     for rel in layout.shards:
         out = os.path.join(dst, rel)
         size = layout.sizes[rel]
@@ -155,9 +150,8 @@ def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleCho
             shard_progress(size, total)
             continue
         _make_directories(os.path.dirname(out))
-        converted = converter.convert(os.path.join(src, rel), out, rules, overwrite=True, crc=crc,
-                                      verify_crc=verify_crc, workers=workers, stats=stats,
-                                      scheme=scheme, row_bounds=bounds, progress=shard_progress)
+        converted = converter.convert(os.path.join(src, rel), out, shard_options,
+                                      row_bounds=bounds, progress=shard_progress)
         result.converted.append(converted)
         plan = converted.plan  # the bar counts file bytes; convert reported tensor bytes
         shard_progress(size - sum(s.source.nbytes for s in plan.steps)
