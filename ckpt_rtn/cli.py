@@ -19,7 +19,7 @@ from .errors import CkptRtnError, ConfigError, FormatError, OutputError, Unsuppo
 from .formats import atomic
 from .formats.atomic import AtomicFile
 from .numerics import to_work
-from .options import ConvertOptions
+from .options import ConvertOptions, Part
 from .rules import RuleChoice, available_families
 from .schemes import SCHEME_NAMES, CheckpointScheme, detect_scheme, get_scheme
 from .settings import NAME as SETTINGS_NAME, recorded
@@ -161,6 +161,12 @@ def main() -> None:
 @click.option("--resume", is_flag=True,
               help="Directory input: finish an interrupted run into DST, skipping the files "
                    "its ckpt-rtn-manifest.json shows complete and intact.")
+@click.option("--part", "part_text", metavar="I/N",
+              help="Directory input: convert only part I of N (0 <= I < N, as Slurm's "
+                   "SLURM_ARRAY_TASK_ID and Kubernetes' JOB_COMPLETION_INDEX count) of the "
+                   "shards, split by bytes; parts may run at once, on machines sharing DST. "
+                   "Once all are done, one run with --resume and no --part checks their "
+                   "shards, copies the other files, writes the indexes and the manifest.")
 @click.option("--workers", type=click.IntRange(min=1), metavar="N",
               help="Threads that quantize each weight (default: all cores). The output is "
                    "identical for any N.")
@@ -175,8 +181,9 @@ def main() -> None:
 def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: Optional[str],
             asymmetric: bool, include: Sequence[str], blacklist: Sequence[str],
             no_default_blacklist: bool, out_format: Optional[str], crc: bool,
-            no_verify_crc: bool, overwrite: bool, resume: bool, workers: Optional[int],
-            report_path: Optional[str], dry_run: bool, quiet: bool) -> None:
+            no_verify_crc: bool, overwrite: bool, resume: bool, part_text: Optional[str],
+            workers: Optional[int], report_path: Optional[str], dry_run: bool,
+            quiet: bool) -> None:
     """Quantize SRC's Linear weights (W8A16 by default) and write DST.
 
     Each selected weight <p>.weight [out, in] becomes <p>._handler.weight
@@ -195,6 +202,7 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
       ckpt-rtn convert model.safetensors w8a16.safetensors --blacklist layers.0.
       ckpt-rtn convert llama2_7b.ckpt out.ckpt --dry-run
       ckpt-rtn convert llama2_70b_tp8/ llama2_70b_w8a16/ --resume
+      ckpt-rtn convert llama2_70b_tp8/ out/ --part $SLURM_ARRAY_TASK_ID/8
     """
     rules = RuleChoice(config, tuple(include), tuple(blacklist), not no_default_blacklist)
     report_dir = os.path.dirname(os.path.abspath(report_path or "."))
@@ -207,9 +215,13 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
                             symmetric=not asymmetric)
     except ValueError as exc:
         raise UnsupportedError(None, str(exc)) from None
+    part = None if part_text is None else Part.parse(part_text)
     options = ConvertOptions(rules=rules, scheme=chosen, crc=crc, format=out_format,
                              overwrite=overwrite, resume=resume, verify_crc=not no_verify_crc,
-                             workers=workers, stats=report_path is not None)
+                             workers=workers, stats=report_path is not None, part=part)
+    if part is not None and not os.path.isdir(src):
+        raise UnsupportedError(src, "--part applies to a directory of shards; a single file "
+                               "is converted whole")
     if os.path.isdir(src):
         if out_format is not None or dry_run:
             raise UnsupportedError(src, "--format and --dry-run apply to a single file; a "
@@ -287,8 +299,15 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, *,
                 f"copied {len(result.copied)} files", f"rewrote {len(result.indexes)} indexes"]
         if result.global_scales:
             done.append(f"scaled {len(result.global_scales)} input-split weights over all ranks")
+        part = options.part
+        if part is not None:
+            # Copying and the indexes are the final run's.
+            done = [f"part {part}: {done[0]}", done[1], *done[4:]]
         click.echo(f"{dst}: {', '.join(done)}; {human_bytes(result.input_size)} -> "
                    f"{human_bytes(result.output_size)} in {result.seconds:.1f} s")
+        if part is not None:
+            click.echo(f"when every part is done: ckpt-rtn convert {src} {dst} --resume "
+                       "(same options, no --part)")
 
 
 def _json_bytes(document: Dict[str, object]) -> bytes:
