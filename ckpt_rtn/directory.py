@@ -142,6 +142,16 @@ def convert_directory(src: str, dst: str, options: ConvertOptions = ConvertOptio
         raise
 
 
+def shard_list(src: str, dst: str) -> List[str]:
+    """The shards of `src` (relative paths), after convert_directory's first checks: what
+    `--ray` deals into parts before any part runs."""
+    _check_directories(src, dst)
+    shards = _scan(src).shards
+    if not shards:
+        raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
+    return shards
+
+
 def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions,
                     progress: Optional[converter.ProgressFn],
                     report: Optional[str]) -> DirectoryResult:

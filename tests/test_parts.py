@@ -179,3 +179,18 @@ def test_assignment_is_balanced_by_bytes_and_deterministic() -> None:
     assert assign(dict(reversed(sizes.items())), 3) == assign(sizes, 3)
     assert Part(0, 1).shards(sizes) == list(sizes)
     assert sorted(rel for i in range(8) for rel in Part(i, 8).shards(sizes)) == sorted(sizes)
+
+
+def test_ray_without_the_extra_is_one_line(source, tmp_path: Path) -> None:
+    """--ray where Ray cannot be imported: the extra to install, in one line."""
+    src, _ = source
+    blocker = tmp_path / "no_ray" / "ray"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), *sys.path])}
+    done = subprocess.run([sys.executable, "-m", "ckpt_rtn", "convert", str(src),
+                           str(tmp_path / "out"), "--ray", *LLAMA2],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "pip install 'ckpt-rtn[ray]'" in done.stderr
