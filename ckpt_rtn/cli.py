@@ -19,8 +19,9 @@ from .errors import CkptRtnError, ConfigError, FormatError, OutputError, Unsuppo
 from .formats import atomic
 from .formats.atomic import AtomicFile
 from .numerics import to_work
+from .options import ConvertOptions, Part
 from .rules import RuleChoice, available_families
-from .schemes import SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_scheme
+from .schemes import SCHEME_NAMES, CheckpointScheme, detect_scheme, get_scheme
 from .settings import NAME as SETTINGS_NAME, recorded
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
@@ -160,9 +161,20 @@ def main() -> None:
 @click.option("--resume", is_flag=True,
               help="Directory input: finish an interrupted run into DST, skipping the files "
                    "its ckpt-rtn-manifest.json shows complete and intact.")
+@click.option("--part", "part_text", metavar="I/N",
+              help="Directory input: convert only part I of N (0 <= I < N, as Slurm's "
+                   "SLURM_ARRAY_TASK_ID and Kubernetes' JOB_COMPLETION_INDEX count) of the "
+                   "shards, split by bytes; parts may run at once, on machines sharing DST. "
+                   "Once all are done, one run with --resume and no --part checks their "
+                   "shards, copies the other files, writes the indexes and the manifest.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS|local]",
+              help="Directory input: convert the shards as Ray tasks (one --part each, re-run "
+                   "if their worker dies) on the Ray cluster at ADDRESS, or on a Ray started "
+                   "here (local, the default), then complete DST here. Nodes must share SRC and "
+                   "DST. Needs the ray extra: pip install 'ckpt-rtn[ray]'.")
 @click.option("--workers", type=click.IntRange(min=1), metavar="N",
-              help="Threads that quantize each weight (default: all cores). The output is "
-                   "identical for any N.")
+              help="Threads that quantize each weight (default: all cores; with --ray, 1 per "
+                   "task, and Ray gives each task N CPUs). The output is identical for any N.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
               help="Write a JSON report: sizes, counts, time, throughput and each layer's "
                    "dequantization error (measured while quantizing; ~30% slower). For a "
@@ -174,8 +186,9 @@ def main() -> None:
 def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: Optional[str],
             asymmetric: bool, include: Sequence[str], blacklist: Sequence[str],
             no_default_blacklist: bool, out_format: Optional[str], crc: bool,
-            no_verify_crc: bool, overwrite: bool, resume: bool, workers: Optional[int],
-            report_path: Optional[str], dry_run: bool, quiet: bool) -> None:
+            no_verify_crc: bool, overwrite: bool, resume: bool, part_text: Optional[str],
+            ray_address: Optional[str], workers: Optional[int], report_path: Optional[str],
+            dry_run: bool, quiet: bool) -> None:
     """Quantize SRC's Linear weights (W8A16 by default) and write DST.
 
     Each selected weight <p>.weight [out, in] becomes <p>._handler.weight
@@ -194,6 +207,8 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
       ckpt-rtn convert model.safetensors w8a16.safetensors --blacklist layers.0.
       ckpt-rtn convert llama2_7b.ckpt out.ckpt --dry-run
       ckpt-rtn convert llama2_70b_tp8/ llama2_70b_w8a16/ --resume
+      ckpt-rtn convert llama2_70b_tp8/ out/ --part $SLURM_ARRAY_TASK_ID/8
+      ckpt-rtn convert llama2_70b_tp8/ out/ --ray ray-head:6379
     """
     rules = RuleChoice(config, tuple(include), tuple(blacklist), not no_default_blacklist)
     report_dir = os.path.dirname(os.path.abspath(report_path or "."))
@@ -206,21 +221,28 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
                             symmetric=not asymmetric)
     except ValueError as exc:
         raise UnsupportedError(None, str(exc)) from None
+    part = None if part_text is None else Part.parse(part_text)
+    options = ConvertOptions(rules=rules, scheme=chosen, crc=crc, format=out_format,
+                             overwrite=overwrite, resume=resume, verify_crc=not no_verify_crc,
+                             workers=workers, stats=report_path is not None, part=part)
+    if part is not None and not os.path.isdir(src):
+        raise UnsupportedError(src, "--part applies to a directory of shards; a single file "
+                               "is converted whole")
+    if ray_address is not None and not os.path.isdir(src):
+        raise UnsupportedError(src, "--ray applies to a directory of shards; a single file "
+                               "is converted here")
     if os.path.isdir(src):
         if out_format is not None or dry_run:
             raise UnsupportedError(src, "--format and --dry-run apply to a single file; a "
                                    "directory keeps each shard's format")
-        _convert_directory(src, dst, rules, chosen, overwrite=overwrite, resume=resume, crc=crc,
-                           verify_crc=not no_verify_crc, workers=workers,
-                           report_path=report_path, quiet=quiet)
+        _convert_directory(src, dst, options, ray_address, report_path=report_path,
+                           quiet=quiet)
         return
     if resume:
         raise UnsupportedError(src, "--resume applies to directory input; a single file is "
                                "written whole or not at all")
     if dry_run:
-        plan = converter.plan_conversion(src, dst, rules, out_format=out_format,
-                                         overwrite=overwrite, crc=crc,
-                                         verify_crc=not no_verify_crc, scheme=chosen)
+        plan = converter.plan_conversion(src, dst, options)
         _print_dry_run(plan, os.path.getsize(src))
         return
     # The output and its report appear together or not at all.
@@ -228,10 +250,7 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
             atomic.committed_together(), contextlib.ExitStack() as stack:
         report = None if report_path is None else stack.enter_context(AtomicFile(report_path))
         with _progress_bar(quiet) as progress:
-            result = converter.convert(src, dst, rules, out_format=out_format,
-                                       overwrite=overwrite, scheme=chosen,
-                                       crc=crc, verify_crc=not no_verify_crc, workers=workers,
-                                       stats=report is not None, progress=progress)
+            result = converter.convert(src, dst, options, progress=progress)
         if report is not None:
             report.write(_json_bytes(result.to_json()))
             report.commit()
@@ -261,16 +280,17 @@ def _progress_bar(quiet: bool, desc: str = "convert") -> Iterator[converter.Prog
             bar.close()
 
 
-def _convert_directory(src: str, dst: str, rules: RuleChoice, scheme: Scheme, *,
-                       overwrite: bool, resume: bool,
-                       crc: bool, verify_crc: bool, workers: Optional[int],
-                       report_path: Optional[str], quiet: bool) -> None:
+def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address: Optional[str],
+                       *, report_path: Optional[str], quiet: bool) -> None:
     try:
         with _progress_bar(quiet) as progress:
-            result = directory.convert_directory(
-                src, dst, rules, scheme=scheme, overwrite=overwrite, resume=resume, crc=crc,
-                verify_crc=verify_crc, workers=workers, stats=report_path is not None,
-                progress=progress, report=report_path)
+            if ray_address is None:
+                result = directory.convert_directory(src, dst, options, progress=progress,
+                                                     report=report_path)
+            else:
+                from .ray_parts import convert_on_ray  # Ray is imported only under --ray
+                result = convert_on_ray(src, dst, options, ray_address, progress=progress,
+                                        report=report_path)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         raise Interrupted(signum, dst, "finished files are kept, run again with --resume to "
@@ -294,8 +314,15 @@ def _convert_directory(src: str, dst: str, rules: RuleChoice, scheme: Scheme, *,
                 f"copied {len(result.copied)} files", f"rewrote {len(result.indexes)} indexes"]
         if result.global_scales:
             done.append(f"scaled {len(result.global_scales)} input-split weights over all ranks")
+        part = options.part
+        if part is not None:
+            # Copying and the indexes are the final run's.
+            done = [f"part {part}: {done[0]}", done[1], *done[4:]]
         click.echo(f"{dst}: {', '.join(done)}; {human_bytes(result.input_size)} -> "
                    f"{human_bytes(result.output_size)} in {result.seconds:.1f} s")
+        if part is not None:
+            click.echo(f"when every part is done: ckpt-rtn convert {src} {dst} --resume "
+                       "(same options, no --part)")
 
 
 def _json_bytes(document: Dict[str, object]) -> bytes:

@@ -26,6 +26,7 @@ from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, Quanti
 from .formats.atomic import remove_dead_temp_files
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
+from .options import ConvertOptions
 from .pipeline import StageTimes, run_pipeline
 from .rtn import NonFiniteWeightError, RowBounds, kernel_name
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
@@ -266,14 +267,13 @@ def claimed_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
 
 
 def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
-                    rules: "Rules | RuleChoice", *, out_format: Optional[str] = None,
-                    overwrite: bool = False, crc: bool = False, verify_crc: bool = True,
-                    scheme: Scheme = DEFAULT_SCHEME) -> Plan:
+                    options: ConvertOptions = ConvertOptions()) -> Plan:
     """The plan `convert` would follow, after the same checks, writing nothing (--dry-run)."""
-    check_output(src, dst, overwrite)
-    fmt = output_format(dst, out_format, crc)
-    with formats.open_reader(src, verify_crc=verify_crc) as reader:
-        return make_plan(reader, resolve_rules(rules, reader), fmt, crc=crc, scheme=scheme)
+    check_output(src, dst, options.overwrite)
+    fmt = output_format(dst, options.format, options.crc)
+    with formats.open_reader(src, verify_crc=options.verify_crc) as reader:
+        return make_plan(reader, resolve_rules(options.rules, reader), fmt, crc=options.crc,
+                         scheme=options.scheme)
 
 
 def resolve_rules(rules: "Rules | RuleChoice", reader: TensorReader) -> Rules:
@@ -311,32 +311,32 @@ def default_workers() -> int:
 
 
 def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
-            rules: "Rules | RuleChoice", *, out_format: Optional[str] = None,
-            overwrite: bool = False, crc: bool = False, verify_crc: bool = True,
-            workers: Optional[int] = None, stats: bool = False,
-            scheme: Scheme = DEFAULT_SCHEME, row_bounds: Optional[Mapping[str, RowBounds]] = None,
+            options: ConvertOptions = ConvertOptions(), *,
+            row_bounds: Optional[Mapping[str, RowBounds]] = None,
             progress: Optional[ProgressFn] = None) -> Result:
     """Convert `src` to a quantized checkpoint at `dst`; returns what was done.
 
     Tensors stream through a read-ahead / quantize / write-behind pipeline;
-    `workers` threads share each weight's rows (the output does not depend
-    on their number). `stats` measures each layer's dequantization error.
-    `row_bounds` gives, by tensor name, the per-output-channel (min, max) of
-    the whole weight a tensor is an input-channel slice of (sharded checkpoints).
-    `progress` is called after each tensor with its input bytes and the total.
+    `options.workers` threads share each weight's rows (the output does not
+    depend on their number). `options.stats` measures each layer's
+    dequantization error. `row_bounds` gives, by tensor name, the
+    per-output-channel (min, max) of the whole weight a tensor is an
+    input-channel slice of (sharded checkpoints). `progress` is called after
+    each tensor with its input bytes and the total.
     """
     started = time.perf_counter()
-    check_output(src, dst, overwrite)
-    fmt = output_format(dst, out_format, crc)
-    workers = workers or default_workers()
-    with formats.open_reader(src, verify_crc=verify_crc, defer_crc=True) as reader, \
+    check_output(src, dst, options.overwrite)
+    fmt = output_format(dst, options.format, options.crc)
+    workers = options.workers or default_workers()
+    with formats.open_reader(src, verify_crc=options.verify_crc, defer_crc=True) as reader, \
             ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-rtn") as pool:
-        plan = make_plan(reader, resolve_rules(rules, reader), fmt, crc=crc, scheme=scheme)
+        plan = make_plan(reader, resolve_rules(options.rules, reader), fmt, crc=options.crc,
+                         scheme=options.scheme)
         with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
-                                 crc=crc) as writer:
+                                 crc=options.crc) as writer:
             # A bad CRC fails here, so the output is discarded before it is committed.
             errors, busy = stream(reader, plan, lambda info, array: writer.write(info.name, array),
-                                  pool=pool if workers > 1 else None, stats=stats,
+                                  pool=pool if workers > 1 else None, stats=options.stats,
                                   row_bounds=row_bounds, progress=progress)
             committing = time.perf_counter()
         commit = time.perf_counter() - committing

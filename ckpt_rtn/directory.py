@@ -22,6 +22,23 @@ already done and verified. A run holds DST's lock (`DST/.ckpt-rtn.lock`,
 paths.destination_lock) throughout, so it never races another run, and it
 removes only dead runs' temporary files.
 
+`--part I/N` (options.Part) converts only the I-th of N byte-balanced sets
+of shards, so that N jobs of a Slurm array or a Kubernetes Indexed Job, on
+as many machines sharing DST, convert a directory together. The parts never
+write the same file: each writes its own shards and records them in its own
+`ckpt-rtn-manifest.part-I-of-N.json`; none copies the other files or writes
+an index. They share DST's lock and each holds its part manifest's, so two
+parts run at once but the same part cannot run twice. A part always resumes
+its own shards, and first checks every manifest already in DST, so a part
+started with other options is refused at once. The run without --part that
+completes the directory (`--resume`) holds DST's lock alone, so it cannot
+start while a part runs (nor a part while it runs); it merges the part
+manifests (refusing one made with other settings), skips every shard whose
+file still has the size and sha256 recorded, converts what is missing,
+copies, rewrites the indexes, writes the one manifest, in the layout's
+order, and removes the part manifests. A part's scales are a whole run's:
+the input-split weights' bounds are read from every rank's shard.
+
 The input is walked following symlinked directories (a rank_N linked from
 elsewhere is common), with loops refused; FIFOs, devices, sockets and
 dangling links are refused by name, and nothing written may land on, or
@@ -35,7 +52,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Set, Tuple, Type
 
 import numpy as np
@@ -47,11 +64,14 @@ from .formats.atomic import TEMP_PATTERN, copy_atomic, remove_dead_temp_files, w
 from .formats.strategy import Layout, is_strategy_file, read_strategy
 from .formats.tensor import TensorInfo
 from .rtn import RowBounds, row_bounds
+from .options import ConvertOptions, Part
 from .rules import OUT_IN, RuleChoice, Rules
 from .schemes import Scheme
 from .settings import NAME as SETTINGS_NAME, Settings
 
 MANIFEST = "ckpt-rtn-manifest.json"
+#: What each `--part I/N` records; the whole run merges and removes them.
+PART_MANIFEST = re.compile(r"ckpt-rtn-manifest\.part-\d+-of-\d+\.json")
 #: An index JSON takes some 100 bytes per tensor; a larger .json is not read as one.
 _MAX_INDEX_SIZE = 256 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -86,10 +106,7 @@ class _Layout:
     linked: List[str]
 
 
-def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
-                      scheme: Scheme = converter.DEFAULT_SCHEME, overwrite: bool = False,
-                      resume: bool = False, crc: bool = False, verify_crc: bool = True,
-                      workers: Optional[int] = None, stats: bool = False,
+def convert_directory(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *,
                       progress: Optional[converter.ProgressFn] = None,
                       report: Optional[str] = None) -> DirectoryResult:
     """Convert every shard under `src` into the same layout under `dst`.
@@ -111,43 +128,76 @@ def convert_directory(src: str, dst: str, rules: "Rules | RuleChoice", *,
                           "suffix")
     created = _make_directories(dst)
     try:
-        with paths.destination_lock(dst, directory=True):
-            return _convert_locked(src, dst, layout, rules, scheme=scheme, overwrite=overwrite,
-                                   resume=resume, crc=crc, verify_crc=verify_crc,
-                                   workers=workers, stats=stats, progress=progress,
-                                   report=report)
+        if options.part is None:
+            with paths.destination_lock(dst, directory=True):
+                return _convert_locked(src, dst, layout, options, progress, report)
+        # Parts share DST's lock (a run without --part holds it alone) and each holds its own
+        # part manifest's lock, so the same part cannot run twice at once.
+        with paths.destination_lock(dst, directory=True, shared=True), \
+                paths.destination_lock(os.path.join(dst, part_manifest(options.part))):
+            return _convert_locked(src, dst, layout, options, progress, report)
     except BaseException:
-        if created:
+        if created and options.part is None:  # another part may be making directories there
             _remove_empty_directories(dst)
         raise
 
 
-def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleChoice", *,
-                    scheme: Scheme,
-                    overwrite: bool, resume: bool, crc: bool, verify_crc: bool,
-                    workers: Optional[int], stats: bool,
+def shard_list(src: str, dst: str) -> List[str]:
+    """The shards of `src` (relative paths), after convert_directory's first checks: what
+    `--ray` deals into parts before any part runs."""
+    _check_directories(src, dst)
+    shards = _scan(src).shards
+    if not shards:
+        raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
+    return shards
+
+
+def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions,
                     progress: Optional[converter.ProgressFn],
                     report: Optional[str]) -> DirectoryResult:
+    """Convert the shards (those of `options.part` only, if given); a whole run then copies
+    the other files, rewrites the indexes and merges the parts' manifests into its own."""
     started = time.perf_counter()
-    _check_empty(dst, overwrite, resume)
-    _check_paths(src, dst, layout, report)
-    rules = converter.rules_for(rules, _detection_tensors(src, layout.shards, rules), src)
-    settings = Settings.of(rules, scheme, crc=crc, out_format=None)
+    part = options.part
+    if part is None:
+        _check_empty(dst, options.overwrite, options.resume)
+    elif options.overwrite:
+        raise ConfigError(dst, f"--part {part} always resumes its own shards; --overwrite "
+                          "applies to a whole run (remove DST to start the parts over)")
+    manifest_name = MANIFEST if part is None else part_manifest(part)
+    _check_paths(src, dst, layout, report, manifest_name)
+    rules = converter.rules_for(options.rules,
+                                _detection_tensors(src, layout.shards, options.rules), src)
+    settings = options.settings(rules, None)
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
-    manifest = _load_manifest(dst, settings) if resume else _new_manifest(settings)
-    _remove_dead_temp_files(dst)
-    result = DirectoryResult(input_size=sum(layout.sizes.values()))
-    total = sum(layout.sizes[rel] for rel in layout.shards)
+    if part is None:
+        shards = layout.shards
+        manifest = _merged_manifest(dst, settings) if options.resume else _new_manifest(settings)
+        done = manifest
+        _remove_dead_temp_files(dst)
+    else:
+        shards = part.shards({rel: layout.sizes[rel] for rel in layout.shards})
+        manifest, done = _part_manifests(dst, settings, manifest_name)
+        for rel in shards + [manifest_name]:  # only this part's: the others' may be alive
+            directory, name = os.path.split(os.path.join(dst, rel))
+            if os.path.isdir(directory):
+                remove_dead_temp_files(directory, name)
+    result = DirectoryResult(input_size=sum(layout.sizes[rel] for rel in shards) if part
+                             else sum(layout.sizes.values()))
+    total = sum(layout.sizes[rel] for rel in shards)
 
     def shard_progress(advance: int, _total: int) -> None:
         if progress is not None:
             progress(advance, total)
 
-    pending = [rel for rel in layout.shards if not _is_done(manifest, rel, os.path.join(dst, rel))]
-    bounds = (_bounds_over_ranks(src, layout.shards, strategies, rules, scheme)
+    pending = [rel for rel in shards if not _is_done(done, rel, os.path.join(dst, rel))]
+    # Over every rank's shard, not only this part's: a part's scales are a whole run's.
+    bounds = (_bounds_over_ranks(src, layout.shards, strategies, rules, options.scheme)
               if pending and strategies else {})
     result.global_scales = sorted(bounds)
-    for rel in layout.shards:
+    # Each shard keeps its own format, and replaces whatever a killed run left.
+    shard_options = replace(options, rules=rules, format=None, overwrite=True)
+    for rel in shards:
         out = os.path.join(dst, rel)
         size = layout.sizes[rel]
         if rel not in pending:
@@ -155,14 +205,19 @@ def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleCho
             shard_progress(size, total)
             continue
         _make_directories(os.path.dirname(out))
-        converted = converter.convert(os.path.join(src, rel), out, rules, overwrite=True, crc=crc,
-                                      verify_crc=verify_crc, workers=workers, stats=stats,
-                                      scheme=scheme, row_bounds=bounds, progress=shard_progress)
+        converted = converter.convert(os.path.join(src, rel), out, shard_options,
+                                      row_bounds=bounds, progress=shard_progress)
         result.converted.append(converted)
         plan = converted.plan  # the bar counts file bytes; convert reported tensor bytes
         shard_progress(size - sum(s.source.nbytes for s in plan.steps)
                        - sum(t.nbytes for t in plan.dropped), total)
-        _record(dst, manifest, rel, out, manifest_tensors(converted.plan))
+        _record(dst, manifest, rel, out, manifest_tensors(converted.plan), manifest_name)
+    if part is not None:
+        _save(dst, manifest_name, manifest)  # also when it had nothing to do: it ran
+        files = {**done["files"], **manifest["files"]}  # type: ignore[dict-item]
+        result.output_size = sum(files[rel]["size"] for rel in shards)
+        result.seconds = time.perf_counter() - started
+        return result
     for rel in layout.others:
         out = os.path.join(dst, rel)
         if _is_done(manifest, rel, out):
@@ -177,6 +232,13 @@ def _convert_locked(src: str, dst: str, layout: _Layout, rules: "Rules | RuleCho
         _rewrite_index(src, dst, rel, manifest)
         _record(dst, manifest, rel, os.path.join(dst, rel), None)
         result.indexes.append(rel)
+    # In the layout's order, however the parts finished: the same bytes as one run's.
+    files = manifest["files"]
+    order = [rel for rel in layout.shards + layout.others + layout.indexes if rel in files]
+    manifest["files"] = {**{rel: files[rel] for rel in order}, **files}
+    _save(dst, MANIFEST, manifest)
+    for name in _part_manifest_names(dst):  # merged (or, after --overwrite, stale)
+        _remove(os.path.join(dst, name))
     result.output_size = sum(entry["size"] for entry in manifest["files"].values())
     result.seconds = time.perf_counter() - started
     return result
@@ -305,7 +367,7 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
             layout.shards.append(rel)
         elif entry.name.endswith(".json") and _is_index(entry.path):
             layout.indexes.append(rel)
-        elif entry.name != MANIFEST:
+        elif entry.name != MANIFEST and not PART_MANIFEST.fullmatch(entry.name):
             layout.others.append(rel)
         else:
             continue
@@ -314,7 +376,8 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
         _walk(src, subdirectory, layout, ancestors)
 
 
-def _check_paths(src: str, dst: str, layout: _Layout, report: Optional[str]) -> None:
+def _check_paths(src: str, dst: str, layout: _Layout, report: Optional[str],
+                 manifest: str = MANIFEST) -> None:
     """Nothing this run writes may land on anything it reads (a symlinked input directory or
     file may lead into DST) or on another of its files; every destination must be replaceable
     by a regular file; the report must not go into the input."""
@@ -325,8 +388,8 @@ def _check_paths(src: str, dst: str, layout: _Layout, report: Optional[str]) -> 
     for rel in layout.shards + layout.others + layout.indexes:
         claims.read(os.path.join(src, rel), "an input file")
     claims.write_in_place(paths.lock_path(dst, directory=True), "the output's lock file")
-    claims.write(os.path.join(dst, MANIFEST), "the manifest")
-    paths.check_destination(os.path.join(dst, MANIFEST), overwrite=True)
+    claims.write(os.path.join(dst, manifest), "the manifest")
+    paths.check_destination(os.path.join(dst, manifest), overwrite=True)
     for rel in layout.shards + layout.others + layout.indexes:
         out = os.path.join(dst, rel)
         _refuse_linked_parents(dst, rel)
@@ -396,11 +459,18 @@ def _new_manifest(settings: Settings) -> Dict[str, object]:
             "files": {}}
 
 
-def _load_manifest(dst: str, settings: Settings) -> Dict[str, object]:
-    path = os.path.join(dst, MANIFEST)
+def _load_manifest(dst: str, settings: Settings, name: str = MANIFEST) -> Dict[str, object]:
+    """The manifest `name` in `dst` (new if there is none), refused if made with other
+    settings."""
+    path = os.path.join(dst, name)
     if not os.path.exists(path):
         return _new_manifest(settings)
     manifest = read_manifest(path, ConfigError, "; remove it (and the output) to start over")
+    _check_settings(path, manifest, settings)
+    return manifest
+
+
+def _check_settings(path: str, manifest: Dict[str, object], settings: Settings) -> None:
     if manifest.get("settings") != settings.to_dict():
         try:
             were = Settings.from_dict(manifest.get("settings"), path).summary
@@ -409,6 +479,42 @@ def _load_manifest(dst: str, settings: Settings) -> Dict[str, object]:
         raise ConfigError(path, f"was written with other settings ({were}; this run: "
                           f"{settings.summary}); resume with the same options, or start over "
                           "in a new directory")
+
+
+def part_manifest(part: Part) -> str:
+    """The manifest a part records its shards in: 'ckpt-rtn-manifest.part-0-of-4.json'."""
+    return f"ckpt-rtn-manifest.{part.label}.json"
+
+
+def _part_manifest_names(dst: str) -> List[str]:
+    try:
+        return sorted(name for name in os.listdir(dst) if PART_MANIFEST.fullmatch(name))
+    except OSError as exc:
+        raise OutputError(dst, f"cannot list: {exc.strerror}") from None
+
+
+def _part_manifests(dst: str, settings: Settings,
+                    own: str) -> Tuple[Dict[str, object], Dict[str, object]]:
+    """A part's own manifest, and what it may skip: the shards its own manifest or the
+    directory's shows done. Every manifest already in `dst` is checked first, so a part
+    started with other options than the others fails at once, not at the merge."""
+    mine = _new_manifest(settings)
+    done = _load_manifest(dst, settings)
+    for name in _part_manifest_names(dst):
+        manifest = _load_manifest(dst, settings, name)
+        if name == own:
+            mine = manifest
+    done["files"] = {**done["files"], **mine["files"]}  # type: ignore[dict-item]
+    return mine, done
+
+
+def _merged_manifest(dst: str, settings: Settings) -> Dict[str, object]:
+    """The directory's manifest with every part's entries added (a part's is the newer);
+    each entry is still checked against its file before it is trusted (_is_done)."""
+    manifest = _load_manifest(dst, settings)
+    for name in _part_manifest_names(dst):
+        part = _load_manifest(dst, settings, name)
+        manifest["files"].update(part["files"])  # type: ignore[union-attr]
     return manifest
 
 
@@ -465,14 +571,27 @@ def _size(path: str) -> int:
 
 
 def _record(dst: str, manifest: Dict[str, object], rel: str, out: str,
-            tensors: Optional[List[Dict[str, object]]]) -> None:
-    """Add an output file to the manifest and save it (atomically)."""
+            tensors: Optional[List[Dict[str, object]]], name: str = MANIFEST) -> None:
+    """Add an output file to the manifest and save it (atomically) as `name`."""
     entry: Dict[str, object] = {"size": _size(out), "sha256": sha256_of(out)}
     if tensors is not None:
         entry["tensor_count"] = len(tensors)
         entry["tensors"] = tensors
     manifest["files"][rel] = entry  # type: ignore[index]
-    write_bytes_atomic(os.path.join(dst, MANIFEST), json.dumps(manifest, indent=1).encode())
+    _save(dst, name, manifest)
+
+
+def _save(dst: str, name: str, manifest: Dict[str, object]) -> None:
+    write_bytes_atomic(os.path.join(dst, name), json.dumps(manifest, indent=1).encode())
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OutputError(path, f"cannot remove: {exc.strerror}") from None
 
 
 def _rewrite_index(src: str, dst: str, rel: str, manifest: Dict[str, object]) -> None:

@@ -217,18 +217,26 @@ def lock_path(path: "os.PathLike[str] | str", *, directory: bool = False) -> str
 
 
 @contextlib.contextmanager
-def destination_lock(path: "os.PathLike[str] | str", *,
-                     directory: bool = False) -> Iterator[None]:
-    """Hold `path` against other ckpt-rtn runs for the block (see the module docstring)."""
+def destination_lock(path: "os.PathLike[str] | str", *, directory: bool = False,
+                     shared: bool = False) -> Iterator[None]:
+    """Hold `path` against other ckpt-rtn runs for the block (see the module docstring).
+
+    `shared`: against exclusive holders only; the parts of a directory
+    (`--part`) share it, while the run that completes it holds it alone.
+    """
     lock = lock_path(path, directory=directory)
-    fd = _acquire(os.fspath(path), lock)
+    fd = _acquire(os.fspath(path), lock, shared)
     try:
         yield
     finally:
-        _release(lock, fd)
+        _release(lock, fd, shared)
 
 
-def _acquire(shown: str, lock: str) -> int:
+#: A sharer's PID record: fixed width, so that whatever a sharer wrote last reads whole.
+_PID_WIDTH = 16
+
+
+def _acquire(shown: str, lock: str, shared: bool = False) -> int:
     """flock a lock file that is still the one at its path (its holder may delete it)."""
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     for _ in range(100):
@@ -245,7 +253,7 @@ def _acquire(shown: str, lock: str) -> int:
             if not stat.S_ISREG(mode):
                 raise OutputError(shown, f"lock file {lock} is {kind(mode)}; remove it")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise OutputError(shown, "is being written by another ckpt-rtn run "
                                   f"({_holder(fd)})") from None
@@ -255,8 +263,11 @@ def _acquire(shown: str, lock: str) -> int:
             os.close(fd)
             raise
         if _same_file(fd, lock):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            # Sharers write over each other, never truncating under a sharer that reads.
+            record = f"{os.getpid()}\n".ljust(_PID_WIDTH) if shared else f"{os.getpid()}\n"
+            if not shared:
+                os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
             return fd
         os.close(fd)  # its holder deleted it after we opened it: lock the new one
     raise OutputError(shown, f"cannot lock {lock}: it keeps being replaced")
@@ -281,9 +292,16 @@ def _holder(fd: int) -> str:
     return "pid unknown"
 
 
-def _release(lock: str, fd: int) -> None:
-    """Delete the lock file while still holding it, then unlock (by closing)."""
+def _release(lock: str, fd: int, shared: bool = False) -> None:
+    """Delete the lock file while still holding it, then unlock (by closing). A sharer
+    deletes it only if it is the last one: one it deleted under another sharer would let an
+    exclusive holder lock a new file at the same path meanwhile."""
     try:
+        if shared:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return  # another holder still has it (the finally closes it)
         if _same_file(fd, lock):
             os.unlink(lock)
     except OSError:

@@ -25,6 +25,7 @@ from ckpt_rtn import converter, dtypes, formats, schemes
 from ckpt_rtn.cli import main
 from ckpt_rtn.errors import QuantizationError
 from ckpt_rtn.formats import TensorInfo
+from ckpt_rtn.options import ConvertOptions
 from ckpt_rtn.rules import load_rules
 
 from conftest import FIXTURES, cli
@@ -315,7 +316,7 @@ def test_crc_with_safetensors_output(tmp_path: Path, src_name: str) -> None:
     """--crc writes MindSpore's crc_num; --dry-run's size is the written size."""
     src = write_llama_ckpt(tmp_path / src_name, crc=True)
     dst = tmp_path / "out.safetensors"
-    plan = converter.plan_conversion(src, dst, load_rules("llama2"), crc=True)
+    plan = converter.plan_conversion(src, dst, ConvertOptions(load_rules("llama2"), crc=True))
     result = run("convert", "-q", "--crc", src, dst)
     assert result.exit_code == 0, result.stderr
     assert dst.stat().st_size == plan.output_size
@@ -854,7 +855,8 @@ def test_unexpected_error_mid_write_leaves_nothing(tmp_path: Path, llama_copy: P
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     with pytest.raises(RuntimeError, match="boom"):
-        converter.convert(llama_copy, out_dir / "w8.safetensors", load_rules("llama2"))
+        converter.convert(llama_copy, out_dir / "w8.safetensors",
+                          ConvertOptions(load_rules("llama2")))
     assert list(out_dir.iterdir()) == []
 
 

@@ -43,10 +43,31 @@ save_file({{"model.layers.0.attention.wq.weight": np.ones((8, 8), np.float16)}},
 result = CliRunner().invoke(main, ["convert", src, {str(tmp_path / "out.safetensors")!r},
                                    "--config", "llama2", "-q"])
 assert result.exit_code == 0, result.output
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("mindspore", "mindformers"))
+import os
+os.mkdir({str(tmp_path / "dir")!r})
+save_file({{"model.layers.0.attention.wq.weight": np.ones((8, 8), np.float16)}},
+          {str(tmp_path / "dir" / "a.safetensors")!r})
+for extra in ([], ["--part", "0/1"]):  # a directory, and a part of one: no Ray either
+    result = CliRunner().invoke(main, ["convert", {str(tmp_path / "dir")!r},
+                                       {str(tmp_path / "dir_out")!r}, "--config", "llama2",
+                                       "-q", "--resume", *extra])
+    assert result.exit_code == 0, result.output
+loaded = sorted(m for m in sys.modules
+                if m.split(".")[0] in ("mindspore", "mindformers", "ray"))
 print(loaded)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+RAY_IMPORT = re.compile(r"^\s*(from|import)\s+ray\b", re.M)
+
+
+def test_only_ray_parts_names_ray():
+    """Ray is the optional `[ray]` extra: imported by ray_parts.py alone, under --ray."""
+    offenders = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                 if path.name != "ray_parts.py" and RAY_IMPORT.search(path.read_text())]
+    assert offenders == []
+    assert RAY_IMPORT.search((PACKAGE / "ray_parts.py").read_text())

