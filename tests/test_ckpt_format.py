@@ -1,6 +1,7 @@
 """The .ckpt reader and writer against real MindSpore, byte for byte."""
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import zlib
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from ckpt_rtn import dtypes
-from ckpt_rtn.errors import ChecksumError
+from ckpt_rtn.errors import ChecksumError, FormatError
 from ckpt_rtn.formats import ckpt, open_reader, open_writer
 from ckpt_rtn.formats import protowire as pw
 from ckpt_rtn.formats.tensor import TensorInfo
@@ -281,3 +282,30 @@ def test_varint_encoding_refuses_what_int64_cannot_hold() -> None:
     assert pw.decode_varint(pw.encode_varint(-(2 ** 63)), 0, 10)[0] == 2 ** 63
     with pytest.raises(ValueError, match="int64"):
         pw.encode_varint(-(2 ** 63) - 1)  # looped for ever before
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_large_tensors_are_mapped_read_only_and_a_cut_file_is_still_refused(
+        tmp_path: Path, fmt: str) -> None:
+    """Tensors from 1 MiB on come from a map of the file (tensor.py): the same bytes as
+    written, read-only (the map is the input file), and one cut short is refused as
+    before rather than mapped past its end (which would kill the process with SIGBUS)."""
+    rng = np.random.default_rng(3)
+    arrays = {"small": rng.standard_normal(100).astype(np.float16),
+              "large": rng.standard_normal((1024, 640)).astype(np.float16),  # 1.25 MiB
+              "after": rng.standard_normal(7).astype(np.float32)}
+    path = tmp_path / f"m.{fmt}"
+    kinds = {np.dtype(np.float16): dtypes.FLOAT16, np.dtype(np.float32): dtypes.FLOAT32}
+    infos = [TensorInfo.of(k, kinds[a.dtype], a.shape) for k, a in arrays.items()]
+    with open_writer(path, infos, format=fmt, metadata={}) as writer:
+        for k, a in arrays.items():
+            writer.write(k, a)
+    read = read_all(path)
+    for k, a in arrays.items():
+        np.testing.assert_array_equal(read[k][1], a)
+    assert not read["large"][1].flags.writeable and read["small"][1].flags.writeable
+    with open_reader(path) as reader:
+        large = next(t for t in reader.tensors if t.name == "large")
+        os.truncate(path, os.path.getsize(path) - large.nbytes // 2 - 7 * 4)
+        with pytest.raises(FormatError, match="large"):
+            reader.read(large)

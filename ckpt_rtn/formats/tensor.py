@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import zlib
 from array import array
@@ -60,6 +61,8 @@ def as_array(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
     return raw.view(info.dtype.numpy).reshape(info.shape)
 
 
+#: Tensors from this size on are mapped rather than read (see TensorReader._read_raw).
+_MAP_MIN = 1 << 20
 #: Reads up to this size go through the read-ahead block (see TensorReader._small).
 _SMALL_READ = 64 * 1024
 _READ_AHEAD = 1024 * 1024
@@ -127,21 +130,44 @@ class TensorReader:
         return as_array(info, self._read_raw(info))
 
     def _read_raw(self, info: TensorInfo) -> np.ndarray:
-        """A tensor's bytes in one fresh uint8 buffer, read with pread.
+        """A tensor's bytes as one uint8 array: mapped from the file if large and in one
+        piece (read-only), else read with pread into a fresh buffer.
 
-        pread leaves no file position behind (safe from several threads) and
-        keeps resident memory to the buffer itself, where a memory map would
-        count every page touched towards RSS.
+        A map costs no copy and no fresh memory: the quantizer reads the page
+        cache itself, and a copied tensor goes from the page cache straight
+        to the writer. Converting one 70B-shaped layer (2.76 GB, 2 cores)
+        took 2.5-3.0 s with maps against 3.3-5.5 s with pread, most of the
+        difference system time spent copying and zeroing fresh pages, with a
+        lower peak RSS (1.08 against 1.4-1.5 GB): the mapped pages count
+        towards RSS only while their array lives (a tensor in flight).
+        MADV_WILLNEED starts the disk reads of a cold file at once; faulting
+        the pages in here (MADV_POPULATE_READ) measured slower, with more
+        system time and RSS, than letting the quantizer fault them. Smaller
+        tensors and those in several pieces (a ckpt's 512 MiB chunks) are
+        read with pread, which leaves no file position behind (safe from
+        several threads).
         """
         i = self._position[info.name]
+        offset = self._offsets[i]
+        if (i not in self._more and info.nbytes >= _MAP_MIN
+                and offset + info.nbytes <= os.fstat(self._fd).st_size):
+            return self._mapped(offset, info.nbytes)
         raw = np.empty(info.nbytes, dtype=np.uint8)
         view = memoryview(raw)
         length = self._lengths[i]
-        self._read_into(view[:length], self._offsets[i], info.name)
+        self._read_into(view[:length], offset, info.name)
         for seg in self._more.get(i, ()):
             self._read_into(view[length:length + seg.length], seg.offset, info.name)
             length += seg.length
         return raw
+
+    def _mapped(self, offset: int, nbytes: int) -> np.ndarray:
+        """`nbytes` at `offset` as a read-only array over a map of the file."""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(self._fd, offset - start + nbytes, offset=start,
+                            access=mmap.ACCESS_READ)
+        mapping.madvise(mmap.MADV_WILLNEED)
+        return np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset - start)
 
     def _read_into(self, view: memoryview, offset: int, name: str) -> None:
         """Fill `view` from the file at `offset`."""
