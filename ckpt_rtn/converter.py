@@ -23,6 +23,7 @@ import numpy as np
 from . import __version__, dtypes, formats, paths
 from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, QuantizationError,
                      UnsupportedError)
+from .buffers import BufferPool
 from .formats.atomic import remove_dead_temp_files
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
@@ -356,10 +357,12 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
     """
     errors: List[LayerError] = []
     total = reader.nbytes
+    # Code arrays in flight are reused (see buffers.py); two of the largest cover a layer's.
+    buffers = BufferPool(2 * max((step.source.nbytes for step in plan.quantized), default=0))
 
     def quantize(step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
         result = convert_step(reader.path, step, data, plan.scheme, pool=pool, stats=stats,
-                              row_bounds=row_bounds)
+                              row_bounds=row_bounds, buffers=buffers)
         if result.stats is not None:
             errors.append(LayerError(step.layer or "", step.source.shape, step.source.dtype.name,
                                      result.stats.max_abs, result.stats.mean_abs,
@@ -369,6 +372,7 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
     def store(step: Step, arrays: Tuple[np.ndarray, ...]) -> None:
         for info, array in zip(step.outputs, arrays):
             sink(info, array)
+        buffers.give(arrays)
         if progress is not None:
             progress(step.source.nbytes, total)
 
@@ -388,13 +392,15 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
 
 def convert_step(path: str, step: Step, data: np.ndarray, scheme: Scheme, *,
                  pool: Optional[ThreadPoolExecutor] = None, stats: bool = False,
-                 row_bounds: Optional[Mapping[str, RowBounds]] = None) -> Quantized:
+                 row_bounds: Optional[Mapping[str, RowBounds]] = None,
+                 buffers: Optional[BufferPool] = None) -> Quantized:
     """The arrays `convert` writes for one step, in the order of `step.outputs`, from its
-    source tensor's data (`verify` recomputes them the same way)."""
+    source tensor's data (`verify` recomputes them the same way); the codes' arrays come
+    from `buffers` when given."""
     if not step.quantized:
         return Quantized((data,), None)
     return _quantize(path, step, data, scheme, pool, stats,
-                     (row_bounds or {}).get(step.source.name))
+                     (row_bounds or {}).get(step.source.name), buffers)
 
 
 def float_format(dtype: dtypes.DType) -> FloatFormat:
@@ -409,17 +415,20 @@ def out_in_view(data: np.ndarray, selection: Selection) -> np.ndarray:
 
 def _quantize(path: str, step: Step, data: np.ndarray, scheme: Scheme,
               pool: Optional[ThreadPoolExecutor], stats: bool,
-              bounds: Optional[RowBounds]) -> Quantized:
+              bounds: Optional[RowBounds], buffers: Optional[BufferPool]) -> Quantized:
     """The scheme's arrays for a selected weight, given in its stored layout."""
     assert step.selection is not None
     in_out = step.selection.layout == IN_OUT
     weight = np.ascontiguousarray(out_in_view(data, step.selection))
     try:
         result = scheme.quantize(weight, float_format(step.source.dtype), pool=pool,
-                                 stats=stats, bounds=bounds)
+                                 stats=stats, bounds=bounds, buffers=buffers)
     except NonFiniteWeightError as exc:
         raise QuantizationError(path, f"tensor {step.source.name!r}: {exc}") from None
     if in_out and not scheme.packs_int4:
         q, *rest = result.arrays
-        return Quantized((transposed(q), *rest), result.stats)
+        turned = transposed(q)
+        if buffers is not None:
+            buffers.give([q])
+        return Quantized((turned, *rest), result.stats)
     return result

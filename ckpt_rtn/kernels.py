@@ -32,6 +32,8 @@ from numba import njit
 
 #: fp16 bits moved into a float32's place are off by 2^112 in exponent (as rtn._load).
 _FP16_EXPONENT_FIX = np.float32(2.0 ** 112)
+#: fastmath flags for report figures only (_row_errors): no 'arcp', no 'afn' on the codes.
+_REPORT_MATH = {"reassoc", "nsz", "nnan", "ninf", "contract"}
 #: Magnitude bits from which a 16-bit pattern is inf or NaN (exponent all ones).
 FP16_INF = 0x7C00
 BF16_INF = 0x7F80
@@ -87,23 +89,28 @@ def _round_bits(x, drop):  # pragma: no cover - compiled
     return b.view(np.float32)
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=_REPORT_MATH)
 def _row_errors(exact, codes, point):  # pragma: no cover - compiled
     """max |err|, sum |err|, sum err^2 and sum w^2 of one row, in units of its scale, where
-    err = exact quotient - (code - zero point) (as rtn._record_errors).
+    err = exact quotient - code + zero point, in the work dtype (as rtn._record_errors).
 
     Report figures, not output bytes: fastmath lets the sums be vectorised
-    in any order, which the kernels' own arithmetic must never be.
+    in any order, which the kernels' own arithmetic must never be. The max
+    is taken on the bit patterns of |err| (ordered like the values, since
+    they are not negative): a float max reduction does not vectorise.
     """
-    worst, total, squares, weight = 0.0, 0.0, 0.0, 0.0
+    work = exact.dtype.type
+    worst = np.uint64(0)
+    total, squares, weight = 0.0, 0.0, 0.0
     for j in range(exact.shape[0]):
-        e = np.float64(exact[j])
-        err = abs(e - codes[j] + point)
-        worst = max(worst, err)
-        total += err
+        e = exact[j]
+        err = np.float64(e - work(codes[j]) + point)  # exact: float32 fits in float64
+        worst = max(worst, err.view(np.uint64) & np.uint64(0x7FFFFFFFFFFFFFFF))
+        e64 = np.float64(e)
+        total += abs(err)
         squares += err * err
-        weight += e * e
-    return worst, total, squares, weight
+        weight += e64 * e64
+    return np.uint64(worst).view(np.float64), total, squares, weight
 
 
 @functools.lru_cache(maxsize=None)

@@ -61,6 +61,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .buffers import BufferPool, empty
 from .numerics import FloatFormat, to_storage, to_work
 
 
@@ -193,7 +194,8 @@ RowBounds = Tuple[np.ndarray, np.ndarray]
 def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
                  pool: Optional[Executor] = None, stats: bool = False,
                  bounds: Optional[RowBounds] = None,
-                 block_rows: Optional[int] = None) -> RtnWeights:
+                 block_rows: Optional[int] = None,
+                 buffers: Optional[BufferPool] = None) -> RtnWeights:
     """Quantize a 2-D [out, in] weight of raw `fmt` values per output channel (or group).
 
     With a thread `pool`, row spans are quantized concurrently; the result
@@ -202,6 +204,7 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     a slice of a weight split along its input channels, the whole weight's
     (see `row_bounds`), so every slice gets the scale the whole would.
     `block_rows` overrides the rows quantized at a time (BLOCK_ELEMENTS' worth).
+    The codes' array comes from `buffers` when given.
     """
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {weight.shape}")
@@ -217,7 +220,7 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
         weight = weight.reshape(-1, spec.group_size)
     rows, cols = weight.shape
     block_rows = block_rows or _block_rows(cols)
-    q = np.empty(weight.shape, dtype=np.int8)
+    q = empty(weight.shape, np.int8, buffers)
     params = _Params(np.empty(rows, dtype=fmt.work), np.zeros(rows, dtype=fmt.work))
     errors = _RowErrors(rows) if stats else None
     if bounds is not None:

@@ -31,6 +31,7 @@ from . import dtypes
 from .formats.tensor import TensorInfo
 from .golden_stick import QuantNames, legacy_names, ptq_names
 from .numerics import FloatFormat
+from .buffers import BufferPool, empty
 from .rtn import W8, ErrorStats, RowBounds, RtnSpec, compiled_kernels, quantize_rtn
 
 GROUP_SIZES = (64, 128)
@@ -91,12 +92,17 @@ class Scheme:
                 TensorInfo.of(names.zp_neg, dtype, scale_shape))
 
     def quantize(self, weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor],
-                 stats: bool, bounds: Optional[RowBounds] = None) -> Quantized:
-        """The stored arrays for a [out, in] weight of raw `fmt` values (see quantize_rtn)."""
-        result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats, bounds=bounds)
+                 stats: bool, bounds: Optional[RowBounds] = None,
+                 buffers: Optional[BufferPool] = None) -> Quantized:
+        """The stored arrays for a [out, in] weight of raw `fmt` values (see quantize_rtn);
+        the codes' arrays come from `buffers` when given."""
+        result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats, bounds=bounds,
+                              buffers=buffers)
         q, scale, zp_neg = result.q, result.scale, result.zp_neg
         if self.packs_int4:  # pairs of output rows share a byte; then [in, out/2]
-            q = pack_int4_transposed(q)
+            q = pack_int4_transposed(result.q, buffers)
+            if buffers is not None:
+                buffers.give([result.q])
         if self.spec.group_size:  # [out, in/g] -> [in/g, out], as WeightQuantBatchMatmul reads it
             scale, zp_neg = np.ascontiguousarray(scale.T), np.ascontiguousarray(zp_neg.T)
         return Quantized((q, scale, zp_neg), result.stats)
@@ -114,13 +120,13 @@ def pack_int4(codes: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.moveaxis(packed, -1, axis).view(np.int8)
 
 
-def pack_int4_transposed(codes: np.ndarray) -> np.ndarray:
+def pack_int4_transposed(codes: np.ndarray, buffers: Optional[BufferPool] = None) -> np.ndarray:
     """int4 codes [out, in] as qint4x2 [in, out/2]: pack_int4 along the output axis, then
     transposed (by the compiled kernel where there is one: 4x faster, same bytes)."""
     kernels = compiled_kernels()
     if kernels is None:
         return transposed(pack_int4(codes, axis=0))
-    out = np.empty((codes.shape[1], codes.shape[0] // 2), dtype=np.int8)
+    out = empty((codes.shape[1], codes.shape[0] // 2), np.int8, buffers)
     kernels.pack_int4_transposed(np.ascontiguousarray(codes), out)
     return out
 
