@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -306,6 +307,13 @@ def rules_for(rules: "Rules | RuleChoice", tensors: Sequence[TensorInfo],
         raise ConfigError(where, exc.reason) from None
 
 
+def writer_threads(workers: int) -> int:
+    """Threads that write the output for `workers` quantizing ones (see stream): one per
+    two workers, at most 4. On 2 cores a second writer measured no faster (the copy into
+    the page cache then competes with quantizing for the same cores)."""
+    return max(1, min(4, workers // 2))
+
+
 def default_workers() -> int:
     """Cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -338,7 +346,8 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             # A bad CRC fails here, so the output is discarded before it is committed.
             errors, busy = stream(reader, plan, lambda info, array: writer.write(info.name, array),
                                   pool=pool if workers > 1 else None, stats=options.stats,
-                                  row_bounds=row_bounds, progress=progress)
+                                  row_bounds=row_bounds, progress=progress,
+                                  writers=writer_threads(workers))
             committing = time.perf_counter()
         commit = time.perf_counter() - committing
     stages = Stages(read=busy.load, quantize=busy.process, write=busy.store + commit)
@@ -349,11 +358,14 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
 def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndarray], None], *,
            pool: Optional[ThreadPoolExecutor] = None, stats: bool = False,
            row_bounds: Optional[Mapping[str, RowBounds]] = None,
-           progress: Optional[ProgressFn] = None) -> Tuple[List[LayerError], StageTimes]:
+           progress: Optional[ProgressFn] = None,
+           writers: int = 1) -> Tuple[List[LayerError], StageTimes]:
     """Hand `sink` every output tensor and record of `plan`, in order, computed from
     `reader`'s tensors through the read-ahead / quantize / write-behind pipeline; then run
     the reader's deferred checks (its CRC). `convert` writes what `sink` gets, `verify`
     compares it. Returns each layer's error when `stats`, and how busy each stage was.
+    `writers` threads call `sink` at once (for a sink that writes each tensor at its planned
+    place: the formats' writers); `progress` is called from them one at a time.
     """
     errors: List[LayerError] = []
     total = reader.nbytes
@@ -369,16 +381,19 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
                                      result.stats.relative))
         return result.arrays
 
+    reporting = threading.Lock()
+
     def store(step: Step, arrays: Tuple[np.ndarray, ...]) -> None:
         for info, array in zip(step.outputs, arrays):
             sink(info, array)
         buffers.give(arrays)
         if progress is not None:
-            progress(step.source.nbytes, total)
+            with reporting:
+                progress(step.source.nbytes, total)
 
     try:
         busy = run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store,
-                            size=lambda step: step.source.nbytes)
+                            size=lambda step: step.source.nbytes, writers=writers)
         for info, value in plan.records:
             sink(info, value)
     except CkptRtnError:

@@ -13,9 +13,15 @@ microseconds, which MoE checkpoints of 100 000 tiny tensors would pay per
 tensor, while an item larger than a batch travels alone, so memory holds
 what the unbatched pipeline held.
 
+Several threads may store at once (`writers`), for a sink that writes
+each item at its own place in the output (the formats' writers do): the
+copy into the page cache is then shared among cores instead of bounding the
+run on one.
+
 Each stage counts the seconds it was busy (loading, processing, storing;
 not waiting on a queue), so a caller can tell which stage bounds the run:
-the wall time is at least the busiest stage's.
+the wall time is at least the busiest stage's. For several storing threads
+that is the time at least one of them was storing.
 """
 from __future__ import annotations
 
@@ -38,19 +44,32 @@ BATCH_ITEMS = 4096
 
 @dataclass
 class StageTimes:
-    """Seconds each stage spent working, not waiting; each is written by one thread only."""
+    """Seconds each stage spent working, not waiting; each is written by one thread only
+    (the storing threads' time is added up at the end)."""
     load: float = 0.0
     process: float = 0.0
     store: float = 0.0
 
 
+def _covered(spans: List[Tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the (start, end) spans."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[T, A], B],
                  store: Callable[[T, B], None], *, size: Callable[[T], int],
-                 depth: int = 1) -> StageTimes:
-    """load(item) in a thread, process(item, loaded) here, store(item, processed) in a thread.
+                 depth: int = 1, writers: int = 1) -> StageTimes:
+    """load(item) in a thread, process(item, loaded) here, store(item, processed) in
+    `writers` threads (a batch each at a time; items of one batch in order).
 
     `size(item)` is the bytes an item holds once loaded: batches are bounded by it, so
-    memory is too. Returns how long each stage was busy.
+    memory is too (each extra storing thread holds one more processed batch). Returns how
+    long each stage was busy.
     """
     times = StageTimes()
     loaded: "queue.Queue[object]" = queue.Queue(maxsize=depth)
@@ -102,18 +121,24 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
         if not batch or put(loaded, batch):
             put(loaded, _DONE)
 
+    storing: List[Tuple[float, float]] = []  # (start, end) of each batch stored
+
     def writer() -> None:
         while True:
             entry = get(processed)
-            if entry is None or entry is _DONE:
+            if entry is None:
+                return
+            if entry is _DONE:
+                put(processed, _DONE)  # for the other storing threads
                 return
             started = time.perf_counter()
             for item, result in entry:  # type: ignore[attr-defined]
                 store(item, result)
-            times.store += time.perf_counter() - started
+            storing.append((started, time.perf_counter()))
 
-    threads = [threading.Thread(target=guarded(reader), name="ckpt-rtn-read", daemon=True),
-               threading.Thread(target=guarded(writer), name="ckpt-rtn-write", daemon=True)]
+    threads = [threading.Thread(target=guarded(reader), name="ckpt-rtn-read", daemon=True)] + [
+        threading.Thread(target=guarded(writer), name=f"ckpt-rtn-write-{n}", daemon=True)
+        for n in range(writers)]
     for thread in threads:
         thread.start()
     try:
@@ -139,4 +164,5 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
             thread.join()
     if errors:
         raise errors[0]
+    times.store = _covered(storing)
     return times

@@ -88,3 +88,37 @@ def test_each_stage_counts_the_time_it_was_busy_not_waiting() -> None:
     wall = time.perf_counter() - started
     assert 0.07 <= times.load <= 0.2 and 0.035 <= times.process <= 0.15
     assert 0.4 <= times.store <= wall and times.store > 0.8 * wall
+
+
+def test_several_storing_threads_store_every_item_once_and_share_the_work() -> None:
+    """writers=3: every item stored exactly once, by more than one thread; the stage's busy
+    time is what the threads cover together (here they overlap: less than their sum)."""
+    import time
+
+    stored: List[Tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def store(i: int, _: int) -> None:
+        time.sleep(0.002)  # sleeps release the GIL, as a pwrite does
+        with lock:
+            stored.append((i, threading.current_thread().name))
+
+    started = time.perf_counter()
+    times = run_pipeline(range(300), lambda i: i, lambda i, x: x, store,
+                         size=lambda _: 8 * 1024 * 1024, writers=3)
+    wall = time.perf_counter() - started
+    assert sorted(i for i, _ in stored) == list(range(300))
+    assert len({name for _, name in stored}) > 1
+    assert times.store <= wall and times.store < 300 * 0.002
+    assert not [t for t in threading.enumerate() if t.name.startswith("ckpt-rtn-")]
+
+
+def test_a_failing_storing_thread_stops_the_others() -> None:
+    def store(i: int, _: int) -> None:
+        if i == 50:
+            raise RuntimeError("store failed")
+
+    with pytest.raises(RuntimeError, match="store failed"):
+        run_pipeline(range(100_000), lambda i: i, lambda i, x: x, store,
+                     size=lambda _: 8 * 1024 * 1024, writers=4)
+    assert not [t for t in threading.enumerate() if t.name.startswith("ckpt-rtn-")]

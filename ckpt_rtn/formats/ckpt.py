@@ -14,14 +14,16 @@ import math
 import mmap
 import os
 import zlib
+from array import array
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import dtypes
-from ..errors import ChecksumError, EncryptedCheckpointError, FormatError, UnsupportedError
+from ..errors import (ChecksumError, EncryptedCheckpointError, FormatError, OutputError,
+                      UnsupportedError)
+from . import crc32, sniff
 from . import protowire as pw
-from . import sniff
 from .untrusted_json import brief
 from .tensor import (MAX_DIMS, Segment, TensorInfo, TensorReader, TensorWriter,
                      shape_problem)
@@ -368,43 +370,68 @@ def crc_trailer(crc: int) -> bytes:
     return CRC_MAGIC + crc.to_bytes(10, "big")
 
 
+def _tensor_size(info: TensorInfo, chunk_size: int, heads: _TensorHeads) -> int:
+    """Bytes of all the records `CkptWriter` writes for a tensor."""
+    name_len = len(info.name.encode())
+    return sum(_record_size(name_len, len(heads(info, length)), length)
+               for _, length in _chunks(info.nbytes, chunk_size))
+
+
 def planned_size(tensors: Sequence[TensorInfo], *, crc: bool = False,
                  chunk_size: int = CHUNK_SIZE) -> int:
     """Exact size of the file `CkptWriter` will write for these tensors."""
     heads = _TensorHeads()
-    total = CRC_TRAILER_SIZE if crc else 0
-    for info in tensors:
-        name_len = len(info.name.encode())
-        for _, length in _chunks(info.nbytes, chunk_size):
-            total += _record_size(name_len, len(heads(info, length)), length)
-    return total
+    return sum(_tensor_size(info, chunk_size, heads) for info in tensors) + (
+        CRC_TRAILER_SIZE if crc else 0)
 
 
 class CkptWriter(TensorWriter):
-    """Streams tensors into a `.ckpt`, in the order they are written."""
+    """Writes each tensor's records at their planned place in a `.ckpt`.
+
+    The planned order fixes where every record goes, so tensors may be
+    written in any order, from several threads at once, and the file is the
+    same. With `crc`, each tensor's CRC-32 is taken as its bytes pass and the
+    pieces are chained in file order at the end (see crc32.py), for the
+    trailer.
+    """
 
     def __init__(self, path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo], *,
                  crc: bool = False, chunk_size: int = CHUNK_SIZE) -> None:
         super().__init__(path, tensors)
         self._chunk_size = chunk_size
-        self._crc: Optional[int] = 0 if crc else None
         self._heads = _TensorHeads()
+        #: Each tensor's slot (its place in the planned order) and its first record's offset.
+        self._places: Dict[str, Tuple[int, int]] = {}
+        self._sizes: List[int] = []
+        offset = 0
+        for slot, info in enumerate(tensors):
+            self._places[info.name] = (slot, offset)
+            self._sizes.append(_tensor_size(info, chunk_size, self._heads))
+            offset += self._sizes[-1]
+        self._end = offset
+        self._crc_parts = array("L", [0]) * len(tensors) if crc else None
+        assert self._out.file is not None
+        try:
+            self._out.file.truncate(self._end + (CRC_TRAILER_SIZE if crc else 0))
+        except OSError as exc:
+            self._out.discard()
+            raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
 
     def _store(self, info: TensorInfo, data: memoryview) -> None:
+        slot, pos = self._places[info.name]
+        crc = 0
         for header, start, length in records(info, self._chunk_size, self._heads):
             chunk = data[start:start + length]
-            if length <= _JOIN_CHUNK:
-                self._emit(header + chunk)  # one buffered write and one CRC update, not two
-            else:
-                self._emit(header)
-                self._emit(chunk)
-
-    def _emit(self, data: "bytes | memoryview") -> None:
-        assert self._out.file is not None
-        self._out.file.write(data)
-        if self._crc is not None:
-            self._crc = zlib.crc32(data, self._crc)
+            pieces = (header + chunk,) if length <= _JOIN_CHUNK else (header, chunk)
+            for piece in pieces:  # small records in one write, large ones not copied
+                self._write_at(piece, pos)
+                pos += len(piece)
+                if self._crc_parts is not None:
+                    crc = zlib.crc32(piece, crc)
+        if self._crc_parts is not None:
+            self._crc_parts[slot] = crc
 
     def _finish(self) -> None:
-        if self._crc is not None:
-            self._emit(crc_trailer(self._crc))
+        if self._crc_parts is not None:
+            crc = crc32.chain(zip(self._crc_parts, self._sizes))
+            self._write_at(crc_trailer(crc), self._end)

@@ -69,11 +69,6 @@ _FLAT_VALUE = re.compile(r"%s|\{[ \t\n\r]*(?:%s(?:,[ \t\n\r]*%s)*)?\}" % (
 _MAX_ENTRY_TEXT = 64 * 1024
 #: __metadata__ holds a few keys plus at most one Int4 mark per tensor.
 _METADATA_SPARE = 1000
-#: Writes of at most this size are gathered into runs of adjacent bytes...
-_SMALL_WRITE = 64 * 1024
-#: ...written once they reach this size, or when more than _MAX_RUNS runs are open.
-_RUN_SIZE = 1024 * 1024
-_MAX_RUNS = 16
 
 
 class _Fields(NamedTuple):
@@ -517,9 +512,8 @@ def planned_size(tensors: Sequence[TensorInfo], metadata: Mapping[str, str],
 class SafetensorsWriter(TensorWriter):
     """Writes the header for the planned tensors, then each tensor in place.
 
-    Tensors may be written in any order: each lands at its planned offset.
-    Small ones that land next to each other are gathered and written
-    together, so a run of tiny tensors costs one write, not one each. With
+    Tensors may be written in any order, from several threads at once: each
+    lands at its planned offset (small ones gathered, see TensorWriter). With
     `crc`, crc_num is computed from each tensor as it passes (see crc32.py)
     and filled into the header last.
     """
@@ -531,8 +525,6 @@ class SafetensorsWriter(TensorWriter):
         self._layout = layout
         self._data_start = len(layout.header)
         self._crc_parts = array("L", [0]) * len(tensors) if crc else None
-        #: Gathered small writes, by the file offset where each run ends: (start, bytes).
-        self._runs: Dict[int, Tuple[int, bytearray]] = {}
         assert self._out.file is not None
         try:
             self._out.file.write(layout.header)
@@ -545,40 +537,13 @@ class SafetensorsWriter(TensorWriter):
         slot = self._layout.slots[info.name]
         if self._crc_parts is not None:
             self._crc_parts[slot] = zlib.crc32(data, zlib.crc32(info.name.encode("utf-8")))
-        pos = self._data_start + self._layout.begins[slot]
-        if len(data) > _SMALL_WRITE:
-            self._pwrite(data, pos)
-            return
-        run = self._runs.pop(pos, None)
-        if run is None:
-            if len(self._runs) >= _MAX_RUNS:
-                self._flush_runs()
-            run = (pos, bytearray())
-        run[1].extend(data)
-        if len(run[1]) >= _RUN_SIZE:
-            self._pwrite(run[1], run[0])
-        else:
-            self._runs[pos + len(data)] = run
-
-    def _flush_runs(self) -> None:
-        runs, self._runs = self._runs, {}
-        for start, data in runs.values():
-            self._pwrite(data, start)
-
-    def _pwrite(self, data: "bytes | bytearray | memoryview", pos: int) -> None:
-        assert self._out.file is not None
-        fd = self._out.file.fileno()
-        view = memoryview(data)
-        while len(view):
-            written = os.pwrite(fd, view, pos)
-            view, pos = view[written:], pos + written
+        self._write_at(data, self._data_start + self._layout.begins[slot])
 
     def _finish(self) -> None:
-        self._flush_runs()
         if self._crc_parts is None or self._layout.crc_at is None:
             return
         names = list(self._layout.slots)  # in slot order
         order = sorted(range(len(names)), key=names.__getitem__)
         sizes, parts = self._layout.sizes, self._crc_parts
         crc = crc32.chain((parts[s], len(names[s].encode("utf-8")) + sizes[s]) for s in order)
-        self._pwrite(_crc_tail(self._layout, crc), self._layout.crc_at)
+        self._write_at(_crc_tail(self._layout, crc), self._layout.crc_at)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import threading
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ def as_array(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
     return raw.view(info.dtype.numpy).reshape(info.shape)
 
 
+#: Writes of at most this size are gathered into runs of adjacent bytes...
+_SMALL_WRITE = 64 * 1024
+#: ...written once they reach this size, or when more than _MAX_RUNS runs are open.
+_RUN_SIZE = 1024 * 1024
+_MAX_RUNS = 16
 #: Tensors from this size on are mapped rather than read (see TensorReader._read_raw).
 _MAP_MIN = 1 << 20
 #: Reads up to this size go through the read-ahead block (see TensorReader._small).
@@ -269,6 +275,9 @@ class TensorWriter:
     def __init__(self, path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo]) -> None:
         self.path = os.fspath(path)
         self._planned: Dict[str, TensorInfo] = {t.name: t for t in tensors}
+        #: Gathered small writes, by the file offset where each run ends: (start, bytes).
+        self._runs: Dict[int, Tuple[int, bytearray]] = {}
+        self._runs_lock = threading.RLock()  # _write_at may flush the runs while holding it
         self._out = AtomicFile(self.path)
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -283,8 +292,47 @@ class TensorWriter:
     def _store(self, info: TensorInfo, data: memoryview) -> None:
         raise NotImplementedError
 
+    def _write_at(self, data: "bytes | bytearray | memoryview", pos: int) -> None:
+        """Put `data` at file offset `pos`, from any thread.
+
+        Writes use pwrite (no shared file position), so threads may write
+        disjoint places at once. Small ones that land next to each other are
+        gathered into runs and written together, so a run of tiny tensors
+        costs one write, not one each; the runs left are written before the
+        file is committed.
+        """
+        if len(data) > _SMALL_WRITE:
+            self._pwrite(data, pos)
+            return
+        with self._runs_lock:
+            run = self._runs.pop(pos, None)
+            if run is None:
+                if len(self._runs) >= _MAX_RUNS:
+                    self._flush_runs()
+                run = (pos, bytearray())
+            run[1].extend(data)
+            if len(run[1]) >= _RUN_SIZE:
+                self._pwrite(run[1], run[0])
+            else:
+                self._runs[pos + len(data)] = run
+
+    def _flush_runs(self) -> None:
+        with self._runs_lock:
+            runs, self._runs = self._runs, {}
+            for start, data in runs.values():
+                self._pwrite(data, start)
+
+    def _pwrite(self, data: "bytes | bytearray | memoryview", pos: int) -> None:
+        assert self._out.file is not None
+        fd = self._out.file.fileno()
+        view = memoryview(data)
+        while len(view):
+            written = os.pwrite(fd, view, pos)
+            view, pos = view[written:], pos + written
+
     def _finish(self) -> None:
-        """Hook run after the last tensor, before the file is committed."""
+        """Hook run after the last tensor, before the file is committed (and before the
+        gathered small writes are written)."""
 
     def __enter__(self) -> "TensorWriter":
         return self
@@ -299,6 +347,7 @@ class TensorWriter:
                              f"e.g. {next(iter(self._planned))!r}")
         try:
             self._finish()
+            self._flush_runs()
             self._out.commit()
         except OSError as exc:
             self._out.discard()
