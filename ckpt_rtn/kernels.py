@@ -30,6 +30,8 @@ from typing import Callable
 import numpy as np
 from numba import njit
 
+#: How a row's stored values become work values: fp16 or bf16 bit patterns, or a float dtype.
+FP16, BF16, FLOAT = 0, 1, 2
 #: fp16 bits moved into a float32's place are off by 2^112 in exponent (as rtn._load).
 _FP16_EXPONENT_FIX = np.float32(2.0 ** 112)
 #: fastmath flags for report figures only (_row_errors): no 'arcp', no 'afn' on the codes.
@@ -114,20 +116,23 @@ def _row_errors(exact, codes, point):  # pragma: no cover - compiled
 
 
 @functools.lru_cache(maxsize=None)
-def quantize16(bf16: bool, symmetric: bool, measure: bool) -> Callable[..., None]:
-    """The kernel for rows of fp16 (or bf16) bit patterns, compiled for these flags.
+def quantize_kernel(kind: int, symmetric: bool, measure: bool) -> Callable[..., None]:
+    """The codes kernel for rows of `kind` (FP16 or BF16 bit patterns, or FLOAT: float32 or
+    float64 values), compiled for these flags.
 
     kernel(raw, divisor, zp, qmin, qmax, q, stats) writes the codes of each
-    row into q: each value is widened to float32, divided by its row's
+    row into q. A 16-bit value is widened to float32, divided by its row's
     divisor (the scale, or inf for a zero scale), rounded to the format's
     precision, the zero point added and rounded again (asymmetric), then
-    rint and clamp: rtn._quantize_rows' steps, element by element. With
-    `measure`, stats[i] gets row i's error sums (see _row_errors).
+    rint and clamp: rtn._quantize_rows' steps, element by element; float32
+    and float64 values divide, and add the zero point, in their own
+    precision. With `measure`, stats[i] gets row i's error sums (see
+    _row_errors).
 
     The flags are constants of the compiled code, not arguments: a branch
     in the inner loop would keep it from being vectorised (8x slower).
     """
-    drop = 16 if bf16 else 13
+    drop = 16 if kind == BF16 else 13
 
     @njit(nogil=True, cache=True)
     def kernel(raw, divisor, zp, qmin, qmax, q, stats):  # pragma: no cover - compiled
@@ -138,41 +143,20 @@ def quantize16(bf16: bool, symmetric: bool, measure: bool) -> Callable[..., None
             point = zp[i]
             row = q[i]
             for j in range(cols):
-                h = np.uint32(raw[i, j])
-                if bf16:
-                    w = np.uint32(h << 16).view(np.float32)
-                else:  # exact, subnormals included
-                    w = np.uint32(((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)).view(
-                        np.float32) * _FP16_EXPONENT_FIX
-                exact = w / d
-                x = _round_bits(exact, drop)
-                if not symmetric:  # the zero point is added in the weight's format too
-                    x = _round_bits(x + point, drop)
-                row[j] = np.int8(min(max(np.rint(x), qmin), qmax))
-                if measure:
-                    exact_row[j] = exact
-            if measure:
-                stats[i, 0], stats[i, 1], stats[i, 2], stats[i, 3] = _row_errors(
-                    exact_row, row, point)
-
-    return kernel
-
-
-@functools.lru_cache(maxsize=None)
-def quantize_float(symmetric: bool, measure: bool) -> Callable[..., None]:
-    """quantize16's kernel for float32/float64 rows, which divide in their own precision."""
-
-    @njit(nogil=True, cache=True)
-    def kernel(raw, divisor, zp, qmin, qmax, q, stats):  # pragma: no cover - compiled
-        rows, cols = raw.shape
-        exact_row = np.empty(cols if measure else 0, dtype=divisor.dtype)
-        for i in range(rows):
-            d = divisor[i]
-            point = zp[i]
-            row = q[i]
-            for j in range(cols):
-                exact = raw[i, j] / d
-                x = exact if symmetric else exact + point
+                if kind == FLOAT:
+                    exact = raw[i, j] / d
+                    x = exact if symmetric else exact + point
+                else:
+                    h = np.uint32(raw[i, j])
+                    if kind == BF16:
+                        w = np.uint32(h << 16).view(np.float32)
+                    else:  # exact, subnormals included
+                        w = np.uint32(((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)).view(
+                            np.float32) * _FP16_EXPONENT_FIX
+                    exact = w / d
+                    x = _round_bits(exact, drop)
+                    if not symmetric:  # the zero point is added in the weight's format too
+                        x = _round_bits(x + point, drop)
                 row[j] = np.int8(min(max(np.rint(x), qmin), qmax))
                 if measure:
                     exact_row[j] = exact

@@ -354,8 +354,9 @@ def _quantize_rows_compiled(kernels: ModuleType, weight: np.ndarray, fmt: FloatF
     stats = np.empty((block_rows if errors is not None else 0, 4))
     qmin, qmax = fmt.work.type(spec.qmin), fmt.work.type(spec.qmax)
     measure = errors is not None
-    kernel = (kernels.quantize16(fmt is FloatFormat.BFLOAT16, spec.symmetric, measure) if narrow
-              else kernels.quantize_float(spec.symmetric, measure))
+    kind = {FloatFormat.FLOAT16: kernels.FP16, FloatFormat.BFLOAT16: kernels.BF16}.get(
+        fmt, kernels.FLOAT)
+    kernel = kernels.quantize_kernel(kind, spec.symmetric, measure)
     constant = 0
     for first in range(start, stop, block_rows):
         last = min(first + block_rows, stop)
