@@ -595,14 +595,16 @@ def _request(config: "ModelConfig", texts: Sequence[str], wikitext: Optional[str
         except ConfigError as exc:
             raise ConfigError(wikitext, exc.reason) from None
     samples = squad.load(squad_path, squad_samples) if squad_path else []
-    for index, sample in enumerate(samples):
-        length = len(encode(squad.prompt(sample)))
+    prompts = tuple(tuple(encode(squad.prompt(sample))) for sample in samples)
+    for index, prompt in enumerate(prompts):
+        length = len(prompt)
         if length + max_new_tokens > seq_len:
             raise ConfigError(squad_path, f"paragraph {index + 1}'s prompt has {length} tokens: "
                               f"with --max-new-tokens {max_new_tokens} it needs --seq-len "
                               f"{length + max_new_tokens} or more, or fewer --squad-samples")
     return Request(config=config, seq_len=seq_len, mode=mode, texts=corpora, wikitext=wiki,
-                   squad=tuple(samples), max_new_tokens=max_new_tokens, quiet=quiet)
+                   squad=tuple(samples), squad_prompts=prompts, max_new_tokens=max_new_tokens,
+                   quiet=quiet)
 
 
 def _print_table(records: Sequence[Dict[str, object]]) -> None:

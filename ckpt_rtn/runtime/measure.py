@@ -29,7 +29,8 @@ class Request:
 
     `texts` and `wikitext` are prepared windows (perplexity, and prefill
     throughput from the same passes); `squad` are the paragraphs to answer
-    (scores, and decode throughput).
+    (scores, and decode throughput), `squad_prompts` their prompts' token ids
+    (tokenized once, where the parent checks that each fits).
     """
     config: ModelConfig
     seq_len: int
@@ -37,6 +38,7 @@ class Request:
     texts: Dict[str, Corpus] = field(default_factory=dict)
     wikitext: Optional[Corpus] = None
     squad: Sequence[Sample] = ()
+    squad_prompts: Sequence[Sequence[int]] = ()
     max_new_tokens: int = 32
     quiet: bool = False
 
@@ -60,9 +62,9 @@ def measure(checkpoint: str, request: Request) -> results.Record:
         record["prefill_tokens_per_s"] = evaluator.prefill_tokens_per_second
         generator.adopt(evaluator.net, request.seq_len)
     if request.squad:
-        encode, decode = load_text_codec(request.config)
+        _, decode = load_text_codec(request.config)
         with request.progress(len(request.squad), f"{label} SQuAD", "question") as bar:
-            scores = answer_squad(generator, encode, decode, request.squad,
+            scores = answer_squad(generator, request.squad_prompts, decode, request.squad,
                                   request.max_new_tokens, progress=bar.update)
         record.update(squad_f1=scores.f1, squad_em=scores.em, squad_f1_official=scores.f1_official,
                       squad_em_official=scores.em_official, squad_samples=len(request.squad),

@@ -42,15 +42,15 @@ def golden_stick_scores(predictions: Sequence[str],
     return float(result["F1"]), float(result["Em"])
 
 
-def answer_squad(generator: Generator, encode: Callable[[str], List[int]],
+def answer_squad(generator: Generator, prompts: Sequence[Sequence[int]],
                  decode: Callable[[List[int]], str], samples: Sequence[squad.Sample],
                  max_new_tokens: int,
                  progress: Optional[Callable[[int], None]] = None) -> SquadScores:
-    """Each sample's prompt continued greedily until its answer line ends, EOS, or
-    `max_new_tokens`."""
+    """Each sample's prompt (its token ids in `prompts`) continued greedily until its answer
+    line ends, EOS, or `max_new_tokens`."""
     predictions = []
-    for sample in samples:
-        new = generator.generate(encode(squad.prompt(sample)), max_new_tokens,
+    for prompt in prompts:
+        new = generator.generate(list(prompt), max_new_tokens,
                                  stop=lambda tokens: squad.answered(decode(tokens)))
         predictions.append(squad.answer(decode(new)))
         if progress is not None:
