@@ -14,7 +14,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, converter, directory, formats, paths
+from . import __version__, converter, description, directory, formats, paths
 from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
 from .formats import atomic
 from .formats.atomic import AtomicFile
@@ -132,7 +132,9 @@ def main() -> None:
 @click.option("--scheme", type=click.Choice(SCHEME_NAMES), default="w8a16", show_default=True,
               help="w8a16: Golden Stick RoundToNearest (v0.5) names; w8a16-ptq: the same int8 "
                    "codes under the PTQ framework's names (v1.0+); w4a16: int4 per group, "
-                   "packed qint4x2, PTQ names.")
+                   "packed qint4x2, PTQ names; w8a8-dynamic: MindFormers' Mcore layout "
+                   "(Hugging Face names, <p>.weight int8 + <p>.weight_scale, safetensors) with "
+                   "quant_model_description.json beside it.")
 @click.option("--group-size", type=click.Choice(["64", "128"]), default=None,
               help="Input channels per scale for --scheme w4a16 (default 128).")
 @click.option("--asymmetric", is_flag=True,
@@ -243,20 +245,27 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
                                "written whole or not at all")
     if dry_run:
         plan = converter.plan_conversion(src, dst, options)
-        _print_dry_run(plan, os.path.getsize(src))
+        _print_dry_run(plan, os.path.getsize(src), dst)
         return
-    # The output and its report appear together or not at all.
-    with converter.claimed_output(src, dst, overwrite, report_path), \
+    # The output, its report and its quantization description appear together or not at all.
+    beside = converter.description_path(dst, chosen)
+    with converter.claimed_output(src, dst, overwrite, report_path, description=beside), \
             atomic.committed_together(), contextlib.ExitStack() as stack:
         report = None if report_path is None else stack.enter_context(AtomicFile(report_path))
+        methods = None if beside is None else stack.enter_context(AtomicFile(beside))
         with _progress_bar(quiet) as progress:
             result = converter.convert(src, dst, options, progress=progress)
         if report is not None:
             report.write(_json_bytes(result.to_json()))
             report.commit()
+        if methods is not None:
+            methods.write(description.render(result.plan.outputs))
+            methods.commit()
     _warn_about(result.plan)
     if not quiet:
         _print_summary(dst, result)
+        if beside is not None:
+            _print_description_note(beside, result.plan)
 
 
 @contextlib.contextmanager
@@ -348,6 +357,18 @@ def _print_summary(dst: str, result: converter.Result) -> None:
                 for e in worst], right=(1, 2, 3))
 
 
+def _print_description_note(path: str, plan: converter.Plan) -> None:
+    """What a single file's w8a8-dynamic output is made of, and what MindFormers still needs:
+    a single input has no config.json or tokenizer beside it to copy."""
+    quantized = sum(1 for m in description.methods(plan.outputs).values()
+                    if m == description.W8A8_DYNAMIC)
+    click.echo(f"{path}: {quantized} W8A8_DYNAMIC and {len(plan.outputs) - quantized} FLOAT "
+               f"tensors. MindFormers' Mcore networks load the directory "
+               f"({os.path.dirname(path)}) as pretrained_model_dir with quantization: "
+               "golden-stick; copy the model's config.json and tokenizer files there (a single "
+               "input file has none to copy), and keep no other *.safetensors there")
+
+
 def _warn_about(plan: converter.Plan) -> None:
     for info in plan.dropped:
         click.echo(f"warning: {plan.source}: dropped {info.name!r}: safetensors cannot store "
@@ -357,12 +378,14 @@ def _warn_about(plan: converter.Plan) -> None:
                    "output is a copy (see --config / --include)", err=True)
 
 
-def _print_dry_run(plan: converter.Plan, input_size: int) -> None:
+def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
     rows = [(s.source.name, str(s.source.dtype), _shape(s.source.shape),
              human_bytes(s.source.nbytes), human_bytes(sum(o.nbytes for o in s.outputs)))
             for s in plan.quantized]
     _table(("would quantize", "dtype", "shape", "bytes in", "bytes out"), rows)
     _warn_about(plan)
+    if plan.scheme.mcore:
+        click.echo(f"would also write {description.path_beside(dst)}")
     rules = plan.rules
     size = plan.output_size
     click.echo(f"{len(plan.quantized)} of {len(plan.steps) + len(plan.dropped)} tensors would be "
@@ -462,8 +485,8 @@ def _print_recorded_settings(reader: formats.TensorReader) -> None:
 def _asymmetry(reader: formats.TensorReader, found: CheckpointScheme) -> str:
     """' asymmetric' if any quantized layer has a nonzero zero point (a symmetric
     checkpoint stores +0.0 or -0.0)."""
-    if found.scheme == "w8a16":
-        return ""  # the legacy layout is symmetric only
+    if found.scheme == "w8a16" or not found.names("").zp_neg:
+        return ""  # the legacy and Mcore layouts are symmetric only
     by_name = {t.name: t for t in reader.tensors}
     for layer in found.layers:
         info = by_name[found.names(layer).zp_neg]

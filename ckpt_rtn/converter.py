@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from . import __version__, dtypes, formats, paths
+from . import __version__, description, dtypes, formats, paths
 from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, QuantizationError,
                      UnsupportedError)
 from .buffers import BufferPool
@@ -50,7 +50,7 @@ ProgressFn = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Step:
-    """What becomes of one input tensor: copied/renamed, or quantized into three."""
+    """What becomes of one input tensor: copied/renamed, or quantized into the scheme's tensors."""
 
     source: TensorInfo
     outputs: Tuple[TensorInfo, ...]
@@ -177,6 +177,11 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
     """Decide every output tensor from the input's index, the rules and the scheme."""
     if not reader.tensors:
         raise FormatError(reader.path, "contains no tensors")
+    if scheme.mcore and out_format != "safetensors":
+        raise UnsupportedError(reader.path, f"--scheme {scheme.name} writes safetensors, the only "
+                               "format MindFormers' Mcore networks load, not "
+                               f"{out_format} (name a single output .safetensors; a directory's "
+                               ".ckpt shards would stay .ckpt)")
     selections = {info.name: rules.select(info) for info in reader.tensors}
     quantized = {s.layer for s in selections.values() if s is not None}
     steps, dropped = [], []
@@ -216,6 +221,10 @@ def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
         raise QuantizationError(path, f"tensor {info.name!r}: the rules do not say whether it is "
                                 "stored [out, in] or [in, out]; give it a layout in a config "
                                 "YAML (--config FILE) instead of --include")
+    if scheme.mcore and selection.layout == IN_OUT:
+        raise QuantizationError(path, f"tensor {info.name!r} is stored [in, out]; --scheme "
+                                f"{scheme.name} writes Hugging Face [out, in] weights, which is "
+                                "what MindFormers' Mcore networks load")
     out_channels, in_channels = info.shape if selection.layout == OUT_IN else info.shape[::-1]
     reason = scheme.check(out_channels, in_channels)
     if reason is not None:
@@ -236,10 +245,12 @@ def output_format(dst: "os.PathLike[str] | str", requested: Optional[str], crc: 
 
 
 def check_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
-                 overwrite: bool, report: "os.PathLike[str] | str | None" = None) -> None:
-    """Refuse an output path (or a --report path) that would clobber the input, each other, an
-    existing file without --overwrite, or anything but a regular file (a directory, a device,
-    a FIFO, a symbolic link)."""
+                 overwrite: bool, report: "os.PathLike[str] | str | None" = None, *,
+                 description: "os.PathLike[str] | str | None" = None) -> None:
+    """Refuse an output path (or a --report path, or the quantization description written
+    beside the output) that would clobber the input, each other, an existing file without
+    --overwrite, or anything but a regular file (a directory, a device, a FIFO, a symbolic
+    link)."""
     claims = paths.Claims()
     claims.read(src, "the input file")
     claims.write(dst, "the output")
@@ -248,21 +259,24 @@ def check_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     if report is not None:
         claims.write(report, "the report")
         paths.check_destination(report, overwrite=True)
+    if description is not None:
+        claims.write(description, "the quantization description")
+        paths.check_destination(description, overwrite=overwrite)
 
 
 @contextlib.contextmanager
 def claimed_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
-                   overwrite: bool, report: "os.PathLike[str] | str | None" = None
-                   ) -> Iterator[None]:
+                   overwrite: bool, report: "os.PathLike[str] | str | None" = None, *,
+                   description: "os.PathLike[str] | str | None" = None) -> Iterator[None]:
     """Hold `dst` for one run: checked, locked against other ckpt-rtn runs, cleared of the
-    temporary files dead runs left for it (and for `report`).
+    temporary files dead runs left for it (and for `report` and `description`).
 
     Checked again once locked: another run may have written it meanwhile.
     """
-    check_output(src, dst, overwrite, report)
+    check_output(src, dst, overwrite, report, description=description)
     with paths.destination_lock(dst):
-        check_output(src, dst, overwrite, report)
-        for path in (dst, report) if report is not None else (dst,):
+        check_output(src, dst, overwrite, report, description=description)
+        for path in (p for p in (dst, report, description) if p is not None):
             directory, name = os.path.split(os.path.abspath(path))
             remove_dead_temp_files(directory, name, keep=[src])
         yield
@@ -271,11 +285,17 @@ def claimed_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
 def plan_conversion(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
                     options: ConvertOptions = ConvertOptions()) -> Plan:
     """The plan `convert` would follow, after the same checks, writing nothing (--dry-run)."""
-    check_output(src, dst, options.overwrite)
+    check_output(src, dst, options.overwrite, description=description_path(dst, options.scheme))
     fmt = output_format(dst, options.format, options.crc)
     with formats.open_reader(src, verify_crc=options.verify_crc) as reader:
         return make_plan(reader, resolve_rules(options.rules, reader), fmt, crc=options.crc,
                          scheme=options.scheme)
+
+
+def description_path(dst: "os.PathLike[str] | str", scheme: Scheme) -> Optional[str]:
+    """Where a single output file's quant_model_description.json goes; None for a scheme that
+    writes none."""
+    return description.path_beside(dst) if scheme.mcore else None
 
 
 def resolve_rules(rules: "Rules | RuleChoice", reader: TensorReader) -> Rules:

@@ -36,7 +36,9 @@ start while a part runs (nor a part while it runs); it merges the part
 manifests (refusing one made with other settings), skips every shard whose
 file still has the size and sha256 recorded, converts what is missing,
 copies, rewrites the indexes, writes the one manifest, in the layout's
-order, and removes the part manifests. A part's scales are a whole run's:
+order, and removes the part manifests. Under --scheme w8a8-dynamic that run
+also writes DST/quant_model_description.json (description.py), from every
+shard's tensors as the manifest lists them; parts never do. A part's scales are a whole run's:
 the input-split weights' bounds are read from every rank's shard.
 
 The input is walked following symlinked directories (a rank_N linked from
@@ -57,7 +59,7 @@ from typing import Dict, List, Optional, Set, Tuple, Type
 
 import numpy as np
 
-from . import __version__, converter, paths
+from . import __version__, converter, description, paths
 from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
 from .formats import format_from_suffix, open_reader, untrusted_json
 from .formats.atomic import TEMP_PATTERN, copy_atomic, remove_dead_temp_files, write_bytes_atomic
@@ -165,7 +167,9 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
         raise ConfigError(dst, f"--part {part} always resumes its own shards; --overwrite "
                           "applies to a whole run (remove DST to start the parts over)")
     manifest_name = MANIFEST if part is None else part_manifest(part)
-    _check_paths(src, dst, layout, report, manifest_name)
+    if options.scheme.mcore:
+        _check_mcore_input(src, layout, options.scheme)
+    _check_paths(src, dst, layout, report, manifest_name, options.scheme.mcore)
     rules = converter.rules_for(options.rules,
                                 _detection_tensors(src, layout.shards, options.rules), src)
     settings = options.settings(rules, None)
@@ -232,9 +236,14 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
         _rewrite_index(src, dst, rel, manifest)
         _record(dst, manifest, rel, os.path.join(dst, rel), None)
         result.indexes.append(rel)
+    if options.scheme.mcore:  # from every shard's tensors: only the whole run knows them all
+        write_bytes_atomic(os.path.join(dst, description.NAME),
+                           description_of(layout.shards, manifest["files"]))
+        _record(dst, manifest, description.NAME, os.path.join(dst, description.NAME), None)
     # In the layout's order, however the parts finished: the same bytes as one run's.
     files = manifest["files"]
-    order = [rel for rel in layout.shards + layout.others + layout.indexes if rel in files]
+    order = [rel for rel in layout.shards + layout.others + layout.indexes + [description.NAME]
+             if rel in files]
     manifest["files"] = {**{rel: files[rel] for rel in order}, **files}
     _save(dst, MANIFEST, manifest)
     for name in _part_manifest_names(dst):  # merged (or, after --overwrite, stale)
@@ -242,6 +251,31 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
     result.output_size = sum(entry["size"] for entry in manifest["files"].values())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def description_of(shards: List[str], files: Dict[str, Dict[str, object]]) -> bytes:
+    """The quant_model_description.json of a directory whose shards' tensors the manifest
+    `files` lists."""
+    tensors = [t for rel in shards
+               for t in description.manifest_tensors(files[rel]["tensors"])  # type: ignore
+               if t.name != SETTINGS_NAME]
+    return description.render(tensors)
+
+
+def _check_mcore_input(src: str, layout: _Layout, scheme: Scheme) -> None:
+    """MindFormers' Mcore networks load a directory of safetensors with one quantization
+    description: refuse other shards, and a description already in the input."""
+    for rel in layout.shards:
+        if format_from_suffix(rel) != "safetensors":
+            raise UnsupportedError(os.path.join(src, rel), f"--scheme {scheme.name} writes "
+                                   "safetensors, the only format MindFormers' Mcore networks "
+                                   "load; a directory's shards keep their format")
+    for rel in layout.others + layout.indexes:
+        if description.is_description(rel):
+            raise UnsupportedError(os.path.join(src, rel), "is a quantization description "
+                                   "(is this checkpoint quantized already?); MindFormers reads "
+                                   f"exactly one, and --scheme {scheme.name} writes its own "
+                                   f"{description.NAME}")
 
 
 def _detection_tensors(src: str, shards: List[str],
@@ -377,7 +411,7 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
 
 
 def _check_paths(src: str, dst: str, layout: _Layout, report: Optional[str],
-                 manifest: str = MANIFEST) -> None:
+                 manifest: str = MANIFEST, writes_description: bool = False) -> None:
     """Nothing this run writes may land on anything it reads (a symlinked input directory or
     file may lead into DST) or on another of its files; every destination must be replaceable
     by a regular file; the report must not go into the input."""
@@ -390,7 +424,8 @@ def _check_paths(src: str, dst: str, layout: _Layout, report: Optional[str],
     claims.write_in_place(paths.lock_path(dst, directory=True), "the output's lock file")
     claims.write(os.path.join(dst, manifest), "the manifest")
     paths.check_destination(os.path.join(dst, manifest), overwrite=True)
-    for rel in layout.shards + layout.others + layout.indexes:
+    written = layout.shards + layout.others + layout.indexes
+    for rel in written + ([description.NAME] if writes_description else []):
         out = os.path.join(dst, rel)
         _refuse_linked_parents(dst, rel)
         claims.write(out, "an output file")

@@ -18,16 +18,27 @@ Linear as `_layer` and replaces its matmul by a quantized one:
     <p>._layer.matmul.weight_scale   float [out], or [in/group, out]
     <p>._layer.matmul.weight_zp      float, shaped like the scale (negated zero point)
     <p>._layer.bias
+
+MindFormers' Mcore networks (1.6+: Qwen3, Qwen3-MoE, DeepSeek-V3...) load
+Hugging Face-named safetensors, their quantized Linear layers included:
+MindFormers' own `weight_mapping` renames `.weight_scale` to the `w_scale`
+parameter of its golden_stick A8W8DynamicLinearMethod, and there is no zero
+point (symmetric only):
+
+    <p>.weight          int8 [out, in]
+    <p>.weight_scale    float32 [out], bfloat16 for a bfloat16 model
+    <p>.bias            unchanged
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 
 class QuantNames(NamedTuple):
     weight: str
     scale: str
-    zp_neg: str
+    #: None where the layout stores no zero point.
+    zp_neg: Optional[str]
     bias: str
 
 
@@ -41,3 +52,8 @@ def ptq_names(layer: str) -> QuantNames:
     """PTQ framework (GS v1.0+) names for Linear layer `layer`."""
     return QuantNames(f"{layer}._layer.weight", f"{layer}._layer.matmul.weight_scale",
                       f"{layer}._layer.matmul.weight_zp", f"{layer}._layer.bias")
+
+
+def mcore_names(layer: str) -> QuantNames:
+    """MindFormers Mcore (Hugging Face) names for Linear layer `layer`: no zero point."""
+    return QuantNames(f"{layer}.weight", f"{layer}.weight_scale", None, f"{layer}.bias")

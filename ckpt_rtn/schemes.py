@@ -9,6 +9,13 @@
                codes in [-8, 7], scale 2*max|w|/15 per group, stored as qint4x2
                [in, out/2] (transposed, two codes per byte along the output axis,
                even index in the low nibble) with scale and zp [in/group, out].
+    w8a8-dynamic
+               MindFormers' Mcore layout (its golden_stick A8W8DynamicLinearMethod,
+               activations quantized per token at run time): the w8a16-ptq codes and
+               scale under Hugging Face names, `<p>.weight` int8 [out, in] +
+               `<p>.weight_scale` [out], float32 (bfloat16 for a bfloat16 weight, as
+               the loader's w_scale parameter is); no zero point, so symmetric only.
+               A `quant_model_description.json` (description.py) goes beside it.
 
 The two PTQ schemes can also be asymmetric (Golden Stick's
 `weight_symmetric=False`, as its AWQ W4 recipe sets): each row or group
@@ -29,8 +36,8 @@ import numpy as np
 
 from . import dtypes
 from .formats.tensor import TensorInfo
-from .golden_stick import QuantNames, legacy_names, ptq_names
-from .numerics import FloatFormat
+from .golden_stick import QuantNames, legacy_names, mcore_names, ptq_names
+from .numerics import FloatFormat, to_work
 from .buffers import BufferPool, empty
 from .rtn import W8, ErrorStats, RowBounds, RtnSpec, compiled_kernels, quantize_rtn
 
@@ -43,11 +50,30 @@ class Quantized:
     stats: Optional[ErrorStats]
 
 
+def float32_unless_bfloat16(dtype: dtypes.DType) -> dtypes.DType:
+    """MindFormers' A8W8DynamicLinearMethod: w_scale is bfloat16 in a bfloat16 model,
+    float32 otherwise."""
+    return dtype if dtype is dtypes.BFLOAT16 else dtypes.FLOAT32
+
+
 @dataclass(frozen=True)
 class Scheme:
     name: str
     spec: RtnSpec
     names: Callable[[str], QuantNames]
+    #: The scale's stored dtype for a weight's; None: the weight's own.
+    scale_dtype: Optional[Callable[[dtypes.DType], dtypes.DType]] = None
+
+    @property
+    def mcore(self) -> bool:
+        """MindFormers' Mcore layout: Hugging Face names, [out, in] weights, safetensors,
+        and a quant_model_description.json beside them (description.py)."""
+        return self.names is mcore_names
+
+    @property
+    def zero_point(self) -> bool:
+        """Whether a zero point is stored beside the scale."""
+        return self.names("").zp_neg is not None
 
     @property
     def packs_int4(self) -> bool:
@@ -88,8 +114,11 @@ class Scheme:
             weight = TensorInfo.of(names.weight, dtypes.INT8, (out_channels, in_channels))
         group = self.spec.group_size
         scale_shape = (in_channels // group, out_channels) if group else (out_channels,)
-        return (weight, TensorInfo.of(names.scale, dtype, scale_shape),
-                TensorInfo.of(names.zp_neg, dtype, scale_shape))
+        scale_dtype = dtype if self.scale_dtype is None else self.scale_dtype(dtype)
+        scale = TensorInfo.of(names.scale, scale_dtype, scale_shape)
+        if names.zp_neg is None:
+            return weight, scale
+        return weight, scale, TensorInfo.of(names.zp_neg, dtype, scale_shape)
 
     def quantize(self, weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor],
                  stats: bool, bounds: Optional[RowBounds] = None,
@@ -105,7 +134,16 @@ class Scheme:
                 buffers.give([result.q])
         if self.spec.group_size:  # [out, in/g] -> [in/g, out], as WeightQuantBatchMatmul reads it
             scale, zp_neg = np.ascontiguousarray(scale.T), np.ascontiguousarray(zp_neg.T)
+        if not self.zero_point:
+            return Quantized((q, self._stored_scale(scale, fmt)), result.stats)
         return Quantized((q, scale, zp_neg), result.stats)
+
+    def _stored_scale(self, scale: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+        """The scale the codes were rounded against, in the dtype `scale_dtype` stores:
+        a float16 one widens to float32 exactly, bfloat16 stays, float64 is rounded."""
+        if self.scale_dtype is None or fmt is FloatFormat.BFLOAT16:
+            return scale
+        return to_work(scale, fmt).astype(np.float32)
 
 
 def pack_int4(codes: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -160,7 +198,7 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     return np.where(codes > 7, codes - 16, codes).astype(np.int8)
 
 
-SCHEME_NAMES = ("w8a16", "w8a16-ptq", "w4a16")
+SCHEME_NAMES = ("w8a16", "w8a16-ptq", "w4a16", "w8a8-dynamic")
 
 
 def get_scheme(name: str = "w8a16", group_size: Optional[int] = None,
@@ -177,6 +215,15 @@ def get_scheme(name: str = "w8a16", group_size: Optional[int] = None,
         return Scheme(name, W8, legacy_names)
     if name == "w8a16-ptq":
         return Scheme(name, RtnSpec(bits=8, float64_scale=True, symmetric=symmetric), ptq_names)
+    if name == "w8a8-dynamic":
+        if not symmetric:
+            raise ValueError("--asymmetric does not apply to --scheme w8a8-dynamic: "
+                             "MindFormers' A8W8DynamicLinearMethod has no zero point")
+        # Golden Stick quantizes the weight of its W8A8 dynamic cell as that of its
+        # weight-only one (DynamicQuantLinearCell.quant is WeightQuantLinearCell's): symmetric,
+        # full range, scale 2*max|w|/255 in float64. Hence w8a16-ptq's spec.
+        return Scheme(name, RtnSpec(bits=8, float64_scale=True), mcore_names,
+                      float32_unless_bfloat16)
     if name == "w4a16":
         group = 128 if group_size is None else group_size
         if group not in GROUP_SIZES:
@@ -196,7 +243,7 @@ class CheckpointScheme:
 
     @property
     def names(self) -> Callable[[str], QuantNames]:
-        return legacy_names if self.scheme == "w8a16" else ptq_names
+        return {"w8a16": legacy_names, "w8a8-dynamic": mcore_names}.get(self.scheme, ptq_names)
 
     @property
     def label(self) -> str:
@@ -209,7 +256,9 @@ def detect_scheme(tensors: Iterable[TensorInfo]) -> Optional[CheckpointScheme]:
 
     Golden Stick's two naming schemes tell w8a16 from the PTQ ones; an Int4
     weight makes it w4a16, whose group size is its input channels over the
-    scale's rows (packed [in, out/2], scale [in/g, out]).
+    scale's rows (packed [in, out/2], scale [in/g, out]). An Int8 `<p>.weight`
+    beside a `<p>.weight_scale` is MindFormers' Mcore layout (w8a8-dynamic;
+    an FP8 checkpoint's weights are not Int8, and its scales `weight_scale_inv`).
     """
     by_name = {t.name: t for t in tensors}
     for names, scheme in ((legacy_names, "w8a16"), (ptq_names, "w8a16-ptq")):
@@ -222,4 +271,8 @@ def detect_scheme(tensors: Iterable[TensorInfo]) -> Optional[CheckpointScheme]:
             return CheckpointScheme(scheme, None, layers)
         groups = by_name[names(layers[0]).scale].shape[0]
         return CheckpointScheme("w4a16", weight.shape[0] // groups, layers)
-    return None
+    suffix = mcore_names("").scale
+    layers = tuple(sorted(
+        layer for layer in (n[:-len(suffix)] for n in by_name if n.endswith(suffix))
+        if getattr(by_name.get(mcore_names(layer).weight), "dtype", None) is dtypes.INT8))
+    return CheckpointScheme("w8a8-dynamic", None, layers) if layers else None

@@ -15,6 +15,9 @@ A directory is checked file by file against its manifest (size, sha256,
 tensor lists): every shard as above, with the whole-weight row bounds
 `convert` uses when strategy files are present; copied files byte for byte
 against the source's; each rewritten index against the one `convert` writes.
+A w8a8-dynamic output's quant_model_description.json (beside a file, or in
+the directory) is compared with the one `convert` writes for the planned
+tensors.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import Dict, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
-from . import __version__, converter, directory, formats, paths
+from . import __version__, converter, description, directory, formats, paths
 from .errors import FormatError, UnsupportedError
 from .formats import ckpt, crc32, safetensors
 from .formats.strategy import is_strategy_file
@@ -77,6 +80,9 @@ def verify_file(src: str, dst: str, *, verify_crc: bool = True, workers: Optiona
             raise FormatError(dst, f"its recorded {TOOL} settings name no output format")
         plan, differences = _compare_file(src, out, settings, verify_crc=verify_crc,
                                           workers=workers, progress=progress)
+    if plan.scheme.mcore:
+        differences += _check_description(description.path_beside(dst),
+                                          description.render(plan.outputs))
     return Verdict(settings, differences, tensors=len(plan.outputs),
                    quantized=len(plan.quantized))
 
@@ -96,7 +102,9 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
         verdict.differences.append(Difference(directory.MANIFEST, "settings name the output "
                                               f"format {settings.format}; convert records none "
                                               "for a directory"))
-    present = _check_files(layout.shards + layout.others + layout.indexes, files, dst,
+    mcore = settings.build_scheme().mcore
+    written = [description.NAME] if mcore else []
+    present = _check_files(layout.shards + layout.others + layout.indexes + written, files, dst,
                            verdict.differences)
     planned = _check_shards(src, dst, layout, files, present, settings, verdict,
                             verify_crc=verify_crc, workers=workers, progress=progress)
@@ -112,7 +120,26 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
                 verdict.differences.append(Difference(rel, "is not the index convert writes "
                                                       "(weight_map or total_size)"))
         verdict.indexes += 1
+    if mcore and description.NAME in present:
+        verdict.differences += _check_description(
+            os.path.join(dst, description.NAME), directory.description_of(layout.shards, planned))
     return verdict
+
+
+def _check_description(path: str, expected: bytes) -> List[Difference]:
+    """A quant_model_description.json against the one convert writes."""
+    try:
+        with open(path, "rb") as f:
+            found = f.read()
+    except FileNotFoundError:
+        return [Difference(description.NAME, f"missing: convert writes it beside the output "
+                                              f"({path})")]
+    except OSError as exc:
+        return [Difference(description.NAME, f"cannot be read: {exc.strerror}")]
+    if found != expected:
+        return [Difference(description.NAME, "is not the description convert writes (a tensor "
+                                             "missing, extra, or with another method)")]
+    return []
 
 
 def _check_files(expected: List[str], files: Dict[str, Dict[str, object]], dst: str,

@@ -209,6 +209,11 @@ def quantize_network(net: nn.Cell, config: str = "llama2",
     """
     fused = use_fused_kernel() if fused is None else fused
     chosen_scheme = get_scheme(scheme, group_size)
+    if chosen_scheme.mcore:
+        raise DeployError(None, f"{scheme} checkpoints load into MindFormers' Mcore networks "
+                          "(pretrained_model_dir with quant_model_description.json, quantization: "
+                          "golden-stick), which run them on Ascend; ckpt-rtn's deploy cells serve "
+                          "the legacy Llama's w8a16, w8a16-ptq and w4a16")
     linears = {name: cell for name, cell in net.cells_and_names() if type(cell) is Linear}
     if layers is not None:
         chosen = sorted(set(layers))

@@ -1,0 +1,73 @@
+"""`quant_model_description.json`: how MindFormers' Mcore networks learn each layer's method.
+
+What MindFormers 1.9 reads (parallel_core/inference/quantization/): with
+`quantization: golden-stick` in the model config, `utils.get_quant_config`
+globs the model directory (`pretrained_model_dir`) for `*.json` files whose
+path contains `quant_model_description` or `quantization_description`,
+refuses none or several, and loads the one it finds as a flat JSON object.
+`golden_stick/config.py` (GoldenStickConfig) renames its keys with the
+network's `weight_mapping` (Hugging Face names to Mcore ones) and, for each
+Linear or embedding layer, takes the value of the *first* key that contains
+the layer's prefix: "FLOAT" (unquantized), "W8A8", "W8A8_DYNAMIC" or
+"W4A8_DYNAMIC". A layer no key matches fails the network's construction, so
+every tensor is listed. No other top-level key is required ("group_size" is
+read for W4A8_DYNAMIC only), and none is written.
+
+Because the first matching key decides, every tensor of a quantized layer
+(its bias too, which sorts before its weight) carries the layer's method.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, List
+
+from .dtypes import from_mindspore_name
+from .formats.tensor import TensorInfo
+from .golden_stick import mcore_names
+from .schemes import detect_scheme
+
+#: The file name; MindFormers accepts any *.json whose path contains its stem.
+NAME = "quant_model_description.json"
+#: Stems whose presence in a *.json path MindFormers takes as a description.
+STEMS = ("quant_model_description", "quantization_description")
+FLOAT = "FLOAT"
+W8A8_DYNAMIC = "W8A8_DYNAMIC"
+
+
+def methods(tensors: Iterable[TensorInfo]) -> Dict[str, str]:
+    """Each tensor's method, by name, sorted: W8A8_DYNAMIC for the weight, scale and bias
+    of each layer quantized in MindFormers' Mcore layout, FLOAT for everything else."""
+    tensors = list(tensors)
+    found = detect_scheme(tensors)
+    quantized = set()
+    if found is not None and found.scheme == "w8a8-dynamic":
+        for layer in found.layers:
+            names = mcore_names(layer)
+            quantized.update((names.weight, names.scale, names.bias))
+    return {t.name: W8A8_DYNAMIC if t.name in quantized else FLOAT
+            for t in sorted(tensors, key=lambda t: t.name)}
+
+
+def render(tensors: Iterable[TensorInfo]) -> bytes:
+    """The description's bytes for a checkpoint holding `tensors` (all its shards')."""
+    return json.dumps(methods(tensors), indent=2).encode() + b"\n"
+
+
+def path_beside(output: "os.PathLike[str] | str") -> str:
+    """Where a single output file's description goes: its directory, which is what
+    MindFormers' `pretrained_model_dir` names."""
+    return os.path.join(os.path.dirname(os.path.abspath(output)), NAME)
+
+
+def is_description(rel: str) -> bool:
+    """Whether MindFormers would take the file `rel` (relative to a model directory) for a
+    quantization description."""
+    return rel.endswith(".json") and any(stem in rel for stem in STEMS)
+
+
+def manifest_tensors(entries: Iterable[Dict[str, object]]) -> List[TensorInfo]:
+    """TensorInfos from a manifest's tensor lists (directory.manifest_tensors' entries)."""
+    return [TensorInfo(str(e["name"]), from_mindspore_name(str(e["dtype"])),
+                       tuple(int(d) for d in e["shape"]), int(e["nbytes"]))  # type: ignore
+            for e in entries]
