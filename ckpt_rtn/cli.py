@@ -383,12 +383,19 @@ def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
              human_bytes(s.source.nbytes), human_bytes(sum(o.nbytes for o in s.outputs)))
             for s in plan.quantized]
     _table(("would quantize", "dtype", "shape", "bytes in", "bytes out"), rows)
+    if plan.dequantized:
+        count = len(plan.dequantized)
+        click.echo(f"{count} FP8 (F8_E4M3) weight{'' if count == 1 else 's'} would be "
+                   f"dequantized to bfloat16 ({sum(s.quantized for s in plan.dequantized)} "
+                   "then quantized, the others written as bfloat16); the "
+                   f"{len(plan.consumed)} weight_scale_inv tensors are read, not written")
     _warn_about(plan)
     if plan.scheme.mcore:
         click.echo(f"would also write {description.path_beside(dst)}")
     rules = plan.rules
     size = plan.output_size
-    click.echo(f"{len(plan.quantized)} of {len(plan.steps) + len(plan.dropped)} tensors would be "
+    total = len(plan.steps) + len(plan.dropped) + len(plan.consumed)
+    click.echo(f"{len(plan.quantized)} of {total} tensors would be "
                f"quantized ({rules.family} rules, {plan.scheme.label}, blacklist: "
                f"{', '.join(rules.blacklist) or '-'}); "
                f"output {plan.out_format}: {size} bytes ({human_bytes(size)}, "

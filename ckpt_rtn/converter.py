@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from . import __version__, description, dtypes, formats, paths
+from . import __version__, description, dtypes, formats, fp8, paths
 from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, QuantizationError,
                      UnsupportedError)
 from .buffers import BufferPool
@@ -50,15 +50,25 @@ ProgressFn = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Step:
-    """What becomes of one input tensor: copied/renamed, or quantized into the scheme's tensors."""
+    """What becomes of one input tensor: copied/renamed, or quantized into the scheme's tensors.
+
+    An FP8 source carries its block scales (`scale`): it is dequantized to
+    bfloat16 as it is read (fp8.py), and copied or quantized as that.
+    """
 
     source: TensorInfo
     outputs: Tuple[TensorInfo, ...]
     selection: Optional[Selection] = None
+    scale: Optional[TensorInfo] = None
 
     @property
     def quantized(self) -> bool:
         return self.selection is not None
+
+    @property
+    def dtype(self) -> dtypes.DType:
+        """The dtype of the values the step works on: an FP8 source's is bfloat16."""
+        return self.source.dtype if self.scale is None else dtypes.BFLOAT16
 
     @property
     def layer(self) -> Optional[str]:
@@ -79,6 +89,11 @@ class Plan:
     dropped: List[TensorInfo] = field(default_factory=list)
     #: The input file the plan was made from.
     source: str = ""
+    #: Block scales of FP8 weights: read into their weights' steps (here or in another
+    #: shard), not written.
+    consumed: List[TensorInfo] = field(default_factory=list)
+    #: The block scales of this file's FP8 weights that lie in other shards.
+    others: fp8.OtherShards = fp8.NONE
 
     @property
     def records(self) -> List[Tuple[TensorInfo, np.ndarray]]:
@@ -98,6 +113,11 @@ class Plan:
     @property
     def quantized(self) -> List[Step]:
         return [s for s in self.steps if s.quantized]
+
+    @property
+    def dequantized(self) -> List[Step]:
+        """The steps of FP8 weights (quantized or written as bfloat16)."""
+        return [s for s in self.steps if s.scale is not None]
 
     @property
     def output_size(self) -> int:
@@ -173,8 +193,9 @@ class Result:
 
 
 def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool = False,
-              scheme: Scheme = DEFAULT_SCHEME) -> Plan:
-    """Decide every output tensor from the input's index, the rules and the scheme."""
+              scheme: Scheme = DEFAULT_SCHEME, others: fp8.OtherShards = fp8.NONE) -> Plan:
+    """Decide every output tensor from the input's index, the rules and the scheme; `others`:
+    what this file's FP8 weights and scales have in a directory's other shards."""
     if not reader.tensors:
         raise FormatError(reader.path, "contains no tensors")
     if scheme.mcore and out_format != "safetensors":
@@ -184,9 +205,19 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
                                ".ckpt shards would stay .ckpt)")
     selections = {info.name: rules.select(info) for info in reader.tensors}
     quantized = {s.layer for s in selections.values() if s is not None}
+    scales, consumed = fp8.pair_scales(reader.tensors, reader.path, others)
     steps, dropped = [], []
     for info in reader.tensors:
         selection = selections[info.name]
+        if info.name in consumed:
+            continue
+        scale = scales.get(info.name)
+        if scale is not None:  # planned as the bfloat16 weight it is read as
+            work = TensorInfo.of(info.name, dtypes.BFLOAT16, info.shape)
+            outputs = ((work,) if selection is None
+                       else _quantized_outputs(reader.path, scheme, selection, work))
+            steps.append(Step(info, outputs, selection, scale))
+            continue
         if info.name == SETTINGS_NAME:
             if info.dtype is not dtypes.STRING:
                 raise UnsupportedError(reader.path, f"tensor {info.name!r} has the name of the "
@@ -212,7 +243,8 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
     settings = Settings.of(rules, scheme, crc=crc, out_format=out_format)
     if out_format == "safetensors":
         metadata[SETTINGS_NAME] = settings.to_json()
-    return Plan(steps, out_format, metadata, crc, rules, scheme, settings, dropped, reader.path)
+    return Plan(steps, out_format, metadata, crc, rules, scheme, settings, dropped, reader.path,
+                [t for t in reader.tensors if t.name in consumed], others)
 
 
 def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
@@ -342,7 +374,8 @@ def default_workers() -> int:
 def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             options: ConvertOptions = ConvertOptions(), *,
             row_bounds: Optional[Mapping[str, RowBounds]] = None,
-            progress: Optional[ProgressFn] = None) -> Result:
+            progress: Optional[ProgressFn] = None,
+            others: fp8.OtherShards = fp8.NONE) -> Result:
     """Convert `src` to a quantized checkpoint at `dst`; returns what was done.
 
     Tensors stream through a read-ahead / quantize / write-behind pipeline;
@@ -351,7 +384,8 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     dequantization error. `row_bounds` gives, by tensor name, the
     per-output-channel (min, max) of the whole weight a tensor is an
     input-channel slice of (sharded checkpoints). `progress` is called after
-    each tensor with its input bytes and the total.
+    each tensor with its input bytes and the total. `others`: what the FP8
+    weights and scales of a directory's shard have in the other shards.
     """
     started = time.perf_counter()
     check_output(src, dst, options.overwrite)
@@ -360,7 +394,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     with formats.open_reader(src, verify_crc=options.verify_crc, defer_crc=True) as reader, \
             ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-rtn") as pool:
         plan = make_plan(reader, resolve_rules(options.rules, reader), fmt, crc=options.crc,
-                         scheme=options.scheme)
+                         scheme=options.scheme, others=others)
         with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
                                  crc=options.crc) as writer:
             # A bad CRC fails here, so the output is discarded before it is committed.
@@ -396,7 +430,7 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
         result = convert_step(reader.path, step, data, plan.scheme, pool=pool, stats=stats,
                               row_bounds=row_bounds, buffers=buffers)
         if result.stats is not None:
-            errors.append(LayerError(step.layer or "", step.source.shape, step.source.dtype.name,
+            errors.append(LayerError(step.layer or "", step.source.shape, step.dtype.name,
                                      result.stats.max_abs, result.stats.mean_abs,
                                      result.stats.relative))
         return result.arrays
@@ -412,17 +446,28 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
                 progress(step.source.nbytes, total)
 
     try:
-        busy = run_pipeline(plan.steps, lambda step: reader.read(step.source), quantize, store,
-                            size=lambda step: step.source.nbytes, writers=writers)
+        busy = run_pipeline(plan.steps, lambda step: load_step(reader, plan, step), quantize,
+                            store, size=lambda step: step.source.nbytes, writers=writers)
         for info, value in plan.records:
             sink(info, value)
     except CkptRtnError:
         reader.finish()  # a CRC mismatch explains the failure better than its symptom
         raise
     reader.finish()
-    if progress is not None and plan.dropped:
-        progress(sum(t.nbytes for t in plan.dropped), total)
+    if progress is not None and (plan.dropped or plan.consumed):
+        progress(sum(t.nbytes for t in plan.dropped + plan.consumed), total)
     return errors, busy
+
+
+def load_step(reader: TensorReader, plan: Plan, step: Step) -> np.ndarray:
+    """A step's source data as `convert_step` takes it: an FP8 weight dequantized to bfloat16
+    with its block scales (from this file or, in `plan.others`, another shard)."""
+    data = reader.read(step.source)
+    if step.scale is None:
+        return data
+    held = plan.others.scales.get(step.scale.name)
+    scale = held[1] if held is not None else reader.read(step.scale)
+    return fp8.dequantize_bf16(data, scale)
 
 
 def convert_step(path: str, step: Step, data: np.ndarray, scheme: Scheme, *,
@@ -430,8 +475,8 @@ def convert_step(path: str, step: Step, data: np.ndarray, scheme: Scheme, *,
                  row_bounds: Optional[Mapping[str, RowBounds]] = None,
                  buffers: Optional[BufferPool] = None) -> Quantized:
     """The arrays `convert` writes for one step, in the order of `step.outputs`, from its
-    source tensor's data (`verify` recomputes them the same way); the codes' arrays come
-    from `buffers` when given."""
+    source tensor's data as `load_step` gives it (`verify` recomputes them the same way);
+    the codes' arrays come from `buffers` when given."""
     if not step.quantized:
         return Quantized((data,), None)
     return _quantize(path, step, data, scheme, pool, stats,
@@ -456,7 +501,7 @@ def _quantize(path: str, step: Step, data: np.ndarray, scheme: Scheme,
     in_out = step.selection.layout == IN_OUT
     weight = np.ascontiguousarray(out_in_view(data, step.selection))
     try:
-        result = scheme.quantize(weight, float_format(step.source.dtype), pool=pool,
+        result = scheme.quantize(weight, float_format(step.dtype), pool=pool,
                                  stats=stats, bounds=bounds, buffers=buffers)
     except NonFiniteWeightError as exc:
         raise QuantizationError(path, f"tensor {step.source.name!r}: {exc}") from None

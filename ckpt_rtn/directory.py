@@ -41,6 +41,13 @@ also writes DST/quant_model_description.json (description.py), from every
 shard's tensors as the manifest lists them; parts never do. A part's scales are a whole run's:
 the input-split weights' bounds are read from every rank's shard.
 
+FP8 checkpoints (DeepSeek-V3's, fp8.py) keep a weight's block scales
+`<p>.weight_scale_inv` in its shard, or sometimes in another one: before a
+shard is converted, the scales its FP8 weights have elsewhere are read from
+those shards (Fp8Links), and the shard holding them leaves them out. A
+config.json whose quantization_config describes FP8 is written without it
+(copied_config): no output tensor is FP8.
+
 The input is walked following symlinked directories (a rank_N linked from
 elsewhere is common), with loops refused; FIFOs, devices, sockets and
 dangling links are refused by name, and nothing written may land on, or
@@ -59,7 +66,7 @@ from typing import Dict, List, Optional, Set, Tuple, Type
 
 import numpy as np
 
-from . import __version__, converter, description, paths
+from . import __version__, converter, description, dtypes, fp8, paths
 from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
 from .formats import format_from_suffix, open_reader, untrusted_json
 from .formats.atomic import TEMP_PATTERN, copy_atomic, remove_dead_temp_files, write_bytes_atomic
@@ -174,6 +181,9 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
                                 _detection_tensors(src, layout.shards, options.rules), src)
     settings = options.settings(rules, None)
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
+    for rel in layout.others:  # refused before anything is written
+        copied_config(os.path.join(src, rel))
+    links = fp8_links(src, layout.shards)
     if part is None:
         shards = layout.shards
         manifest = _merged_manifest(dst, settings) if options.resume else _new_manifest(settings)
@@ -210,11 +220,12 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
             continue
         _make_directories(os.path.dirname(out))
         converted = converter.convert(os.path.join(src, rel), out, shard_options,
-                                      row_bounds=bounds, progress=shard_progress)
+                                      row_bounds=bounds, progress=shard_progress,
+                                      others=links.others(src, rel))
         result.converted.append(converted)
         plan = converted.plan  # the bar counts file bytes; convert reported tensor bytes
         shard_progress(size - sum(s.source.nbytes for s in plan.steps)
-                       - sum(t.nbytes for t in plan.dropped), total)
+                       - sum(t.nbytes for t in plan.dropped + plan.consumed), total)
         _record(dst, manifest, rel, out, manifest_tensors(converted.plan), manifest_name)
     if part is not None:
         _save(dst, manifest_name, manifest)  # also when it had nothing to do: it ran
@@ -228,7 +239,11 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
             result.skipped.append(rel)
             continue
         _make_directories(os.path.dirname(out))
-        copy_atomic(os.path.join(src, rel), out)
+        config = copied_config(os.path.join(src, rel))
+        if config is None:
+            copy_atomic(os.path.join(src, rel), out)
+        else:
+            write_bytes_atomic(out, config)
         result.copied.append(rel)
         _record(dst, manifest, rel, out, None)
     for rel in layout.indexes:
@@ -251,6 +266,89 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
     result.output_size = sum(entry["size"] for entry in manifest["files"].values())
     result.seconds = time.perf_counter() - started
     return result
+
+
+@dataclass(frozen=True)
+class Fp8Links:
+    """FP8 weights whose block scales lie in another shard (DeepSeek-V3's own checkpoint
+    has such pairs): by the weight's shard, the scales it reads from others (scale name ->
+    their shard); by the scale's shard, the scales its conversion leaves to another."""
+
+    needs: Dict[str, Dict[str, str]]
+    taken: Dict[str, Set[str]]
+
+    def others(self, src: str, rel: str) -> fp8.OtherShards:
+        """What shard `rel`'s conversion needs from the others: their scales read now (a few
+        kilobytes per weight: one float32 per 128x128 block)."""
+        by_shard: Dict[str, List[str]] = {}
+        for name, shard in self.needs.get(rel, {}).items():
+            by_shard.setdefault(shard, []).append(name)
+        scales: Dict[str, Tuple[TensorInfo, np.ndarray]] = {}
+        for shard, names in sorted(by_shard.items()):
+            with open_reader(os.path.join(src, shard), verify_crc=False) as reader:
+                infos = {t.name: t for t in reader.tensors}
+                for name in names:
+                    scales[name] = (infos[name], np.array(reader.read(infos[name])))
+        return fp8.OtherShards(scales, frozenset(self.taken.get(rel, ())))
+
+
+def fp8_links(src: str, shards: List[str]) -> Fp8Links:
+    """Which FP8 weights of the safetensors shards (read from their headers) have their block
+    scales in another shard."""
+    weights: Dict[str, str] = {}
+    scales: Dict[str, str] = {}
+    for rel in shards:
+        if format_from_suffix(rel) != "safetensors":
+            continue
+        with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
+            for info in reader.tensors:
+                if info.dtype is dtypes.FLOAT8_E4M3:
+                    weights[info.name] = rel
+                elif info.name.endswith(fp8.SCALE_SUFFIX):
+                    scales[info.name] = rel
+    links = Fp8Links({}, {})
+    for name, rel in weights.items():
+        scale = name + fp8.SCALE_SUFFIX
+        if scales.get(scale, rel) != rel:
+            links.needs.setdefault(rel, {})[scale] = scales[scale]
+            links.taken.setdefault(scales[scale], set()).add(scale)
+    return links
+
+
+#: The model's configuration that Hugging Face loaders read beside the shards.
+CONFIG = "config.json"
+
+
+def copied_config(path: str) -> Optional[bytes]:
+    """The bytes a directory's copy of `path` gets when they are not the source's: a
+    config.json whose quantization_config describes FP8 (DeepSeek-V3's), without it.
+
+    Every FP8 weight is dequantized (and written as bfloat16 or quantized),
+    so that description would be wrong for the output; the rest of the
+    config is kept, in its order, written back as JSON with indent 2 (as
+    transformers writes it). A config that is not a JSON object, or has no
+    FP8 quantization_config, is copied as it is (None). An FP8 one other than
+    E4M3 in 128x128 blocks is refused: its weights would not read as fp8.py
+    reads them.
+    """
+    if os.path.basename(path) != CONFIG:
+        return None
+    try:
+        config = untrusted_json.load_file(path, "config", max_size=_MAX_INDEX_SIZE)
+    except CkptRtnError:
+        return None
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
+        return None
+    assert isinstance(config, dict)
+    if quantization.get("fmt", "e4m3") != "e4m3" or \
+            quantization.get("weight_block_size", [fp8.BLOCK] * 2) != [fp8.BLOCK] * 2:
+        raise UnsupportedError(path, "quantization_config describes FP8 "
+                               f"{untrusted_json.brief(quantization.get('fmt'))} in blocks of "
+                               f"{untrusted_json.brief(quantization.get('weight_block_size'))}; "
+                               f"ckpt-rtn reads e4m3 in {fp8.BLOCK}x{fp8.BLOCK} blocks")
+    del config["quantization_config"]
+    return json.dumps(config, indent=2).encode() + b"\n"
 
 
 def description_of(shards: List[str], files: Dict[str, Dict[str, object]]) -> bytes:
@@ -319,6 +417,10 @@ def _bounds_over_ranks(src: str, shards: List[str], strategies: List[str], rules
                                            "along both dimensions; convert a merged checkpoint")
                 if scheme.spec.group_size:
                     continue  # groups of input channels stay within a slice (checked per shard)
+                if info.dtype is dtypes.FLOAT8_E4M3:
+                    raise UnsupportedError(os.path.join(src, rel), f"tensor {info.name!r} is FP8 "
+                                           "and split along its input channels; convert a "
+                                           "merged checkpoint")
                 weight = converter.out_in_view(reader.read(info), selection)
                 low, high = row_bounds(weight, converter.float_format(info.dtype))
                 if info.name in bounds:

@@ -4,7 +4,11 @@ MindSpore `.ckpt` records carry a dtype *name* ("Float16", "BFloat16", ...),
 safetensors a short *code* ("F16", "BF16", ...). Both map onto one `DType`
 that also says how the bytes look to numpy. numpy has no bfloat16, so
 BFloat16 is held as its raw `<u2` bit patterns; Int4 (MindSpore's qint4x2)
-is held as its int8 storage bytes, two codes per byte.
+is held as its int8 storage bytes, two codes per byte; FP8 E4M3 (the
+safetensors F8_E4M3 of DeepSeek-V3-style checkpoints) as its uint8 codes,
+decoded by fp8.py. Only safetensors names it: MindSpore `.ckpt` files are not
+read as FP8, and no writer is ever handed one (fp8.py dequantizes every FP8
+weight before it is written).
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ FLOAT16 = _d("Float16", "<f2", "F16", True)
 BFLOAT16 = _d("BFloat16", "<u2", "BF16", True)
 FLOAT32 = _d("Float32", "<f4", "F32", True)
 FLOAT64 = _d("Float64", "<f8", "F64", True)
+FLOAT8_E4M3 = _d("Float8E4M3FN", "u1", "F8_E4M3", True)
 # qint4x2: the shape is the int8 *storage* shape; safetensors stores it as I8
 # and marks the tensor name "Int4" in __metadata__ (MindSpore's convention).
 INT4 = _d("Int4", "i1", "I8")
@@ -77,7 +82,7 @@ _BY_MS_NAME.update({
     "bool": BOOL, "bool_": BOOL, "qint4x2": INT4,
 })
 
-_BY_ST_CODE: Dict[str, DType] = {d.safetensors: d for d in _ALL
+_BY_ST_CODE: Dict[str, DType] = {d.safetensors: d for d in _ALL + (FLOAT8_E4M3,)
                                  if d.safetensors is not None and d is not INT4}
 
 

@@ -31,7 +31,7 @@ from typing import Dict, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
-from . import __version__, converter, description, directory, formats, paths
+from . import __version__, converter, description, directory, formats, fp8, paths
 from .errors import FormatError, UnsupportedError
 from .formats import ckpt, crc32, safetensors
 from .formats.strategy import is_strategy_file
@@ -109,8 +109,14 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
     planned = _check_shards(src, dst, layout, files, present, settings, verdict,
                             verify_crc=verify_crc, workers=workers, progress=progress)
     for rel in (rel for rel in layout.others if rel in present):
-        at = _files_differ(os.path.join(src, rel), os.path.join(dst, rel))
-        if at is not None:
+        config = directory.copied_config(os.path.join(src, rel))
+        if config is not None:
+            with open(os.path.join(dst, rel), "rb") as f:
+                if f.read() != config:
+                    verdict.differences.append(Difference(rel, "is not the config.json convert "
+                                                          "writes (without the FP8 "
+                                                          "quantization_config)"))
+        elif (at := _files_differ(os.path.join(src, rel), os.path.join(dst, rel))) is not None:
             verdict.differences.append(Difference(rel, "differs from the source's copy, first "
                                                   f"at byte {at}"))
         verdict.copied += 1
@@ -172,6 +178,7 @@ def _check_shards(src: str, dst: str, layout: "directory._Layout",
         src, layout.shards, strategies, settings.build_rules(), settings.build_scheme())
         if strategies else {})
     total = sum(layout.sizes[rel] for rel in layout.shards)
+    links = directory.fp8_links(src, layout.shards)
 
     def shard_progress(advance: int, _total: int) -> None:
         if progress is not None:
@@ -183,7 +190,7 @@ def _check_shards(src: str, dst: str, layout: "directory._Layout",
         plan, found = _verify_shard(os.path.join(src, rel), os.path.join(dst, rel),
                                     rel in present, shard_settings, bounds,
                                     verify_crc=verify_crc, workers=workers,
-                                    progress=shard_progress)
+                                    progress=shard_progress, others=links.others(src, rel))
         verdict.differences += [Difference(f"{rel}: {d.where}", d.what) for d in found]
         tensors = directory.manifest_tensors(plan)
         planned[rel] = {"tensors": tensors}
@@ -195,48 +202,52 @@ def _check_shards(src: str, dst: str, layout: "directory._Layout",
         verdict.shards += 1
         verdict.tensors += len(plan.outputs)
         verdict.quantized += len(plan.quantized)
-        shard_progress(layout.sizes[rel] - sum(s.source.nbytes for s in plan.steps), total)
+        shard_progress(layout.sizes[rel] - sum(s.source.nbytes for s in plan.steps)
+                       - sum(t.nbytes for t in plan.consumed), total)
     return planned
 
 
 def _verify_shard(src: str, dst: str, present: bool, settings: Settings,
                   bounds: Mapping[str, RowBounds], *, verify_crc: bool, workers: Optional[int],
-                  progress: converter.ProgressFn) -> Tuple[converter.Plan, List[Difference]]:
+                  progress: converter.ProgressFn,
+                  others: fp8.OtherShards) -> Tuple[converter.Plan, List[Difference]]:
     """One shard. A missing or unreadable one is still planned: the index needs its tensors."""
     if not present:  # reported with the files
-        return _plan_of(src, settings), []
+        return _plan_of(src, settings, others), []
     try:
         out = formats.open_reader(dst, verify_crc=False)
     except FormatError as exc:
-        return _plan_of(src, settings), [Difference("file", f"not a readable checkpoint: "
-                                                            f"{exc.reason}")]
+        return _plan_of(src, settings, others), [Difference("file", "not a readable "
+                                                                    f"checkpoint: {exc.reason}")]
     with out:
         return _compare_file(src, out, settings, row_bounds=bounds, verify_crc=verify_crc,
-                             workers=workers, progress=progress)
+                             workers=workers, progress=progress, others=others)
 
 
-def _plan_of(src: str, settings: Settings) -> converter.Plan:
+def _plan_of(src: str, settings: Settings, others: fp8.OtherShards) -> converter.Plan:
     with formats.open_reader(src, verify_crc=False) as reader:
-        return _make_plan(reader, settings)
+        return _make_plan(reader, settings, others)
 
 
-def _make_plan(reader: TensorReader, settings: Settings) -> converter.Plan:
+def _make_plan(reader: TensorReader, settings: Settings,
+               others: fp8.OtherShards = fp8.NONE) -> converter.Plan:
     """The plan `convert` makes of this input under these settings (those of one file)."""
     assert settings.format is not None
     return converter.make_plan(reader, settings.build_rules(), settings.format,
-                               crc=settings.crc, scheme=settings.build_scheme())
+                               crc=settings.crc, scheme=settings.build_scheme(), others=others)
 
 
 def _compare_file(src: str, out: TensorReader, settings: Settings, *,
                   row_bounds: Optional[Mapping[str, RowBounds]] = None, verify_crc: bool,
-                  workers: Optional[int], progress: Optional[converter.ProgressFn]
+                  workers: Optional[int], progress: Optional[converter.ProgressFn],
+                  others: fp8.OtherShards = fp8.NONE
                   ) -> Tuple[converter.Plan, List[Difference]]:
     """Convert `src` under `settings` in memory, a tensor at a time, against `out`."""
     workers = workers or converter.default_workers()
     with formats.open_reader(src, verify_crc=verify_crc, defer_crc=True) as reader, \
             open(out.path, "rb") as raw, \
             ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-verify") as pool:
-        plan = _make_plan(reader, settings)
+        plan = _make_plan(reader, settings, others)
         check = _FileCheck(plan, out, raw.fileno())
         converter.stream(reader, plan, check.tensor, pool=pool if workers > 1 else None,
                          row_bounds=row_bounds, progress=progress)  # stage times: unused

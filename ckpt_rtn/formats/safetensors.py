@@ -312,6 +312,10 @@ class SafetensorsReader(TensorReader):
         code, shape, (begin, end) = fields
         dtype = dtypes.from_safetensors_code(code)
         if dtype is None:
+            if code.startswith("F8_"):
+                raise UnsupportedError(self.path, f"tensor {brief(name)} is {brief(code)}, an "
+                                       "FP8 format ckpt-rtn does not read (it reads F8_E4M3 "
+                                       "with DeepSeek-V3-style weight_scale_inv block scales)")
             raise UnsupportedError(self.path, f"tensor {brief(name)} has unknown dtype "
                                    f"{brief(code)}")
         if len(shape) > MAX_DIMS:

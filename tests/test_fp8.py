@@ -1,0 +1,266 @@
+"""FP8 sources: E4M3 decoding, 128x128 block dequantization, and DeepSeek-V3-style FP8
+checkpoints converted as the same model given in bfloat16."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+from ckpt_rtn import dtypes, fp8
+from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
+from ckpt_rtn.numerics import float32_to_bf16
+
+from conftest import cli
+from test_hf_families import MODELS, Model
+
+F8 = dtypes.FLOAT8_E4M3
+
+
+def reference_e4m3(code: int) -> float:
+    """An E4M3 (fn) code's value from the OCP definition, in integer-times-power-of-two form."""
+    sign = -1.0 if code & 0x80 else 1.0
+    exponent, mantissa = (code >> 3) & 0xF, code & 0x7
+    if exponent == 0xF and mantissa == 0x7:
+        return math.nan
+    if exponent == 0:
+        return sign * math.ldexp(mantissa, -9)
+    return sign * math.ldexp(8 + mantissa, exponent - 10)
+
+
+def same_floats(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit for bit, NaNs at the same places."""
+    nan = np.isnan(a)
+    return bool((nan == np.isnan(b)).all() and np.array_equal(
+        a[~nan].view(np.uint32), b[~nan].view(np.uint32)))
+
+
+def test_all_256_codes_decode_as_the_format_defines() -> None:
+    codes = np.arange(256, dtype=np.uint8)
+    expected = np.array([reference_e4m3(c) for c in range(256)], dtype=np.float32)
+    assert same_floats(fp8.decode(codes), expected)
+    assert fp8.decode(np.array([0x7E, 0xFE, 0x08, 0x01], np.uint8)).tolist() == [
+        448.0, -448.0, 2.0 ** -6, 2.0 ** -9]  # largest, smallest normal, smallest subnormal
+    assert np.signbit(fp8.decode(np.array([0x80], np.uint8)))[0]  # -0.0 keeps its sign
+    assert np.isnan(fp8.decode(np.array([0x7F, 0xFF], np.uint8))).all()
+
+
+def test_decoding_agrees_with_ml_dtypes() -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    codes = np.arange(256, dtype=np.uint8)
+    assert same_floats(fp8.decode(codes), codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32))
+
+
+def random_fp8(rng: np.random.Generator, shape: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Random finite codes and positive block scales of DeepSeek-V3's magnitude."""
+    codes = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] ^= 1  # no NaN
+    scales = (rng.uniform(0.5, 2.0, fp8.scale_shape(shape)) * 1e-4).astype(np.float32)
+    return codes, scales
+
+
+def reference_bf16(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """fp8_cast_bf16.py's weight_dequant: code value times its block's scale, in float32,
+    then bfloat16 (half to even), with the scales expanded to the whole matrix."""
+    out, inner = codes.shape
+    values = np.array([reference_e4m3(c) for c in range(256)], np.float32)[codes]
+    expanded = np.repeat(np.repeat(scales, fp8.BLOCK, axis=0), fp8.BLOCK, axis=1)[:out, :inner]
+    return float32_to_bf16(values * expanded)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (128, 128), (256, 384), (300, 200), (129, 127),
+                                   (64, 1000)])
+def test_block_dequantization_matches_a_direct_reference(shape: Tuple[int, int]) -> None:
+    codes, scales = random_fp8(np.random.default_rng(sum(shape)), shape)
+    assert np.array_equal(fp8.dequantize_bf16(codes, scales), reference_bf16(codes, scales))
+
+
+def test_each_block_takes_its_own_scale() -> None:
+    """All codes 1.0 (0x38): the dequantized weight is the scale of each element's block."""
+    codes = np.full((200, 300), 0x38, np.uint8)
+    scales = np.arange(1, 7, dtype=np.float32).reshape(2, 3)
+    result = fp8.dequantize_bf16(codes, scales)
+    assert np.array_equal(result, float32_to_bf16(np.kron(scales, np.ones((128, 128)))[:200, :300]
+                                                  .astype(np.float32)))
+
+
+# ---------------------------------------------------------------------- conversion
+
+#: Linear weights DeepSeek-V3 stores in FP8, besides the projections hf-moe quantizes:
+#: the MTP layer's eh_proj, which no family selects (written as bfloat16).
+UNSELECTED_FP8 = "model.layers.2.eh_proj.weight"
+
+
+def deepseek_fp8() -> Tuple[Model, List[str]]:
+    """The tiny DeepSeek-V3 of test_hf_families plus a routed expert wider than a block
+    (gate/up [200, 64], down [64, 200]: partial edge blocks both ways), and which of its
+    weights are FP8: every projection, as in DeepSeek-V3 (embeddings, norms, routers and
+    heads stay bfloat16/float32)."""
+    model = MODELS["deepseek-v3"]()
+    model.mlp("model.layers.1.mlp.experts.4.", 200)
+    weights = sorted(model.linears - {"lm_head.weight"}) + [UNSELECTED_FP8]
+    return model, weights
+
+
+def shard_of(name: str) -> int:
+    """1: embeddings and heads; 2: MLPs; 3: attention and norms; block scales with their
+    weights, except one expert's, which lies in the shard before (DeepSeek-V3 has such)."""
+    if name == "model.layers.1.mlp.experts.4.down_proj.weight_scale_inv":
+        return 1
+    if ".layers." not in name:
+        return 1
+    return 2 if ".mlp." in name else 3
+
+
+FP8_CONFIG = {"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 64,
+              "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "quant_method": "fp8", "weight_block_size": [128, 128]},
+              "torch_dtype": "bfloat16"}
+
+
+def write_directory(directory: Path, tensors: Dict[str, Tuple[dtypes.DType, Tuple[int, ...]]],
+                    arrays: Dict[str, np.ndarray], config: bytes) -> None:
+    """A Hugging Face sharded directory: three shards, their index, config.json."""
+    directory.mkdir()
+    shards: Dict[int, List[str]] = {}
+    for name in tensors:
+        shards.setdefault(shard_of(name), []).append(name)
+    weight_map = {}
+    for k, names in sorted(shards.items()):
+        file = f"model-{k:05d}-of-00003.safetensors"
+        infos = [TensorInfo.of(n, *tensors[n]) for n in names]
+        with open_writer(directory / file, infos, format="safetensors",
+                         metadata={"format": "pt"}) as writer:
+            for name in names:
+                writer.write(name, arrays[name])
+        weight_map.update(dict.fromkeys(names, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (directory / "config.json").write_bytes(config)
+
+
+def fp8_and_bf16_directories(tmp_path: Path) -> Tuple[Path, Path, List[str]]:
+    """The same model twice: FP8 with block scales (and an FP8 quantization_config), and in
+    bfloat16 as the reference dequantizes it (config.json as convert should write it)."""
+    model, fp8_weights = deepseek_fp8()
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for name, (dtype, shape) in model.tensors.items():
+        values = (np.ones(shape, np.float32) if "norm" in name
+                  else (rng.standard_normal(shape) * 0.02).astype(np.float32))
+        arrays[name] = float32_to_bf16(values) if dtype is dtypes.BFLOAT16 else values
+    fp8_tensors, fp8_arrays = {}, {}
+    for name, (dtype, shape) in model.tensors.items():
+        if name not in fp8_weights:
+            fp8_tensors[name], fp8_arrays[name] = (dtype, shape), arrays[name]
+            continue
+        codes, scales = random_fp8(rng, shape)  # type: ignore[arg-type]
+        fp8_tensors[name], fp8_arrays[name] = (F8, shape), codes
+        scale = name + fp8.SCALE_SUFFIX
+        fp8_tensors[scale], fp8_arrays[scale] = (dtypes.FLOAT32, scales.shape), scales
+        arrays[name] = reference_bf16(codes, scales)
+    config = json.dumps(FP8_CONFIG, indent=2).encode() + b"\n"
+    bf16_config = {k: v for k, v in FP8_CONFIG.items() if k != "quantization_config"}
+    write_directory(tmp_path / "fp8", fp8_tensors, fp8_arrays, config)
+    write_directory(tmp_path / "bf16", model.tensors, arrays,
+                    json.dumps(bf16_config, indent=2).encode() + b"\n")
+    return tmp_path / "fp8", tmp_path / "bf16", fp8_weights
+
+
+def tensors_of(directory: Path) -> Dict[str, Tuple[str, TensorInfo, bytes]]:
+    """Each tensor of a directory's shards: its shard, its info and its bytes."""
+    found = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        with open_reader(shard) as reader:
+            found.update({t.name: (shard.name, t, reader.read(t).tobytes())
+                          for t in reader.tensors})
+    return found
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8-dynamic"])
+def test_fp8_directory_converts_as_its_bf16_dequantization(tmp_path: Path, scheme: str) -> None:
+    src, bf16, fp8_weights = fp8_and_bf16_directories(tmp_path)
+    with open_reader(src / "model-00001-of-00003.safetensors") as reader:  # the cross-shard one
+        assert "model.layers.1.mlp.experts.4.down_proj.weight_scale_inv" in reader._position
+    out, expected = tmp_path / "out", tmp_path / "expected"
+    for source, dst in ((src, out), (bf16, expected)):
+        result = cli("convert", source, dst, "--scheme", scheme, "-q")
+        assert result.exit_code == 0, result.stderr
+    names = sorted(p.name for p in expected.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    written, wanted = tensors_of(out), tensors_of(expected)
+    # Every tensor, quantized or not, in the same shard, byte for byte (the shards' data
+    # order follows the input's, where FP8 codes and float32 scales sit apart).
+    assert written.keys() == wanted.keys()
+    for name, (shard, info, data) in wanted.items():
+        assert written[name][:2] == (shard, info), name
+        assert written[name][2] == data, name
+    for name in ("model.safetensors.index.json", "config.json", "quant_model_description.json"):
+        if name in names:
+            assert (out / name).read_bytes() == (expected / name).read_bytes(), name
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["hidden_size"] == 64
+    assert not any(n.endswith(fp8.SCALE_SUFFIX) for n in written)
+    assert not any(info.dtype is F8 for _, info, _ in written.values())
+    assert written[UNSELECTED_FP8][1].dtype is dtypes.BFLOAT16  # not selected: bfloat16
+    assert len(fp8_weights) > 30
+    verdict = cli("verify", src, out, "-q")
+    assert verdict.exit_code == 0, verdict.stdout + verdict.stderr
+
+
+def single_fp8_file(path: Path, *, scale: bool = True, scale_shape=(2, 1),
+                    code: str = "F8_E4M3") -> None:
+    weight = "model.layers.0.self_attn.o_proj.weight"
+    dtype = F8 if code == "F8_E4M3" else dtypes.DType(code, np.dtype("u1"), code, True)
+    infos = [TensorInfo.of(weight, dtype, (200, 64)),
+             TensorInfo.of("model.layers.0.mlp.down_proj.weight", dtypes.BFLOAT16, (64, 64))]
+    if scale:
+        infos.append(TensorInfo.of(weight + fp8.SCALE_SUFFIX, dtypes.FLOAT32, scale_shape))
+    with open_writer(path, infos, format="safetensors", metadata={}) as writer:
+        for info in infos:
+            writer.write(info.name, np.zeros(info.shape, info.dtype.numpy))
+
+
+def test_single_fp8_file_dry_run_plans_the_dequantization(tmp_path: Path) -> None:
+    src = tmp_path / "model.safetensors"
+    single_fp8_file(src)
+    result = cli("convert", src, tmp_path / "out.safetensors", "--dry-run", "--config",
+                 "hf-llama")
+    assert result.exit_code == 0, result.stderr
+    assert "1 FP8 (F8_E4M3) weight would be dequantized to bfloat16 (1 then quantized" \
+        in result.stdout
+    assert "2 of 3 tensors would be quantized" in result.stdout
+    assert "Float8E4M3FN" in result.stdout  # o_proj, in the table of weights to quantize
+
+
+@pytest.mark.parametrize("case, message", [
+    ({"scale": False}, "is FP8 (F8_E4M3) but has no block scales "
+                       "'model.layers.0.self_attn.o_proj.weight_scale_inv'"),
+    ({"scale_shape": (1, 1)}, "the block scales of FP8 [200, 64] are Float32 [2, 1]"),
+    ({"code": "F8_E5M2"}, "is 'F8_E5M2', an FP8 format ckpt-rtn does not read"),
+])
+def test_bad_fp8_input_is_one_line(tmp_path: Path, case: dict, message: str) -> None:
+    src = tmp_path / "model.safetensors"
+    single_fp8_file(src, **case)
+    result = cli("convert", src, tmp_path / "out.safetensors", "--config", "hf-llama")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {src}: ") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_scales_without_their_weight_are_refused(tmp_path: Path) -> None:
+    src = tmp_path / "model.safetensors"
+    infos = [TensorInfo.of("model.layers.0.mlp.down_proj.weight", dtypes.BFLOAT16, (64, 64)),
+             TensorInfo.of("model.layers.0.mlp.down_proj.weight_scale_inv", dtypes.FLOAT32,
+                           (1, 1))]
+    with open_writer(src, infos, format="safetensors", metadata={}) as writer:
+        for info in infos:
+            writer.write(info.name, np.zeros(info.shape, info.dtype.numpy))
+    result = cli("convert", src, tmp_path / "out.safetensors", "--config", "hf-llama")
+    assert result.exit_code == 2
+    assert "holds block scales, but 'model.layers.0.mlp.down_proj.weight' is not an FP8 " \
+           "weight" in result.stderr
