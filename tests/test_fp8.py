@@ -264,3 +264,35 @@ def test_scales_without_their_weight_are_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "holds block scales, but 'model.layers.0.mlp.down_proj.weight' is not an FP8 " \
            "weight" in result.stderr
+
+
+def test_blacklisted_fp8_weight_is_written_as_its_bf16(tmp_path: Path) -> None:
+    src, out = tmp_path / "model.safetensors", tmp_path / "out.safetensors"
+    codes, scales = random_fp8(np.random.default_rng(1), (200, 64))
+    weight = "model.layers.0.self_attn.o_proj.weight"
+    infos = [TensorInfo.of(weight, F8, codes.shape),
+             TensorInfo.of(weight + fp8.SCALE_SUFFIX, dtypes.FLOAT32, scales.shape),
+             TensorInfo.of("model.layers.0.mlp.down_proj.weight", dtypes.BFLOAT16, (64, 64))]
+    with open_writer(src, infos, format="safetensors", metadata={}) as writer:
+        for info, array in zip(infos, (codes, scales, np.zeros((64, 64), np.uint16))):
+            writer.write(info.name, array)
+    result = cli("convert", src, out, "--config", "hf-llama", "--blacklist", "o_proj", "-q")
+    assert result.exit_code == 0, result.stderr
+    with open_reader(out) as reader:
+        written = {t.name: t for t in reader.tensors}
+        assert written[weight].dtype is dtypes.BFLOAT16 and written[weight].shape == (200, 64)
+        assert np.array_equal(reader.read(written[weight]), reference_bf16(codes, scales))
+        assert weight + fp8.SCALE_SUFFIX not in written
+
+
+def test_fp8_config_of_other_blocks_is_refused_before_writing(tmp_path: Path) -> None:
+    src, _, _ = fp8_and_bf16_directories(tmp_path)
+    config = dict(FP8_CONFIG, quantization_config=dict(FP8_CONFIG["quantization_config"],
+                                                       weight_block_size=[64, 64]))
+    (src / "config.json").write_text(json.dumps(config))
+    result = cli("convert", src, tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {src / 'config.json'}: quantization_config "
+                                    "describes FP8 'e4m3' in blocks of [64, 64]")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
