@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections import Counter
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import click
@@ -134,9 +135,11 @@ def main() -> None:
                    "codes under the PTQ framework's names (v1.0+); w4a16: int4 per group, "
                    "packed qint4x2, PTQ names; w8a8-dynamic: MindFormers' Mcore layout "
                    "(Hugging Face names, <p>.weight int8 + <p>.weight_scale, safetensors) with "
-                   "quant_model_description.json beside it.")
+                   "quant_model_description.json beside it; w4a8-dynamic: the same, with "
+                   "a MoE model's routed experts int4 per group (MindFormers' A8W4).")
 @click.option("--group-size", type=click.Choice(["64", "128"]), default=None,
-              help="Input channels per scale for --scheme w4a16 (default 128).")
+              help="Input channels per scale for --scheme w4a16 and w4a8-dynamic's experts "
+                   "(default 128).")
 @click.option("--asymmetric", is_flag=True,
               help="w8a16-ptq/w4a16: give each channel (or group) a zero point, so its codes "
                    "span its own [min, max] (Golden Stick PTQ's weight_symmetric=False). "
@@ -360,10 +363,11 @@ def _print_summary(dst: str, result: converter.Result) -> None:
 def _print_description_note(path: str, plan: converter.Plan) -> None:
     """What a single file's w8a8-dynamic output is made of, and what MindFormers still needs:
     a single input has no config.json or tokenizer beside it to copy."""
-    quantized = sum(1 for m in description.methods(plan.outputs).values()
-                    if m == description.W8A8_DYNAMIC)
-    click.echo(f"{path}: {quantized} W8A8_DYNAMIC and {len(plan.outputs) - quantized} FLOAT "
-               f"tensors. MindFormers' Mcore networks load the directory "
+    counts = Counter(description.methods(plan.outputs).values())
+    w4 = counts[description.W4A8_DYNAMIC]
+    w4_part = f"{w4} W4A8_DYNAMIC, " if w4 else ""
+    click.echo(f"{path}: {w4_part}{counts[description.W8A8_DYNAMIC]} W8A8_DYNAMIC and "
+               f"{counts[description.FLOAT]} FLOAT tensors. MindFormers' Mcore networks load the directory "
                f"({os.path.dirname(path)}) as pretrained_model_dir with quantization: "
                "golden-stick; copy the model's config.json and tokenizer files there (a single "
                "input file has none to copy), and keep no other *.safetensors there")

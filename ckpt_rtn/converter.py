@@ -175,7 +175,7 @@ class Result:
         plan = self.plan
         return {
             "tool": "ckpt-rtn", "version": __version__, "scheme": plan.scheme.name,
-            "group_size": plan.scheme.spec.group_size or None,
+            "group_size": plan.scheme.group_size,
             "symmetric": plan.scheme.spec.symmetric, "family": plan.rules.family,
             "format": plan.out_format, "workers": self.workers, "kernel": kernel_name(),
             "input_bytes": self.input_size, "output_bytes": self.output_size,
@@ -258,6 +258,7 @@ def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
                                 f"{scheme.name} writes Hugging Face [out, in] weights, which is "
                                 "what MindFormers' Mcore networks load")
     out_channels, in_channels = info.shape if selection.layout == OUT_IN else info.shape[::-1]
+    scheme = scheme.for_layer(selection.layer)
     reason = scheme.check(out_channels, in_channels)
     if reason is not None:
         raise QuantizationError(path, f"tensor {info.name!r} {list(info.shape)}: {reason}")
@@ -498,6 +499,7 @@ def _quantize(path: str, step: Step, data: np.ndarray, scheme: Scheme,
               bounds: Optional[RowBounds], buffers: Optional[BufferPool]) -> Quantized:
     """The scheme's arrays for a selected weight, given in its stored layout."""
     assert step.selection is not None
+    scheme = scheme.for_layer(step.selection.layer)
     in_out = step.selection.layout == IN_OUT
     weight = np.ascontiguousarray(out_in_view(data, step.selection))
     try:

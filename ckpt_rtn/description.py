@@ -10,8 +10,11 @@ network's `weight_mapping` (Hugging Face names to Mcore ones) and, for each
 Linear or embedding layer, takes the value of the *first* key that contains
 the layer's prefix: "FLOAT" (unquantized), "W8A8", "W8A8_DYNAMIC" or
 "W4A8_DYNAMIC". A layer no key matches fails the network's construction, so
-every tensor is listed. No other top-level key is required ("group_size" is
-read for W4A8_DYNAMIC only), and none is written.
+every tensor is listed. No other top-level key is required; A8W4DynamicLinearMethod
+reads "group_size" (the int4 codes' group of input channels) and refuses a
+network without it, so a w4a8-dynamic description carries it, and nothing else
+is written. (Its key matching is safe: no layer prefix is contained in
+"group_size".)
 
 Because the first matching key decides, every tensor of a quantized layer
 (its bias too, which sorts before its weight) carries the layer's method.
@@ -22,6 +25,7 @@ import json
 import os
 from typing import Dict, Iterable, List
 
+from . import dtypes
 from .dtypes import from_mindspore_name
 from .formats.tensor import TensorInfo
 from .golden_stick import mcore_names
@@ -33,25 +37,37 @@ NAME = "quant_model_description.json"
 STEMS = ("quant_model_description", "quantization_description")
 FLOAT = "FLOAT"
 W8A8_DYNAMIC = "W8A8_DYNAMIC"
+W4A8_DYNAMIC = "W4A8_DYNAMIC"
+#: The top-level key of a W4A8_DYNAMIC checkpoint's group size.
+GROUP_SIZE = "group_size"
 
 
 def methods(tensors: Iterable[TensorInfo]) -> Dict[str, str]:
-    """Each tensor's method, by name, sorted: W8A8_DYNAMIC for the weight, scale and bias
-    of each layer quantized in MindFormers' Mcore layout, FLOAT for everything else."""
+    """Each tensor's method, by name, sorted: W4A8_DYNAMIC for the weight, scale and bias
+    of each A8W4 expert (an int64 scale), W8A8_DYNAMIC for those of each other layer
+    quantized in MindFormers' Mcore layout, FLOAT for everything else."""
     tensors = list(tensors)
+    by_name = {t.name: t for t in tensors}
     found = detect_scheme(tensors)
-    quantized = set()
-    if found is not None and found.scheme == "w8a8-dynamic":
+    quantized: Dict[str, str] = {}
+    if found is not None and found.scheme in ("w8a8-dynamic", "w4a8-dynamic"):
         for layer in found.layers:
             names = mcore_names(layer)
-            quantized.update((names.weight, names.scale, names.bias))
-    return {t.name: W8A8_DYNAMIC if t.name in quantized else FLOAT
-            for t in sorted(tensors, key=lambda t: t.name)}
+            method = (W4A8_DYNAMIC if by_name[names.scale].dtype is dtypes.INT64
+                      else W8A8_DYNAMIC)
+            quantized.update((name, method) for name in (names.weight, names.scale, names.bias))
+    return {t.name: quantized.get(t.name, FLOAT) for t in sorted(tensors, key=lambda t: t.name)}
 
 
 def render(tensors: Iterable[TensorInfo]) -> bytes:
-    """The description's bytes for a checkpoint holding `tensors` (all its shards')."""
-    return json.dumps(methods(tensors), indent=2).encode() + b"\n"
+    """The description's bytes for a checkpoint holding `tensors` (all its shards'), with
+    the group size where some layer is W4A8_DYNAMIC."""
+    tensors = list(tensors)
+    described: Dict[str, object] = dict(methods(tensors))
+    found = detect_scheme(tensors)
+    if found is not None and found.scheme == "w4a8-dynamic":
+        described[GROUP_SIZE] = found.group_size
+    return json.dumps(described, indent=2).encode() + b"\n"
 
 
 def path_beside(output: "os.PathLike[str] | str") -> str:

@@ -415,7 +415,7 @@ def _bounds_over_ranks(src: str, shards: List[str], strategies: List[str], rules
                 if layout.splits(1 - in_dim):
                     raise UnsupportedError(os.path.join(src, rel), f"tensor {info.name!r} is split "
                                            "along both dimensions; convert a merged checkpoint")
-                if scheme.spec.group_size:
+                if scheme.for_layer(selection.layer).spec.group_size:
                     continue  # groups of input channels stay within a slice (checked per shard)
                 if info.dtype is dtypes.FLOAT8_E4M3:
                     raise UnsupportedError(os.path.join(src, rel), f"tensor {info.name!r} is FP8 "

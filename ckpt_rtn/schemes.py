@@ -16,6 +16,17 @@
                `<p>.weight_scale` [out], float32 (bfloat16 for a bfloat16 weight, as
                the loader's w_scale parameter is); no zero point, so symmetric only.
                A `quant_model_description.json` (description.py) goes beside it.
+    w4a8-dynamic
+               w8a8-dynamic, except for the routed experts of a MoE model
+               (`mlp.experts.N.{gate,up,down}_proj`), which take MindFormers' A8W4
+               layout (its golden_stick A8W4DynamicLinearMethod, MoE only): int4 codes in
+               [-8, 7] per group of `group_size` input channels, scale 2*max|w|/15 (the
+               w4a16 codes), stored under Hugging Face names and shapes as one expert of
+               Golden Stick's stacked [E, in, out/2] qint4x2 weight transposed:
+               `<p>.weight` int8 [out/2, in] (output rows 2j, 2j+1 share a byte, 2j in
+               the low nibble) and `<p>.weight_scale` int64 [out, in/group] holding each
+               float32 scale's bits in its low 32 bits. See mcore_int4 below for the
+               sources.
 
 The two PTQ schemes can also be asymmetric (Golden Stick's
 `weight_symmetric=False`, as its AWQ W4 recipe sets): each row or group
@@ -28,6 +39,7 @@ arrays to store, in the order of `outputs`.
 """
 from __future__ import annotations
 
+import re
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Tuple
@@ -63,6 +75,21 @@ class Scheme:
     names: Callable[[str], QuantNames]
     #: The scale's stored dtype for a weight's; None: the weight's own.
     scale_dtype: Optional[Callable[[dtypes.DType], dtypes.DType]] = None
+    #: The scheme for the routed experts' weights (w4a8-dynamic's A8W4); None: this one.
+    experts: Optional["Scheme"] = None
+
+    def for_layer(self, layer: str) -> "Scheme":
+        """The scheme that quantizes Linear layer `layer` (a routed expert's or any other)."""
+        if self.experts is not None and ROUTED_EXPERT.search(layer):
+            return self.experts
+        return self
+
+    @property
+    def group_size(self) -> Optional[int]:
+        """The group size of whichever layers have groups; None if none do."""
+        if self.spec.group_size:
+            return self.spec.group_size
+        return self.experts.group_size if self.experts is not None else None
 
     @property
     def mcore(self) -> bool:
@@ -80,11 +107,45 @@ class Scheme:
         return self.spec.bits == 4
 
     @property
+    def mcore_int4(self) -> bool:
+        """MindFormers' A8W4 expert layout (w4a8-dynamic's routed experts).
+
+        What MindFormers 1.9 loads (parallel_core/inference/): a8dynw4.py's
+        A8W4DynamicLinearMethod (MoE only; it raises for any other Linear)
+        gives GroupedMLP a qint4x2 `weight1`/`weight2` [E, in, out/2] and each
+        grouped linear a uint64 `w_scale` [E, in/group, out], group the
+        description's top-level `group_size`. gpt_model.load_weights hands
+        each expert's `mlp.experts.N.{gate,up,down}_proj.weight` and
+        `.weight_scale` (renamed `.w_scale` by DeepSeek-V3's convert_name) to
+        grouped_layers.py's Column/RowParallelGroupedLinear.weight_loader,
+        which transposes the 2-D tensor and copies it into expert N's slice
+        (gate into the first half of weight1's columns, up into the second),
+        so a checkpoint holds [out/2, in] codes and [out, in/group] scales,
+        and the scale's integer value lands unconverted in the uint64
+        parameter. process_weights_after_loading reads it back with
+        `.astype(np.uint32).view(np.float32)` and unpacks each byte low
+        nibble first (two's complement: >7 minus 16), then computes
+        gmm_bias = 8 * sum(codes * scale) over the input channels, the
+        compensation GroupedMatmulV4 needs for the kernel's +8 offset of the
+        codes; the checkpoint stores no offset and no gmm_bias.
+
+        Golden Stick writes the same (mindspore_gs/ptq/models/mindformers_models/
+        param_processor.py, MoeParamProcessor: each expert of the stacked
+        qint4x2 weight, weight_scale and weight_offset transposed to [out, ...];
+        basic_quant_func.convert_fp32_to_int64: the float32 bits as uint32,
+        widened to int64), its A8W4 being GPTQ's int4 weight (codes in
+        [-8, 7], narrow_range False, scale 2*max|w|/15 symmetric, as w4a16)
+        with activations quantized per token at run time
+        (ptq/wrappers/mindformers/linear_gptq_dynamic_quant_wrappers.py).
+        """
+        return self.packs_int4 and self.mcore
+
+    @property
     def label(self) -> str:
         """The scheme as messages and reports name it, e.g. 'w4a16 g64 asymmetric'."""
         parts = [self.name]
-        if self.spec.group_size:
-            parts.append(f"g{self.spec.group_size}")
+        if self.group_size:
+            parts.append(f"g{self.group_size}")
         if not self.spec.symmetric:
             parts.append("asymmetric")
         return " ".join(parts)
@@ -108,11 +169,15 @@ class Scheme:
                 in_channels: int) -> Tuple[TensorInfo, ...]:
         """The tensors that replace `<layer>.weight` (a [out, in] weight of `dtype`)."""
         names = self.names(layer)
+        group = self.spec.group_size
+        if self.mcore_int4:
+            weight = TensorInfo.of(names.weight, dtypes.INT8, (out_channels // 2, in_channels))
+            scale = TensorInfo.of(names.scale, dtypes.INT64, (out_channels, in_channels // group))
+            return weight, scale
         if self.packs_int4:
             weight = TensorInfo.of(names.weight, dtypes.INT4, (in_channels, out_channels // 2))
         else:
             weight = TensorInfo.of(names.weight, dtypes.INT8, (out_channels, in_channels))
-        group = self.spec.group_size
         scale_shape = (in_channels // group, out_channels) if group else (out_channels,)
         scale_dtype = dtype if self.scale_dtype is None else self.scale_dtype(dtype)
         scale = TensorInfo.of(names.scale, scale_dtype, scale_shape)
@@ -128,6 +193,11 @@ class Scheme:
         result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats, bounds=bounds,
                               buffers=buffers)
         q, scale, zp_neg = result.q, result.scale, result.zp_neg
+        if self.mcore_int4:  # pairs of output rows share a byte, [out/2, in]; scale [out, in/g]
+            q = pack_int4(result.q, axis=0)
+            if buffers is not None:
+                buffers.give([result.q])
+            return Quantized((q, float32_bits(scale, fmt)), result.stats)
         if self.packs_int4:  # pairs of output rows share a byte; then [in, out/2]
             q = pack_int4_transposed(result.q, buffers)
             if buffers is not None:
@@ -144,6 +214,12 @@ class Scheme:
         if self.scale_dtype is None or fmt is FloatFormat.BFLOAT16:
             return scale
         return to_work(scale, fmt).astype(np.float32)
+
+
+def float32_bits(scale: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """A scale of raw `fmt` values as int64 holding its float32 bits (exact: float16 and
+    bfloat16 widen exactly, float64 is rounded), Golden Stick's convert_fp32_to_int64."""
+    return to_work(scale, fmt).astype(np.float32).view(np.uint32).astype(np.int64)
 
 
 def pack_int4(codes: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -198,15 +274,22 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     return np.where(codes > 7, codes - 16, codes).astype(np.int8)
 
 
-SCHEME_NAMES = ("w8a16", "w8a16-ptq", "w4a16", "w8a8-dynamic")
+SCHEME_NAMES = ("w8a16", "w8a16-ptq", "w4a16", "w8a8-dynamic", "w4a8-dynamic")
+#: A routed expert's Linear layer under Hugging Face names (Qwen3-MoE, DeepSeek-V3,
+#: Qwen2-MoE): not `mlp.shared_experts.*` / `mlp.shared_expert.*`, which MindFormers builds
+#: as plain Linear layers, and not the router `mlp.gate`.
+ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj$")
 
 
 def get_scheme(name: str = "w8a16", group_size: Optional[int] = None,
                symmetric: bool = True) -> Scheme:
-    """A scheme by its CLI name; `group_size` applies to w4a16 (default 128),
-    `symmetric` False to the PTQ schemes."""
-    if name != "w4a16" and group_size is not None:
-        raise ValueError("--group-size applies to --scheme w4a16 only")
+    """A scheme by its CLI name; `group_size` applies to w4a16 and w4a8-dynamic's experts
+    (default 128), `symmetric` False to the PTQ schemes."""
+    if name not in ("w4a16", "w4a8-dynamic") and group_size is not None:
+        raise ValueError("--group-size applies to --scheme w4a16 and w4a8-dynamic only")
+    group = 128 if group_size is None else group_size
+    if group not in GROUP_SIZES:
+        raise ValueError(f"--group-size must be one of {GROUP_SIZES} (Golden Stick's)")
     if name == "w8a16":
         if not symmetric:
             raise ValueError("--asymmetric needs a PTQ scheme (w8a16-ptq or w4a16): Golden "
@@ -224,10 +307,15 @@ def get_scheme(name: str = "w8a16", group_size: Optional[int] = None,
         # full range, scale 2*max|w|/255 in float64. Hence w8a16-ptq's spec.
         return Scheme(name, RtnSpec(bits=8, float64_scale=True), mcore_names,
                       float32_unless_bfloat16)
+    if name == "w4a8-dynamic":
+        if not symmetric:
+            raise ValueError("--asymmetric does not apply to --scheme w4a8-dynamic: "
+                             "MindFormers' A8W4 and A8W8 dynamic methods have no zero point")
+        experts = Scheme(name, RtnSpec(bits=4, group_size=group, float64_scale=True),
+                         mcore_names, lambda _: dtypes.INT64)
+        return Scheme(name, RtnSpec(bits=8, float64_scale=True), mcore_names,
+                      float32_unless_bfloat16, experts)
     if name == "w4a16":
-        group = 128 if group_size is None else group_size
-        if group not in GROUP_SIZES:
-            raise ValueError(f"--group-size must be one of {GROUP_SIZES} (Golden Stick's)")
         return Scheme(name, RtnSpec(bits=4, group_size=group, float64_scale=True,
                                     symmetric=symmetric), ptq_names)
     raise ValueError(f"unknown scheme {name!r}; choose from {', '.join(SCHEME_NAMES)}")
@@ -243,7 +331,8 @@ class CheckpointScheme:
 
     @property
     def names(self) -> Callable[[str], QuantNames]:
-        return {"w8a16": legacy_names, "w8a8-dynamic": mcore_names}.get(self.scheme, ptq_names)
+        return {"w8a16": legacy_names, "w8a8-dynamic": mcore_names,
+                "w4a8-dynamic": mcore_names}.get(self.scheme, ptq_names)
 
     @property
     def label(self) -> str:
@@ -258,7 +347,9 @@ def detect_scheme(tensors: Iterable[TensorInfo]) -> Optional[CheckpointScheme]:
     weight makes it w4a16, whose group size is its input channels over the
     scale's rows (packed [in, out/2], scale [in/g, out]). An Int8 `<p>.weight`
     beside a `<p>.weight_scale` is MindFormers' Mcore layout (w8a8-dynamic;
-    an FP8 checkpoint's weights are not Int8, and its scales `weight_scale_inv`).
+    an FP8 checkpoint's weights are not Int8, and its scales `weight_scale_inv`),
+    w4a8-dynamic where some scale is Int64 (an A8W4 expert's [out, in/group]
+    float32 bits beside its [out/2, in] codes).
     """
     by_name = {t.name: t for t in tensors}
     for names, scheme in ((legacy_names, "w8a16"), (ptq_names, "w8a16-ptq")):
@@ -275,4 +366,12 @@ def detect_scheme(tensors: Iterable[TensorInfo]) -> Optional[CheckpointScheme]:
     layers = tuple(sorted(
         layer for layer in (n[:-len(suffix)] for n in by_name if n.endswith(suffix))
         if getattr(by_name.get(mcore_names(layer).weight), "dtype", None) is dtypes.INT8))
-    return CheckpointScheme("w8a8-dynamic", None, layers) if layers else None
+    if not layers:
+        return None
+    for layer in layers:  # an int64 scale holds float32 bits: an A8W4 expert's
+        names = mcore_names(layer)
+        scale = by_name[names.scale]
+        if scale.dtype is dtypes.INT64 and len(scale.shape) == 2 and scale.shape[1]:
+            group = by_name[names.weight].shape[1] // scale.shape[1]
+            return CheckpointScheme("w4a8-dynamic", group, layers)
+    return CheckpointScheme("w8a8-dynamic", None, layers)

@@ -59,7 +59,7 @@ class Settings:
     def of(cls, rules: Rules, scheme: Scheme, *, crc: bool,
            out_format: Optional[str]) -> "Settings":
         return cls(version=__version__, scheme=scheme.name,
-                   group_size=scheme.spec.group_size or None, symmetric=scheme.spec.symmetric,
+                   group_size=scheme.group_size, symmetric=scheme.spec.symmetric,
                    family=rules.family, linear_weights=_patterns(rules.linear_weights),
                    family_weights=_patterns(rules.family_weights),
                    blacklist=tuple(rules.blacklist), crc=crc, format=out_format)
