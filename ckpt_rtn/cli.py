@@ -367,8 +367,8 @@ def _print_description_note(path: str, plan: converter.Plan) -> None:
     w4 = counts[description.W4A8_DYNAMIC]
     w4_part = f"{w4} W4A8_DYNAMIC, " if w4 else ""
     click.echo(f"{path}: {w4_part}{counts[description.W8A8_DYNAMIC]} W8A8_DYNAMIC and "
-               f"{counts[description.FLOAT]} FLOAT tensors. MindFormers' Mcore networks load the directory "
-               f"({os.path.dirname(path)}) as pretrained_model_dir with quantization: "
+               f"{counts[description.FLOAT]} FLOAT tensors. MindFormers' Mcore networks load "
+               f"the directory ({os.path.dirname(path)}) as pretrained_model_dir with quantization: "
                "golden-stick; copy the model's config.json and tokenizer files there (a single "
                "input file has none to copy), and keep no other *.safetensors there")
 
