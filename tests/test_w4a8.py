@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -27,7 +24,7 @@ from ckpt_rtn.numerics import FloatFormat, bf16_to_float32, to_work
 from ckpt_rtn.rtn import RtnSpec, quantize_rtn
 from ckpt_rtn.schemes import detect_scheme, get_scheme, unpack_int4
 
-from conftest import cli
+from conftest import cli, mcore_load
 from test_hf_families import Model, arrays_of, write_safetensors
 from test_w8a8 import SLACK, weight
 
@@ -177,9 +174,6 @@ def test_converts_and_describes(tmp_path: Path) -> None:
     assert again.exit_code == 2 and "w4a8-dynamic" in again.stderr
 
 
-MCORE_LOAD = Path(__file__).with_name("mcore_moe_load.py")
-
-
 @pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
                     reason="needs the mindspore extra (MindFormers 1.9)")
 def test_mindformers_mcore_deepseek_v3_loads_it(tmp_path: Path) -> None:
@@ -193,16 +187,7 @@ def test_mindformers_mcore_deepseek_v3_loads_it(tmp_path: Path) -> None:
     computed as a8dynw4.py does. Running the network needs Ascend (GroupedMatmulV4,
     DynamicQuantExt)."""
     model, arrays, _, out, written, _, _ = converted(tmp_path, "--blacklist", "kv_b_proj")
-    scratch = tmp_path / "scratch"  # MindFormers writes ./output/log
-    scratch.mkdir()
-    env = {**os.environ, "LOCAL_DEFAULT_PATH": str(scratch), "GLOG_v": "3",
-           "PYTHONPATH": os.pathsep.join([str(MCORE_LOAD.parent.parent),
-                                          os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, str(MCORE_LOAD), str(out), "bfloat16",
-                          str(tmp_path / "loaded.npz")], cwd=scratch, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    loaded = dict(np.load(tmp_path / "loaded.npz"))
+    loaded = mcore_load("deepseek-v3", out, "bfloat16", tmp_path)
     mc, hf = "model.decoder.layers.1.mlp.", "model.layers.1.mlp."
 
     weight1, weight2 = loaded[mc + "experts.weight1"], loaded[mc + "experts.weight2"]

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -26,7 +23,7 @@ from ckpt_rtn.numerics import FloatFormat, bf16_to_float32, float32_to_bf16, to_
 from ckpt_rtn.rtn import RtnSpec, quantize_rtn
 from ckpt_rtn.schemes import detect_scheme, get_scheme
 
-from conftest import cli
+from conftest import cli, mcore_load
 from test_hf_families import MODELS, arrays_of, write_safetensors
 
 SCHEME = get_scheme("w8a8-dynamic")
@@ -206,9 +203,6 @@ def test_directory_refusals(tmp_path: Path) -> None:
     assert not (tmp_path / "dst").exists()
 
 
-MCORE_LOAD = Path(__file__).with_name("mcore_qwen3_load.py")
-
-
 @pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
                     reason="needs the mindspore extra (MindFormers 1.9)")
 @pytest.mark.parametrize("params_dtype", ["bfloat16", "float16"])
@@ -227,16 +221,7 @@ def test_mindformers_mcore_qwen3_loads_it(tmp_path: Path, params_dtype: str) -> 
     with open_reader(out / "model.safetensors") as reader:
         written = {t.name: reader.read(t) for t in reader.tensors}
 
-    scratch = tmp_path / "scratch"  # MindFormers writes ./output/log
-    scratch.mkdir()
-    env = {**os.environ, "LOCAL_DEFAULT_PATH": str(scratch), "GLOG_v": "3",
-           "PYTHONPATH": os.pathsep.join([str(MCORE_LOAD.parent.parent),
-                                          os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, str(MCORE_LOAD), str(out), params_dtype,
-                          str(tmp_path / "loaded.npz")], cwd=scratch, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    loaded = dict(np.load(tmp_path / "loaded.npz"))
+    loaded = mcore_load("qwen3", out, params_dtype, tmp_path)
 
     def fp(name: str) -> np.ndarray:
         return bf16_to_float32(written[name]) if written[name].dtype == np.uint16 \
