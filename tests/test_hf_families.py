@@ -39,13 +39,16 @@ class Model:
         self.family = family
         self.tensors: Dict[str, Spec] = {}
         self.linears: Set[str] = set()
+        #: Linear weights the family's default blacklist keeps (selected without it).
+        self.kept_linears: Set[str] = set()
 
     def keep(self, name: str, *shape: int, dtype: dtypes.DType = BF16) -> None:
         self.tensors[name] = (dtype, shape)
 
-    def linear(self, layer: str, out: int, inp: int, bias: bool = False) -> None:
+    def linear(self, layer: str, out: int, inp: int, bias: bool = False,
+               kept: bool = False) -> None:
         self.keep(f"{layer}.weight", out, inp)
-        self.linears.add(f"{layer}.weight")
+        (self.kept_linears if kept else self.linears).add(f"{layer}.weight")
         if bias:
             self.keep(f"{layer}.bias", out)
 
@@ -78,7 +81,8 @@ def mla(m: Model, p: str, q_lora_rank: "int | None") -> None:
         m.linear(p + "self_attn.q_b_proj", heads * (nope + rope), q_lora_rank)
     m.linear(p + "self_attn.kv_a_proj_with_mqa", kv_lora + rope, H)
     m.keep(p + "self_attn.kv_a_layernorm.weight", kv_lora)
-    m.linear(p + "self_attn.kv_b_proj", heads * (nope + v_head), kv_lora)
+    # kept by hf-moe's default blacklist: MindFormers cannot load it quantized
+    m.linear(p + "self_attn.kv_b_proj", heads * (nope + v_head), kv_lora, kept=True)
     m.linear(p + "self_attn.o_proj", H, heads * v_head)
 
 
@@ -254,7 +258,7 @@ def test_routers_and_gates_are_never_selected(case: str) -> None:
     rules = load_rules("hf-moe").with_overrides(keep_default_blacklist=False)
     selected = {n for n, (dtype, shape) in model.tensors.items()
                 if rules.select(TensorInfo.of(n, dtype, shape)) is not None}
-    assert selected == model.linears | {"lm_head.weight"}
+    assert selected == model.linears | model.kept_linears | {"lm_head.weight"}
     assert not any(re.search(r"\.(gate|shared_expert_gate)\.", n) for n in selected)
 
 

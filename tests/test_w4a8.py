@@ -118,7 +118,7 @@ def deepseek_v3() -> Model:
         m.linear(p + "self_attn.q_b_proj", 4 * (16 + 8), 48)
         m.linear(p + "self_attn.kv_a_proj_with_mqa", 32 + 8, H)
         m.keep(p + "self_attn.kv_a_layernorm.weight", 32)
-        m.linear(p + "self_attn.kv_b_proj", 4 * (16 + 16), 32)
+        m.linear(p + "self_attn.kv_b_proj", 4 * (16 + 16), 32, kept=True)
         m.linear(p + "self_attn.o_proj", H, 4 * 16)
         m.keep(p + "post_attention_layernorm.weight", H)
         mlps = [p + "mlp."] if i == 0 else [p + "mlp.shared_experts."] + [
@@ -186,7 +186,7 @@ def test_mindformers_mcore_deepseek_v3_loads_it(tmp_path: Path) -> None:
     computes it, which needs Ascend (its RepeatInterleaveInt has no CPU kernel); here it is
     computed as a8dynw4.py does. Running the network needs Ascend (GroupedMatmulV4,
     DynamicQuantExt)."""
-    model, arrays, _, out, written, _, _ = converted(tmp_path, "--blacklist", "kv_b_proj")
+    model, arrays, _, out, written, _, _ = converted(tmp_path)  # kv_b_proj kept by default
     loaded = mcore_load("deepseek-v3", out, "bfloat16", tmp_path)
     mc, hf = "model.decoder.layers.1.mlp.", "model.layers.1.mlp."
 
