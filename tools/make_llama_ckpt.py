@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Write a Llama2-shaped FP16 checkpoint with random weights, for benchmarks.
 
-Real Llama2 tensor shapes and MindFormers names; `--layers` sets the size
+Real Llama2 tensor shapes and MindFormers names (`--naming hf`: Hugging Face's,
+as a downloaded Llama's safetensors name them); `--layers` sets the size
 (7b: ~0.4 GB per layer, 70b: ~1.7 GB per layer, plus embeddings and head).
 By default the file is streamed out with ckpt-rtn's own writer, so even a
 20 GB file needs little memory; `--writer mindspore` builds it in memory and
@@ -9,6 +10,7 @@ saves it with mindspore.save_checkpoint instead, as a user's training run
 would.
 
     python tools/make_llama_ckpt.py --preset 7b --layers 2 /tmp/llama_1gb.ckpt
+    python tools/make_llama_ckpt.py --preset 70b --layers 1 --naming hf /tmp/hf70b.safetensors
 """
 from __future__ import annotations
 
@@ -55,6 +57,21 @@ def llama2_shapes(preset: str, layers: int) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
+#: MindFormers' Llama names -> Hugging Face's (transformers' LlamaForCausalLM).
+HF_NAMES = [("model.tok_embeddings.embedding_weight", "model.embed_tokens.weight"),
+            ("attention_norm.", "input_layernorm."), ("attention.wq.", "self_attn.q_proj."),
+            ("attention.wk.", "self_attn.k_proj."), ("attention.wv.", "self_attn.v_proj."),
+            ("attention.wo.", "self_attn.o_proj."), ("ffn_norm.", "post_attention_layernorm."),
+            ("feed_forward.w1.", "mlp.gate_proj."), ("feed_forward.w3.", "mlp.up_proj."),
+            ("feed_forward.w2.", "mlp.down_proj."), ("model.norm_out.", "model.norm.")]
+
+
+def hf_name(name: str) -> str:
+    for ours, theirs in HF_NAMES:
+        name = name.replace(ours, theirs)
+    return name
+
+
 def random_fp16(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
     if len(shape) == 1:
         return np.ones(shape, np.float16)
@@ -72,8 +89,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--writer", choices=("ckpt-rtn", "mindspore"), default="ckpt-rtn")
+    parser.add_argument("--naming", choices=("mindformers", "hf"), default="mindformers")
     args = parser.parse_args()
     shapes = llama2_shapes(args.preset, args.layers)
+    if args.naming == "hf":
+        shapes = {hf_name(name): shape for name, shape in shapes.items()}
     rng = np.random.default_rng(args.seed)
     if args.writer == "mindspore":
         import mindspore as ms
