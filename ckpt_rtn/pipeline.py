@@ -45,7 +45,8 @@ BATCH_ITEMS = 4096
 @dataclass
 class StageTimes:
     """Seconds each stage spent working, not waiting; each is written by one thread only
-    (the storing threads' time is added up at the end)."""
+    (for several storing threads, `store` is set at the end to the time at least one of
+    them was storing)."""
     load: float = 0.0
     process: float = 0.0
     store: float = 0.0
