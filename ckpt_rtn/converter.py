@@ -32,7 +32,8 @@ from .options import ConvertOptions
 from .pipeline import StageTimes, run_pipeline
 from .rtn import NonFiniteWeightError, RowBounds, kernel_name
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
-from .schemes import Quantized, Scheme, detect_scheme, get_scheme, transposed
+from .packing import transposed
+from .schemes import Quantized, Scheme, detect_scheme, get_scheme
 from .settings import NAME as SETTINGS_NAME, Settings
 
 _FLOAT_FORMATS = {

@@ -167,29 +167,42 @@ def quantize_kernel(kind: int, symmetric: bool, measure: bool) -> Callable[..., 
     return kernel
 
 
-#: Output-row pairs packed at a time by pack_int4_transposed: each output row then gets 8
-#: consecutive bytes per strip (one 64-bit store), and the strip stays in L1/L2.
-_PACK_STRIP = 8
+#: Edge of the tiles pack_int4_transposed turns: 64 row pairs by 64 columns, 4 KiB in L1.
+#: Each of `out`'s rows then gets a whole cache line (64 bytes) at once, and the tile's rows
+#: are 64 bytes apart, where whole rows of a wide matrix would all fall in one cache set.
+_PACK_TILE = 64
 
 
 @njit(nogil=True, cache=True)
 def pack_int4_transposed(codes, out):  # pragma: no cover - compiled
-    """int4 codes [out, in] into qint4x2 [in, out/2]: out[i, j] holds codes[2j, i] in its
-    low nibble and codes[2j+1, i] in its high one (schemes.pack_int4 then transposed).
-
-    A strip of row pairs is packed along the rows (contiguous, vectorised),
-    then turned into a few bytes of every output row.
-    """
+    """int4 codes [out, in] into qint4x2 [in, out/2] (packing.Int4Layout.TRANSPOSED): out[i, j]
+    holds codes[2j, i] in its low nibble and codes[2j+1, i] in its high one. `out` may be
+    a column slice of a wider matrix: rtn packs each block of rows into its own columns."""
     rows, cols = codes.shape
-    pairs = np.empty((_PACK_STRIP, cols), dtype=np.int8)
-    for p0 in range(0, rows // 2, _PACK_STRIP):
-        p1 = min(p0 + _PACK_STRIP, rows // 2)
-        for p in range(p0, p1):
-            even, odd, packed = codes[2 * p], codes[2 * p + 1], pairs[p - p0]
-            for c in range(cols):
-                packed[c] = np.int8((np.uint8(even[c]) & np.uint8(0x0F))
-                                    | (np.uint8(odd[c]) << np.uint8(4)))
-        for c in range(cols):
-            row = out[c]
+    half = rows // 2
+    tile = np.empty((_PACK_TILE, _PACK_TILE), dtype=np.int8)  # [pairs, columns]
+    for p0 in range(0, half, _PACK_TILE):
+        p1 = min(p0 + _PACK_TILE, half)
+        for c0 in range(0, cols, _PACK_TILE):
+            c1 = min(c0 + _PACK_TILE, cols)
             for p in range(p0, p1):
-                row[p] = pairs[p - p0, c]
+                _pack_pair(codes[2 * p, c0:c1], codes[2 * p + 1, c0:c1], tile[p - p0])
+            for c in range(c0, c1):
+                row = out[c]
+                for p in range(p0, p1):
+                    row[p] = tile[p - p0, c - c0]
+
+
+@njit(nogil=True, cache=True)
+def pack_int4_rows(codes, out):  # pragma: no cover - compiled
+    """int4 codes [out, in] into [out/2, in] (packing.Int4Layout.ROWS): row j of `out` holds
+    codes[2j] in its low nibbles and codes[2j+1] in its high ones."""
+    for p in range(codes.shape[0] // 2):
+        _pack_pair(codes[2 * p], codes[2 * p + 1], out[p])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _pack_pair(even, odd, packed):  # pragma: no cover - compiled
+    for c in range(even.shape[0]):
+        packed[c] = np.int8((np.uint8(even[c]) & np.uint8(0x0F))
+                            | (np.uint8(odd[c]) << np.uint8(4)))

@@ -63,6 +63,7 @@ import numpy as np
 
 from .buffers import BufferPool, empty
 from .numerics import FloatFormat, to_storage, to_work
+from .packing import Int4Layout, pack_codes
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ class ErrorStats:
 class RtnWeights:
     """Integer codes, scale and negated zero point of one quantized weight.
 
-    `q` holds the codes (int8 storage, [out, in]); `scale` and `zp_neg` hold
+    `q` holds the codes (int8 storage, [out, in], or int4 pairs packed in the
+    layout quantize_rtn was asked for); `scale` and `zp_neg` hold
     raw values of the weight's float format (uint16 bit patterns for
     bfloat16), shaped [out] per channel or [out, in / group_size] per group;
     `stats` is set when asked for.
@@ -195,7 +197,8 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
                  pool: Optional[Executor] = None, stats: bool = False,
                  bounds: Optional[RowBounds] = None,
                  block_rows: Optional[int] = None,
-                 buffers: Optional[BufferPool] = None) -> RtnWeights:
+                 buffers: Optional[BufferPool] = None,
+                 int4: Optional[Int4Layout] = None) -> RtnWeights:
     """Quantize a 2-D [out, in] weight of raw `fmt` values per output channel (or group).
 
     With a thread `pool`, row spans are quantized concurrently; the result
@@ -205,12 +208,20 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     (see `row_bounds`), so every slice gets the scale the whole would.
     `block_rows` overrides the rows quantized at a time (BLOCK_ELEMENTS' worth).
     The codes' array comes from `buffers` when given.
+
+    With `int4` (4-bit specs), q is the codes packed two per byte in that
+    layout. The compiled kernels pack each block of rows while its codes are
+    still in cache, so no [out, in] array of codes is ever made: for W4 that
+    array's write and second read were a third of the quantizer's time.
     """
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D [out, in] weight, got shape {weight.shape}")
     if weight.dtype != fmt.storage:
         raise ValueError(f"{fmt.value} weight must be stored as {fmt.storage}, got {weight.dtype}")
     out_channels, in_channels = weight.shape
+    if int4 is not None and (spec.bits != 4 or out_channels % 2):
+        raise ValueError(f"{out_channels} output channels of {spec.bits}-bit codes cannot be "
+                         "packed two int4 codes per byte")
     weight = np.ascontiguousarray(weight)
     if spec.group_size:
         if in_channels % spec.group_size:
@@ -220,7 +231,12 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
         weight = weight.reshape(-1, spec.group_size)
     rows, cols = weight.shape
     block_rows = block_rows or _block_rows(cols)
-    q = empty(weight.shape, np.int8, buffers)
+    packs = int4 is not None and compiled_kernels() is not None
+    if int4 is not None:  # every block holds whole pairs of output rows: it packs on its own
+        pair = 2 * rows // max(out_channels, 1)
+        block_rows = -(-block_rows // pair) * pair
+    q = empty(int4.shape(out_channels, in_channels) if packs else weight.shape, np.int8,
+              buffers)
     params = _Params(np.empty(rows, dtype=fmt.work), np.zeros(rows, dtype=fmt.work))
     errors = _RowErrors(rows) if stats else None
     if bounds is not None:
@@ -230,19 +246,46 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
         if not (np.isfinite(low).all() and np.isfinite(high).all()):
             raise NonFiniteWeightError("weight contains inf or NaN values")
         params.fill(slice(None), low, high, fmt, spec)
+    codes = _Codes(q, int4 if packs else None, in_channels)
     constant = _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
-        weight, fmt, spec, span, block_rows, q, params, bounds is not None, errors))
+        weight, fmt, spec, span, block_rows, codes, params, bounds is not None, errors))
     if bounds is None and rows and cols and sum(constant) == rows:
         # Golden Stick: when max == min in every channel, scale = 1 (and zp = 0) everywhere.
         params.scale[:], params.zp[:] = 1, 0
         _run(pool, _spans(rows, block_rows, pool), lambda span: _quantize_rows(
-            weight, fmt, spec, span, block_rows, q, params, True, errors))
+            weight, fmt, spec, span, block_rows, codes, params, True, errors))
+    if int4 is not None and not packs:
+        unpacked, q = q, pack_codes(q.reshape(out_channels, in_channels), int4, buffers)
+        if buffers is not None:
+            buffers.give([unpacked])
     # 0 - zp, not -zp: a symmetric zero point is stored as +0.0, as the legacy class does.
     scale, zp_neg = to_storage(params.scale, fmt), to_storage(np.subtract(0, params.zp), fmt)
     if spec.group_size:
         scale, zp_neg = scale.reshape(out_channels, -1), zp_neg.reshape(out_channels, -1)
-    return RtnWeights(q=q.reshape(out_channels, in_channels), scale=scale, zp_neg=zp_neg,
-                      stats=errors.summary(q.size) if errors is not None else None)
+    return RtnWeights(q=q if int4 is not None else q.reshape(out_channels, in_channels),
+                      scale=scale, zp_neg=zp_neg,
+                      stats=errors.summary(weight.size) if errors is not None else None)
+
+
+@dataclass(frozen=True)
+class _Codes:
+    """Where the codes of a weight's rows go: `array` [rows, cols] itself, or, with
+    `int4`, `array` packed in that layout, a block of whole output-row pairs at a time
+    (by the compiled kernels)."""
+
+    array: np.ndarray
+    int4: Optional[Int4Layout]
+    in_channels: int
+
+    def pack(self, kernels: ModuleType, first: int, codes: np.ndarray) -> None:
+        """Pack `codes`, the codes of rows first.. (whole output-row pairs), into place."""
+        pairs = codes.reshape(-1, self.in_channels)
+        start = first * codes.shape[1] // self.in_channels // 2
+        stop = start + len(pairs) // 2
+        if self.int4 is Int4Layout.TRANSPOSED:
+            kernels.pack_int4_transposed(pairs, self.array[:, start:stop])
+        else:
+            kernels.pack_int4_rows(pairs, self.array[start:stop])
 
 
 @dataclass(frozen=True)
@@ -286,7 +329,7 @@ def _run(pool: Optional[Executor], spans: List[Tuple[int, int]], fn) -> List[int
 
 
 def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec, span: Tuple[int, int],
-                   block_rows: int, q: np.ndarray, params: _Params, fixed: bool,
+                   block_rows: int, codes: _Codes, params: _Params, fixed: bool,
                    errors: Optional[_RowErrors]) -> int:
     """Quantize rows [start, stop) into q and params; returns how many rows are constant.
 
@@ -296,8 +339,9 @@ def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec, span: Tu
     """
     kernels = compiled_kernels()
     if kernels is not None and weight.shape[1]:
-        return _quantize_rows_compiled(kernels, weight, fmt, spec, span, block_rows, q, params,
-                                       fixed, errors)
+        return _quantize_rows_compiled(kernels, weight, fmt, spec, span, block_rows, codes,
+                                       params, fixed, errors)
+    q = codes.array
     start, stop = span
     cols = weight.shape[1]
     work = np.empty((min(block_rows, stop - start), cols), dtype=fmt.work)
@@ -340,15 +384,17 @@ def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec, span: Tu
 
 def _quantize_rows_compiled(kernels: ModuleType, weight: np.ndarray, fmt: FloatFormat,
                             spec: RtnSpec, span: Tuple[int, int], block_rows: int,
-                            q: np.ndarray, params: _Params, fixed: bool,
+                            codes: _Codes, params: _Params, fixed: bool,
                             errors: Optional[_RowErrors]) -> int:
     """_quantize_rows by the compiled kernels: the same bits, one pass per row.
 
     A block's bounds are found first, its parameters computed by _Params in
     numpy (one vector per block), then its codes; the block is still in
-    cache for the second pass.
+    cache for the second pass (and for packing its int4 codes, from a block
+    of codes that stays in cache too).
     """
     start, stop = span
+    scratch = np.empty((block_rows, weight.shape[1]) if codes.int4 else (0, 0), np.int8)
     narrow = fmt in _MANTISSA_BITS
     raw_all = weight.view(np.uint16) if narrow else weight
     stats = np.empty((block_rows if errors is not None else 0, 4))
@@ -369,7 +415,10 @@ def _quantize_rows_compiled(kernels: ModuleType, weight: np.ndarray, fmt: FloatF
         row_scale, row_zp = params.scale[rows], params.zp[rows]
         divisor = np.where(row_scale == 0, np.inf, row_scale)  # w / inf = 0: zero scale, q = 0
         block_stats = stats[:last - first]
-        kernel(raw, divisor, row_zp, qmin, qmax, q[rows], block_stats)
+        block = codes.array[rows] if codes.int4 is None else scratch[:last - first]
+        kernel(raw, divisor, row_zp, qmin, qmax, block, block_stats)
+        if codes.int4 is not None:
+            codes.pack(kernels, first, block)
         if errors is not None:
             s = np.abs(row_scale.astype(np.float64))
             errors.max_abs[rows] = block_stats[:, 0] * s

@@ -50,8 +50,9 @@ from . import dtypes
 from .formats.tensor import TensorInfo
 from .golden_stick import QuantNames, legacy_names, mcore_names, ptq_names
 from .numerics import FloatFormat, to_work
-from .buffers import BufferPool, empty
-from .rtn import W8, ErrorStats, RowBounds, RtnSpec, compiled_kernels, quantize_rtn
+from .buffers import BufferPool
+from .packing import Int4Layout
+from .rtn import W8, ErrorStats, RowBounds, RtnSpec, quantize_rtn
 
 GROUP_SIZES = (64, 128)
 
@@ -105,6 +106,13 @@ class Scheme:
     @property
     def packs_int4(self) -> bool:
         return self.spec.bits == 4
+
+    @property
+    def int4_layout(self) -> Optional[Int4Layout]:
+        """How the int4 codes of a [out, in] weight are packed; None for int8 codes."""
+        if not self.packs_int4:
+            return None
+        return Int4Layout.ROWS if self.mcore_int4 else Int4Layout.TRANSPOSED
 
     @property
     def mcore_int4(self) -> bool:
@@ -191,17 +199,10 @@ class Scheme:
         """The stored arrays for a [out, in] weight of raw `fmt` values (see quantize_rtn);
         the codes' arrays come from `buffers` when given."""
         result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats, bounds=bounds,
-                              buffers=buffers)
+                              buffers=buffers, int4=self.int4_layout)
         q, scale, zp_neg = result.q, result.scale, result.zp_neg
-        if self.mcore_int4:  # pairs of output rows share a byte, [out/2, in]; scale [out, in/g]
-            q = pack_int4(result.q, axis=0)
-            if buffers is not None:
-                buffers.give([result.q])
+        if self.mcore_int4:  # scale [out, in/g], as float32 bits
             return Quantized((q, float32_bits(scale, fmt)), result.stats)
-        if self.packs_int4:  # pairs of output rows share a byte; then [in, out/2]
-            q = pack_int4_transposed(result.q, buffers)
-            if buffers is not None:
-                buffers.give([result.q])
         if self.spec.group_size:  # [out, in/g] -> [in/g, out], as WeightQuantBatchMatmul reads it
             scale, zp_neg = np.ascontiguousarray(scale.T), np.ascontiguousarray(zp_neg.T)
         if not self.zero_point:
@@ -220,58 +221,6 @@ def float32_bits(scale: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     """A scale of raw `fmt` values as int64 holding its float32 bits (exact: float16 and
     bfloat16 widen exactly, float64 is rounded), Golden Stick's convert_fp32_to_int64."""
     return to_work(scale, fmt).astype(np.float32).view(np.uint32).astype(np.int64)
-
-
-def pack_int4(codes: np.ndarray, axis: int = -1) -> np.ndarray:
-    """int4 codes (int8 values in [-8, 7]) to bytes holding two, along `axis`.
-
-    Element 2j goes to the low nibble and 2j+1 to the high nibble, in
-    two's complement: Golden Stick's np_int4data_pack_to_int8 (last axis).
-    """
-    raw = np.moveaxis(codes.view(np.uint8), axis, -1)
-    packed = raw[..., 0::2] & np.uint8(0x0F)
-    packed |= raw[..., 1::2] << np.uint8(4)
-    return np.moveaxis(packed, -1, axis).view(np.int8)
-
-
-def pack_int4_transposed(codes: np.ndarray, buffers: Optional[BufferPool] = None) -> np.ndarray:
-    """int4 codes [out, in] as qint4x2 [in, out/2]: pack_int4 along the output axis, then
-    transposed (by the compiled kernel where there is one: 4x faster, same bytes)."""
-    kernels = compiled_kernels()
-    if kernels is None:
-        return transposed(pack_int4(codes, axis=0))
-    out = empty((codes.shape[1], codes.shape[0] // 2), np.int8, buffers)
-    kernels.pack_int4_transposed(np.ascontiguousarray(codes), out)
-    return out
-
-
-#: Tile edge for `transposed`: a 256x256 tile of bytes stays in L1/L2 while it turns.
-_TILE = 256
-
-
-def transposed(matrix: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of a 2-D matrix's transpose, copied tile by tile.
-
-    numpy copies a transposed view element by element across the whole
-    matrix, missing the cache on every write; 256x256 tiles make the same
-    copy about 3x faster for the int8 codes of a large weight.
-    """
-    rows, cols = matrix.shape
-    out = np.empty((cols, rows), dtype=matrix.dtype)
-    for i in range(0, rows, _TILE):
-        for j in range(0, cols, _TILE):
-            out[j:j + _TILE, i:i + _TILE] = matrix[i:i + _TILE, j:j + _TILE].T
-    return out
-
-
-def unpack_int4(packed: np.ndarray) -> np.ndarray:
-    """The inverse of `pack_int4`: int8 codes in [-8, 7], last axis doubled."""
-    raw = packed.view(np.uint8)
-    low = (raw & np.uint8(0x0F)).astype(np.int8)
-    high = (raw >> np.uint8(4)).astype(np.int8)
-    codes = np.empty(raw.shape[:-1] + (raw.shape[-1] * 2,), dtype=np.int8)
-    codes[..., 0::2], codes[..., 1::2] = low, high
-    return np.where(codes > 7, codes - 16, codes).astype(np.int8)
 
 
 SCHEME_NAMES = ("w8a16", "w8a16-ptq", "w4a16", "w8a8-dynamic", "w4a8-dynamic")

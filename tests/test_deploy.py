@@ -179,7 +179,7 @@ def test_ptq_schemes_run_exactly_their_dequantized_weights(tmp_path: Path, schem
                                                            extra) -> None:
     """The PTQ cells compute with (q + zp) * scale: the same logits as an FP network
     holding those dequantized weights (int4 codes unpacked on CPU), zero points included."""
-    from ckpt_rtn.schemes import unpack_int4
+    from ckpt_rtn.packing import unpack_int4
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     rng = np.random.default_rng(3)

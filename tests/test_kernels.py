@@ -15,7 +15,8 @@ import pytest
 from ckpt_rtn import rtn
 from ckpt_rtn.numerics import FloatFormat, to_storage
 from ckpt_rtn.rtn import W8, NonFiniteWeightError, RtnSpec, quantize_rtn, row_bounds
-from ckpt_rtn.schemes import get_scheme, pack_int4, pack_int4_transposed, transposed
+from ckpt_rtn.packing import Int4Layout, pack_codes
+from ckpt_rtn.schemes import get_scheme
 
 pytest.importorskip("numba")
 
@@ -118,16 +119,52 @@ def test_threads_do_not_change_the_codes() -> None:
     np.testing.assert_array_equal(alone.q, shared.q)
 
 
+@pytest.mark.parametrize("layout", list(Int4Layout), ids=[lay.value for lay in Int4Layout])
 @pytest.mark.parametrize("shape", [(2, 1), (16, 64), (18, 300), (300, 18), (4096, 40)])
-def test_int4_packing_matches_numpy(shape) -> None:
+def test_int4_packing_kernels_match_numpy(layout: Int4Layout, shape) -> None:
+    from ckpt_rtn import kernels
     codes = np.random.default_rng(1).integers(-8, 8, shape, dtype=np.int8)
-    compiled, reference = both(lambda: pack_int4_transposed(codes))
-    np.testing.assert_array_equal(compiled, transposed(pack_int4(codes, axis=0)))
-    np.testing.assert_array_equal(reference, compiled)
+    out = np.full(layout.shape(*shape), 99, dtype=np.int8)
+    pack = kernels.pack_int4_transposed if layout is Int4Layout.TRANSPOSED else kernels.pack_int4_rows
+    pack(codes, out)
+    np.testing.assert_array_equal(out, pack_codes(codes, layout))
 
 
-def test_w4_scheme_outputs_match() -> None:
-    scheme = get_scheme("w4a16", 64, symmetric=False)
+@pytest.mark.parametrize("fmt", FORMATS, ids=[f.value for f in FORMATS])
+@pytest.mark.parametrize("layout", list(Int4Layout), ids=[lay.value for lay in Int4Layout])
+@pytest.mark.parametrize("name", ["w4-g64", "w4-g128-asym"])
+def test_codes_packed_block_by_block_are_the_reference_bits(fmt: FloatFormat, layout: Int4Layout,
+                                                             name: str) -> None:
+    """The compiled path packs each block of rows into its own columns (or rows) of the
+    packed matrix, from several threads; numpy packs the whole matrix of codes at the end."""
+    spec = SPECS[name]
+    w = weights(fmt, rows=48, cols=384)  # 3 or 6 groups a row: blocks of 7 rows round up
+    with ThreadPoolExecutor(3) as pool:
+        compiled, reference = both(lambda: quantize_rtn(w, fmt, spec, stats=True, block_rows=7,
+                                                        pool=pool, int4=layout))
+    np.testing.assert_array_equal(compiled.q, reference.q)
+    np.testing.assert_array_equal(compiled.scale, reference.scale)
+    np.testing.assert_array_equal(compiled.zp_neg, reference.zp_neg)
+    unpacked = quantize_rtn(w, fmt, spec, stats=True)
+    np.testing.assert_array_equal(compiled.q, pack_codes(unpacked.q, layout))
+    assert compiled.stats == unpacked.stats
+    constant = np.tile(w[:, :1], (1, 128))  # every group constant: scale 1, quantized again
+    compiled, reference = both(lambda: quantize_rtn(constant, fmt, spec, int4=layout))
+    np.testing.assert_array_equal(compiled.q, reference.q)
+
+
+def test_int4_packing_needs_4_bit_codes_in_pairs_of_rows() -> None:
+    w = weights(FloatFormat.FLOAT16, rows=16, cols=128)
+    with pytest.raises(ValueError, match="cannot be packed"):
+        quantize_rtn(w, FloatFormat.FLOAT16, W8, int4=Int4Layout.ROWS)
+    with pytest.raises(ValueError, match="cannot be packed"):
+        quantize_rtn(w[:5], FloatFormat.FLOAT16, SPECS["w4-g64"], int4=Int4Layout.TRANSPOSED)
+
+
+@pytest.mark.parametrize("name,group", [("w4a16", 64), ("w4a8-dynamic", 128)])
+def test_w4_scheme_outputs_match(name: str, group: int) -> None:
+    scheme = get_scheme(name, group, symmetric=name == "w4a8-dynamic").for_layer(
+        "model.layers.0.mlp.experts.0.up_proj")
     w = weights(FloatFormat.FLOAT16, rows=64, cols=256)
     compiled, reference = both(lambda: scheme.quantize(
         w, FloatFormat.FLOAT16, pool=None, stats=False))

@@ -27,7 +27,7 @@ from ckpt_rtn.models import ModelConfig
 from ckpt_rtn.runtime.deploy import PtqLinear, W8A16Linear, load_checkpoint_into
 from ckpt_rtn.runtime.evaluate import next_token_nll
 from ckpt_rtn.runtime.network import MODES, build_llama
-from ckpt_rtn.schemes import unpack_int4
+from ckpt_rtn.packing import unpack_int4
 
 from conftest import cli
 

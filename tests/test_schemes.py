@@ -13,7 +13,8 @@ from mindspore import Tensor, ops
 from ckpt_rtn import __version__
 from ckpt_rtn.numerics import FloatFormat, to_storage, to_work
 from ckpt_rtn.rtn import RtnSpec, dequantize_rtn, quantize_rtn
-from ckpt_rtn.schemes import get_scheme, pack_int4, transposed, unpack_int4
+from ckpt_rtn.packing import pack_int4, transposed, unpack_int4
+from ckpt_rtn.schemes import get_scheme
 
 from conftest import cli, llama_weights, ms_bytes, ms_load, ms_save
 

@@ -22,7 +22,8 @@ from ckpt_rtn.description import FLOAT, GROUP_SIZE, NAME, W4A8_DYNAMIC, W8A8_DYN
 from ckpt_rtn.formats import open_reader
 from ckpt_rtn.numerics import FloatFormat, bf16_to_float32, to_work
 from ckpt_rtn.rtn import RtnSpec, quantize_rtn
-from ckpt_rtn.schemes import detect_scheme, get_scheme, unpack_int4
+from ckpt_rtn.packing import unpack_int4
+from ckpt_rtn.schemes import detect_scheme, get_scheme
 
 from conftest import cli, mcore_load
 from test_hf_families import Model, arrays_of, write_safetensors

@@ -26,7 +26,8 @@ from .. import dtypes
 from ..errors import CkptRtnError, UnsupportedError
 from ..formats import detect_format, open_reader
 from ..formats.tensor import TensorInfo
-from ..schemes import CheckpointScheme, detect_scheme, get_scheme, unpack_int4
+from ..packing import unpack_int4
+from ..schemes import CheckpointScheme, detect_scheme, get_scheme
 from ..rules import Rules, load_rules
 
 
