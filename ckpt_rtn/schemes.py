@@ -209,6 +209,13 @@ class Scheme:
             return Quantized((q, self._stored_scale(scale, fmt)), result.stats)
         return Quantized((q, scale, zp_neg), result.stats)
 
+    def warm_up(self, fmt: FloatFormat, stats: bool) -> None:
+        """Quantize a weight of two groups (or two 2-wide rows) of `fmt`, so that the kernels
+        `quantize` runs are compiled, or loaded from numba's disk cache, before a real weight
+        waits for them (about half a second in a fresh process, mostly numba's own set-up)."""
+        tiny = np.zeros((2, 2 * (self.spec.group_size or 1)), dtype=fmt.storage)
+        self.quantize(tiny, fmt, pool=None, stats=stats)
+
     def _stored_scale(self, scale: np.ndarray, fmt: FloatFormat) -> np.ndarray:
         """The scale the codes were rounded against, in the dtype `scale_dtype` stores:
         a float16 one widens to float32 exactly, bfloat16 stays, float64 is rounded."""
