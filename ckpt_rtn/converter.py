@@ -439,10 +439,11 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
            writers: int = 1) -> Tuple[List[LayerError], StageTimes]:
     """Hand `sink` every output tensor and record of `plan` (in order when `writers` is 1; the
     records always last), computed from `reader`'s tensors through the read-ahead / quantize
-    / write-behind pipeline; then run the reader's deferred checks (its CRC). `convert` writes what `sink` gets, `verify`
-    compares it. Returns each layer's error when `stats`, and how busy each stage was.
-    `writers` threads call `sink` at once (for a sink that writes each tensor at its planned
-    place: the formats' writers); `progress` is called from them one at a time.
+    / write-behind pipeline; then run the reader's deferred checks (its CRC). `convert`
+    writes what `sink` gets, `verify` compares it. Returns each layer's error when `stats`,
+    and how busy each stage was. `writers` threads call `sink` at once (for a sink that
+    writes each tensor at its planned place: the formats' writers); `progress` is called
+    from them one at a time. The kernels are loaded in a thread meanwhile (warm_up).
     """
     errors: List[LayerError] = []
     total = reader.nbytes

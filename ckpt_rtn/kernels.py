@@ -1,26 +1,32 @@
-"""Compiled RTN kernels: the same bits as rtn.py's numpy steps, in one pass per row.
+"""Compiled RTN kernels: the same bits as rtn.py's numpy steps, one pass per row, one call
+per span of rows.
 
 The numpy path in rtn.py makes about a dozen passes over every block of a
 weight (widen, min, max, divide, round the bits, add the zero point, round
 again, rint, two clamps, cast), each a separate loop over memory; a core
-then moves a few hundred MB/s. These kernels do the same arithmetic element
-by element, inside one loop over a row that lives in L1, so each element is
-read from memory once for its row's bounds and once for its codes (the
-block of rows in between stays in cache), and written once.
+then moves a few hundred MB/s. The kernel here does the same arithmetic
+row by row: it reads a row once for its bounds, computes the row's scale
+and zero point, and reads it again, still in L1, for its codes (and packs
+int4 codes as each block of rows is done). A thread's whole span of rows
+is one call that releases the GIL, so threads share a weight with no
+Python between its rows. Before, each block of rows went back to Python
+and numpy for its scales: 9% of a W8 weight's time and 20% of a W4 one's
+(cProfile, one thread), time in which other threads may wait for the GIL;
+now 1% and 5%.
 
 Why numba: it ships wheels for every platform CPython does (pip needs no
-compiler), compiles on first use to native code that releases the GIL (so
-the converter's threads share a weight's rows with no process hop), and is
-kept up to date with numpy. Its compiled code is cached on disk
+compiler), compiles on first use to native code that releases the GIL, and
+is kept up to date with numpy. Its compiled code is cached on disk
 (`cache=True`), so only a machine's first conversion pays for compiling.
 
 Exactness: every float operation here is one IEEE operation of the same
 type, in the same order, as the numpy path's (no fastmath: a divide must not
 become a multiply by a reciprocal), and every rounding that numpy does with
 integer operations on the bit patterns is done with the same integer
-operations; tests/test_kernels.py compares both paths bit for bit.
-Computing each row's scale and zero point stays in numpy (rtn._Params), a
-vector per block of rows, where its float64 roundings are numpy's own.
+operations. The scale and zero point, which numpy rounds to float16 with its
+own conversion (numba has no float16), are rounded by `_fp16_bits`, the
+same round-half-to-even from float64. tests/test_kernels.py compares both
+paths bit for bit.
 """
 from __future__ import annotations
 
@@ -32,55 +38,58 @@ from numba import njit
 
 #: How a row's stored values become work values: fp16 or bf16 bit patterns, or a float dtype.
 FP16, BF16, FLOAT = 0, 1, 2
+#: How int4 codes are stored (packing.Int4Layout): not packed, [in, out/2], [out/2, in].
+UNPACKED, TRANSPOSED, ROWS = 0, 1, 2
 #: fp16 bits moved into a float32's place are off by 2^112 in exponent (as rtn._load).
 _FP16_EXPONENT_FIX = np.float32(2.0 ** 112)
 #: fastmath flags for report figures only (_row_errors): no 'arcp', no 'afn' on the codes.
 _REPORT_MATH = {"reassoc", "nsz", "nnan", "ninf", "contract"}
 #: Magnitude bits from which a 16-bit pattern is inf or NaN (exponent all ones).
-FP16_INF = 0x7C00
-BF16_INF = 0x7F80
+_FP16_INF = 0x7C00
+_BF16_INF = 0x7F80
+#: What span() returns for a row holding inf or NaN.
+NON_FINITE = -1
 
 
-@njit(nogil=True, cache=True)
-def bounds16(raw, low, high):  # pragma: no cover - compiled
-    """Each row's min and max of fp16 or bf16 bit patterns, as ordered integer keys
-    (+magnitude, or -magnitude for a negative sign), and the largest magnitude seen
-    (inf/NaN when at least FP16_INF/BF16_INF). Integer min/max: no widening needed."""
-    rows, cols = raw.shape
-    largest = 0
-    for i in range(rows):
-        lo = np.int32(0x7FFF)
-        hi = np.int32(-0x7FFF)
-        top = np.int32(0)
-        for j in range(cols):
-            h = np.int32(raw[i, j])
-            magnitude = h & np.int32(0x7FFF)
-            key = magnitude if h < np.int32(0x8000) else -magnitude
-            lo = min(lo, key)
-            hi = max(hi, key)
-            top = max(top, magnitude)
-        low[i] = lo
-        high[i] = hi
-        largest = max(largest, top)
-    return largest
+@njit(nogil=True, cache=True, inline="always")
+def _fp16_value(h):  # pragma: no cover - compiled
+    """An fp16 bit pattern as float32, exactly (subnormals included)."""
+    h = np.uint32(h)
+    return np.uint32(((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)).view(
+        np.float32) * _FP16_EXPONENT_FIX
 
 
-@njit(nogil=True, cache=True)
-def bounds_float(raw, low, high):  # pragma: no cover - compiled
-    """Each row's (min, max) of float32/float64 values; False if any is inf or NaN."""
-    rows, cols = raw.shape
-    finite = True
-    for i in range(rows):
-        lo = raw[i, 0]
-        hi = raw[i, 0]
-        for j in range(cols):
-            x = raw[i, j]
-            finite &= np.isfinite(x)
-            lo = min(lo, x)
-            hi = max(hi, x)
-        low[i] = lo
-        high[i] = hi
-    return finite
+@njit(nogil=True, cache=True, inline="always")
+def _bf16_value(h):  # pragma: no cover - compiled
+    return np.uint32(np.uint32(h) << 16).view(np.float32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _fp16_bits(x):  # pragma: no cover - compiled
+    """float64 to the nearest fp16, ties to even, as a bit pattern: what numpy's
+    astype(float16) gives (overflow to inf, NaN kept NaN)."""
+    b = np.float64(x).view(np.uint64)
+    sign = np.uint32((b >> np.uint64(48)) & np.uint64(0x8000))
+    biased = np.int64((b >> np.uint64(52)) & np.uint64(0x7FF))
+    mantissa = b & np.uint64(0xFFFFFFFFFFFFF)
+    if biased == 0x7FF:
+        return np.uint16(sign | 0x7C00 | (0x200 if mantissa else 0))
+    exponent = biased - 1023 + 15
+    if exponent > 30:
+        return np.uint16(sign | 0x7C00)
+    if exponent < -10:  # below half the smallest subnormal (2^-25): 0
+        return np.uint16(sign)
+    full = mantissa | np.uint64(1 << 52)
+    shift = 42 if exponent > 0 else 43 - exponent  # 52 - 10 bits, more for a subnormal
+    kept = full >> np.uint64(shift)
+    rest = full & ((np.uint64(1) << np.uint64(shift)) - np.uint64(1))
+    half = np.uint64(1) << np.uint64(shift - 1)
+    if rest > half or (rest == half and (kept & np.uint64(1))):
+        kept += np.uint64(1)
+    if exponent > 0:  # the implicit bit is in kept: it carries into the exponent by itself
+        bits = np.uint32((exponent - 1) << 10) + np.uint32(kept)
+        return np.uint16(sign | min(bits, np.uint32(0x7C00)))
+    return np.uint16(sign | np.uint32(kept))
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -89,6 +98,14 @@ def _round_bits(x, drop):  # pragma: no cover - compiled
     b = np.float32(x).view(np.uint32)
     b = np.uint32((b + ((b >> drop) & 1) + ((1 << (drop - 1)) - 1)) & ~((1 << drop) - 1))
     return b.view(np.float32)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _bf16_rounded(x):  # pragma: no cover - compiled
+    """float32 rounded to the nearest bf16, ties to even, NaN kept (numerics.float32_to_bf16)."""
+    if np.isnan(x):
+        return x
+    return _round_bits(x, 16)
 
 
 @njit(nogil=True, cache=True, fastmath=_REPORT_MATH)
@@ -115,44 +132,136 @@ def _row_errors(exact, codes, point):  # pragma: no cover - compiled
     return np.uint64(worst).view(np.float64), total, squares, weight
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _stored(x, kind):  # pragma: no cover - compiled
+    """A float64 scale or zero point rounded to a 16-bit `kind`, as a work value
+    (numerics.to_work(to_storage(x))); float32 and float64 weights round by the store into
+    their work array instead."""
+    if kind == FP16:
+        return _fp16_value(_fp16_bits(x))
+    return _bf16_rounded(np.float32(x))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _symmetric_scale(absmax, half_range, kind, float32_scale, scale, i):  # pragma: no cover
+    """scale[i] = 2*absmax/(qmax - qmin) in the weight's format (rtn._symmetric_scale)."""
+    if float32_scale:  # the legacy class: float32 arithmetic, then fp16
+        scale[i] = _fp16_value(_fp16_bits(np.float64(np.float32(absmax) / np.float32(half_range))))
+    elif kind == FLOAT:
+        scale[i] = np.float64(absmax) / half_range
+    else:
+        scale[i] = _stored(np.float64(absmax) / half_range, kind)
+
+
 @functools.lru_cache(maxsize=None)
-def quantize_kernel(kind: int, symmetric: bool, measure: bool) -> Callable[..., None]:
-    """The codes kernel for rows of `kind` (FP16 or BF16 bit patterns, or FLOAT: float32 or
-    float64 values), compiled for these flags.
+def span_kernel(kind: int, symmetric: bool, measure: bool, fixed: bool, float32_scale: bool,
+                pack: int) -> Callable[..., int]:
+    """The kernel that quantizes a span of rows of `kind` (FP16 or BF16 bit patterns, or
+    FLOAT: float32 or float64 values), compiled for these flags.
 
-    kernel(raw, divisor, zp, qmin, qmax, q, stats) writes the codes of each
-    row into q. A 16-bit value is widened to float32, divided by its row's
-    divisor (the scale, or inf for a zero scale), rounded to the format's
-    precision, the zero point added and rounded again (asymmetric), then
-    rint and clamp: rtn._quantize_rows' steps, element by element; float32
-    and float64 values divide, and add the zero point, in their own
-    precision. With `measure`, stats[i] gets row i's error sums (see
-    _row_errors).
+    span(raw, qmin, qmax, scale, zp, codes, packed, first, in_channels, block_rows, stats)
+    quantizes rows raw[i] (global row first + i):
 
-    The flags are constants of the compiled code, not arguments: a branch
-    in the inner loop would keep it from being vectorised (8x slower).
+    - unless `fixed`, finds each row's bounds, then its scale and zero point
+      (rtn._Params.fill): symmetric 2*max|w|/(qmax - qmin), in float32 for the
+      legacy fp16 class (`float32_scale`), else float64; asymmetric
+      (max - min)/(qmax - qmin) and round(qmin - min/scale) in float64, falling
+      back to symmetric where either does not fit the format. Both are rounded
+      to the weight's format and written, as work values, to scale[i] and zp[i].
+      With `fixed`, scale and zp are given.
+    - writes the codes: a 16-bit value is widened to float32, divided by its
+      row's scale (inf for a zero scale), rounded to the format's precision,
+      the zero point added and rounded again (asymmetric), then rint and clamp
+      (rtn._quantize_rows' steps, element by element); float32 and float64
+      values divide, and add the zero point, in their own precision. Codes go
+      to codes[i], or with `pack` (TRANSPOSED, ROWS) to a block of
+      `block_rows` rows (whole pairs of output rows of `in_channels`) that is
+      packed into `packed` once done.
+    - with `measure`, stats[i] gets the row's error sums (see _row_errors).
+
+    Returns how many rows were constant (max == min), or NON_FINITE as soon as
+    a row holds inf or NaN.
+
+    The flags are constants of the compiled code, not arguments: a branch in
+    the inner loop would keep it from being vectorised (8x slower). They are
+    plain ints and bools, which numba's disk cache keys the code by; a
+    compiled function among them would make every process compile again.
     """
     drop = 16 if kind == BF16 else 13
+    limit = _FP16_INF if kind == FP16 else _BF16_INF
 
-    @njit(nogil=True, cache=True)
-    def kernel(raw, divisor, zp, qmin, qmax, q, stats):  # pragma: no cover - compiled
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def span(raw, qmin, qmax, scale, zp, codes, packed, first, in_channels, block_rows,
+             stats):  # pragma: no cover - compiled
         rows, cols = raw.shape
-        exact_row = np.empty(cols if measure else 0, dtype=divisor.dtype)
+        half_range = (np.float64(qmax) - np.float64(qmin)) / 2
+        exact_row = np.empty(cols if measure else 0, dtype=scale.dtype)
+        infinity = np.empty(1, dtype=scale.dtype)  # inf in the work dtype, not float64's
+        infinity[0] = np.inf
+        block = np.empty((block_rows if pack else 0, cols), dtype=np.int8)
+        constant = 0
         for i in range(rows):
-            d = divisor[i]
+            if not fixed:
+                if kind == FLOAT:
+                    lo = raw[i, 0]
+                    hi = raw[i, 0]
+                    finite = True
+                    for j in range(cols):
+                        x = raw[i, j]
+                        finite &= np.isfinite(x)
+                        lo = min(lo, x)
+                        hi = max(hi, x)
+                    if not finite:
+                        return NON_FINITE
+                    absmax = max(abs(lo), abs(hi))
+                else:  # integer min/max of ordered keys: +magnitude, or -magnitude if negative
+                    lo_key = np.int32(0x7FFF)
+                    hi_key = np.int32(-0x7FFF)
+                    top = np.int32(0)
+                    for j in range(cols):
+                        h = np.int32(raw[i, j])
+                        magnitude = h & np.int32(0x7FFF)
+                        key = magnitude if h < np.int32(0x8000) else -magnitude
+                        lo_key = min(lo_key, key)
+                        hi_key = max(hi_key, key)
+                        top = max(top, magnitude)
+                    if top >= limit:
+                        return NON_FINITE
+                    lo_bits = lo_key if lo_key >= 0 else (-lo_key) | 0x8000
+                    hi_bits = hi_key if hi_key >= 0 else (-hi_key) | 0x8000
+                    big = max(abs(lo_key), abs(hi_key))
+                    value = _fp16_value if kind == FP16 else _bf16_value
+                    lo, hi, absmax = value(lo_bits), value(hi_bits), value(big)
+                if hi == lo:
+                    constant += 1
+                if symmetric:
+                    _symmetric_scale(absmax, half_range, kind, float32_scale, scale, i)
+                else:
+                    low64 = np.float64(lo)
+                    step = (np.float64(hi) - low64) / (np.float64(qmax) - np.float64(qmin))
+                    offset = np.rint(np.float64(qmin) - low64 / step)
+                    if kind == FLOAT:
+                        scale[i] = step
+                        zp[i] = offset
+                    else:
+                        scale[i] = _stored(step, kind)
+                        zp[i] = _stored(offset, kind)
+                    s, z = scale[i], zp[i]
+                    if s == 0 or not np.isfinite(s) or not np.isfinite(z):
+                        _symmetric_scale(absmax, half_range, kind, float32_scale, scale, i)
+                        zp[i] = 0
+            d = scale[i] if scale[i] != 0 else infinity[0]  # w / inf = 0: zero scale, q = 0
             point = zp[i]
-            row = q[i]
+            row = block[i % block_rows] if pack else codes[i]
             for j in range(cols):
                 if kind == FLOAT:
                     exact = raw[i, j] / d
                     x = exact if symmetric else exact + point
                 else:
-                    h = np.uint32(raw[i, j])
                     if kind == BF16:
-                        w = np.uint32(h << 16).view(np.float32)
-                    else:  # exact, subnormals included
-                        w = np.uint32(((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)).view(
-                            np.float32) * _FP16_EXPONENT_FIX
+                        w = _bf16_value(raw[i, j])
+                    else:
+                        w = _fp16_value(raw[i, j])
                     exact = w / d
                     x = _round_bits(exact, drop)
                     if not symmetric:  # the zero point is added in the weight's format too
@@ -163,8 +272,17 @@ def quantize_kernel(kind: int, symmetric: bool, measure: bool) -> Callable[..., 
             if measure:
                 stats[i, 0], stats[i, 1], stats[i, 2], stats[i, 3] = _row_errors(
                     exact_row, row, point)
+            if pack and (i % block_rows == block_rows - 1 or i == rows - 1):
+                start = i - i % block_rows
+                done = block[:i + 1 - start].reshape(-1, in_channels)
+                pair = (first + start) * cols // in_channels // 2
+                if pack == TRANSPOSED:
+                    pack_int4_transposed(done, packed[:, pair:pair + done.shape[0] // 2])
+                else:
+                    pack_int4_rows(done, packed[pair:pair + done.shape[0] // 2])
+        return constant
 
-    return kernel
+    return span
 
 
 #: Edge of the tiles pack_int4_transposed turns: 64 row pairs by 64 columns, 4 KiB in L1.

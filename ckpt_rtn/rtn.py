@@ -277,16 +277,6 @@ class _Codes:
     int4: Optional[Int4Layout]
     in_channels: int
 
-    def pack(self, kernels: ModuleType, first: int, codes: np.ndarray) -> None:
-        """Pack `codes`, the codes of rows first.. (whole output-row pairs), into place."""
-        pairs = codes.reshape(-1, self.in_channels)
-        start = first * codes.shape[1] // self.in_channels // 2
-        stop = start + len(pairs) // 2
-        if self.int4 is Int4Layout.TRANSPOSED:
-            kernels.pack_int4_transposed(pairs, self.array[:, start:stop])
-        else:
-            kernels.pack_int4_rows(pairs, self.array[start:stop])
-
 
 @dataclass(frozen=True)
 class _Params:
@@ -386,65 +376,35 @@ def _quantize_rows_compiled(kernels: ModuleType, weight: np.ndarray, fmt: FloatF
                             spec: RtnSpec, span: Tuple[int, int], block_rows: int,
                             codes: _Codes, params: _Params, fixed: bool,
                             errors: Optional[_RowErrors]) -> int:
-    """_quantize_rows by the compiled kernels: the same bits, one pass per row.
-
-    A block's bounds are found first, its parameters computed by _Params in
-    numpy (one vector per block), then its codes; the block is still in
-    cache for the second pass (and for packing its int4 codes, from a block
-    of codes that stays in cache too).
-    """
+    """_quantize_rows by the compiled kernel: the same bits, the whole span in one call
+    that releases the GIL (kernels.span_kernel: bounds, scale and zero point, codes, error
+    sums and int4 packing, row by row)."""
     start, stop = span
-    scratch = np.empty((block_rows, weight.shape[1]) if codes.int4 else (0, 0), np.int8)
-    narrow = fmt in _MANTISSA_BITS
-    raw_all = weight.view(np.uint16) if narrow else weight
-    stats = np.empty((block_rows if errors is not None else 0, 4))
-    qmin, qmax = fmt.work.type(spec.qmin), fmt.work.type(spec.qmax)
-    measure = errors is not None
+    raw = weight[start:stop]
+    if fmt in _MANTISSA_BITS:
+        raw = raw.view(np.uint16)
     kind = {FloatFormat.FLOAT16: kernels.FP16, FloatFormat.BFLOAT16: kernels.BF16}.get(
         fmt, kernels.FLOAT)
-    kernel = kernels.quantize_kernel(kind, spec.symmetric, measure)
-    constant = 0
-    for first in range(start, stop, block_rows):
-        last = min(first + block_rows, stop)
-        rows = slice(first, last)
-        raw = raw_all[rows]
-        if not fixed:
-            low, high = _compiled_bounds(kernels, raw, fmt)
-            constant += int(np.count_nonzero(high == low))
-            params.fill(rows, low, high, fmt, spec)
-        row_scale, row_zp = params.scale[rows], params.zp[rows]
-        divisor = np.where(row_scale == 0, np.inf, row_scale)  # w / inf = 0: zero scale, q = 0
-        block_stats = stats[:last - first]
-        block = codes.array[rows] if codes.int4 is None else scratch[:last - first]
-        kernel(raw, divisor, row_zp, qmin, qmax, block, block_stats)
-        if codes.int4 is not None:
-            codes.pack(kernels, first, block)
-        if errors is not None:
-            s = np.abs(row_scale.astype(np.float64))
-            errors.max_abs[rows] = block_stats[:, 0] * s
-            errors.sum_abs[rows] = block_stats[:, 1] * s
-            errors.sum_sq[rows] = block_stats[:, 2] * s * s
-            errors.weight_sq[rows] = block_stats[:, 3] * s * s
-    return constant
-
-
-def _compiled_bounds(kernels: ModuleType, raw: np.ndarray, fmt: FloatFormat) -> RowBounds:
-    """Each row's (min, max) in the work dtype, by the compiled kernels; raises
-    NonFiniteWeightError on inf or NaN."""
-    if fmt not in _MANTISSA_BITS:
-        low, high = np.empty(len(raw), dtype=fmt.work), np.empty(len(raw), dtype=fmt.work)
-        if not kernels.bounds_float(raw, low, high):
-            raise NonFiniteWeightError("weight contains inf or NaN values")
-        return low, high
-    keys = np.empty((2, len(raw)), dtype=np.int32)
-    largest = kernels.bounds16(raw, keys[0], keys[1])
-    if largest >= (kernels.FP16_INF if fmt is FloatFormat.FLOAT16 else kernels.BF16_INF):
+    pack = {None: kernels.UNPACKED, Int4Layout.TRANSPOSED: kernels.TRANSPOSED,
+            Int4Layout.ROWS: kernels.ROWS}[codes.int4]
+    legacy = fmt is FloatFormat.FLOAT16 and not spec.float64_scale
+    kernel = kernels.span_kernel(kind, spec.symmetric, errors is not None, fixed, legacy, pack)
+    stats = np.empty((stop - start if errors is not None else 0, 4))
+    nothing = np.empty((0, 0), dtype=np.int8)
+    work = fmt.work.type
+    result = kernel(raw, work(spec.qmin), work(spec.qmax), params.scale[start:stop],
+                    params.zp[start:stop], nothing if pack else codes.array[start:stop],
+                    codes.array if pack else nothing, start, codes.in_channels, block_rows,
+                    stats)
+    if result == kernels.NON_FINITE:
         raise NonFiniteWeightError("weight contains inf or NaN values")
-    patterns = np.where(keys < 0, -keys | 0x8000, keys).astype(np.uint16)
-    if fmt is FloatFormat.FLOAT16:
-        patterns = patterns.view(np.float16)
-    low_high = to_work(patterns, fmt)
-    return low_high[0], low_high[1]
+    if errors is not None:
+        s = np.abs(params.scale[start:stop].astype(np.float64))
+        errors.max_abs[start:stop] = stats[:, 0] * s
+        errors.sum_abs[start:stop] = stats[:, 1] * s
+        errors.sum_sq[start:stop] = stats[:, 2] * s * s
+        errors.weight_sq[start:stop] = stats[:, 3] * s * s
+    return result
 
 
 def _record_errors(errors: _RowErrors, rows: slice, q: np.ndarray, zp: np.ndarray,

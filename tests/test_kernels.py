@@ -7,7 +7,11 @@ values, exact ties), constant and zero rows, and slices with given bounds.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,6 +85,40 @@ def test_same_bits_as_the_reference(fmt: FloatFormat, name: str) -> None:
                 getattr(reference.stats, field), rel=1e-5, abs=1e-12), field
 
 
+def test_fp16_rounding_from_float64_is_numpys() -> None:
+    """The kernel rounds float64 scales and zero points to fp16 itself (numba has no
+    float16): the same bits as numpy's astype for every kind of value."""
+    from numba import njit
+
+    from ckpt_rtn import kernels
+
+    @njit
+    def rounded(values, out):  # pragma: no cover - compiled
+        for i in range(values.size):
+            out[i] = kernels._fp16_bits(values[i])
+
+    rng = np.random.default_rng(7)
+    every_exponent = rng.integers(0, 1 << 64, 200_000, dtype=np.uint64).view(np.float64)
+    near_fp16 = (rng.standard_normal(200_000) * 2.0 ** rng.integers(-30, 18, 200_000))
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    exact = halves[np.isfinite(halves)].astype(np.float64)
+    with np.errstate(over="ignore"):  # the spacing above 65504 is inf: its "ties" are inf
+        ulp = np.abs(np.spacing(halves[np.isfinite(halves)]).astype(np.float64))
+    ties = np.concatenate([exact + ulp / 2, exact - ulp / 2, np.nextafter(exact + ulp / 2, 0),
+                           np.nextafter(exact + ulp / 2, np.inf)])
+    edges = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 2.0 ** -24, 2.0 ** -25,
+                      np.nextafter(2.0 ** -25, 1), 3 * 2.0 ** -26, 2.0 ** -14, 1e-300, 1e300,
+                      np.inf, -np.inf, 5e-324])
+    for values in (every_exponent, near_fp16, exact, ties, edges):
+        out = np.empty(values.size, dtype=np.uint16)
+        rounded(values, out)
+        with np.errstate(over="ignore"):
+            expected = values.astype(np.float16)
+        nan = np.isnan(expected)
+        np.testing.assert_array_equal(out[~nan], expected[~nan].view(np.uint16))
+        assert np.isnan(out[nan].view(np.float16)).all()
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=[f.value for f in FORMATS])
 def test_all_constant_weight_and_given_bounds(fmt: FloatFormat) -> None:
     constant = np.tile(weights(fmt)[:, :1], (1, 64))
@@ -125,8 +163,10 @@ def test_int4_packing_kernels_match_numpy(layout: Int4Layout, shape) -> None:
     from ckpt_rtn import kernels
     codes = np.random.default_rng(1).integers(-8, 8, shape, dtype=np.int8)
     out = np.full(layout.shape(*shape), 99, dtype=np.int8)
-    pack = kernels.pack_int4_transposed if layout is Int4Layout.TRANSPOSED else kernels.pack_int4_rows
-    pack(codes, out)
+    if layout is Int4Layout.TRANSPOSED:
+        kernels.pack_int4_transposed(codes, out)
+    else:
+        kernels.pack_int4_rows(codes, out)
     np.testing.assert_array_equal(out, pack_codes(codes, layout))
 
 
@@ -170,3 +210,30 @@ def test_w4_scheme_outputs_match(name: str, group: int) -> None:
         w, FloatFormat.FLOAT16, pool=None, stats=False))
     for a, b in zip(compiled.arrays, reference.arrays):
         np.testing.assert_array_equal(a, b)
+
+
+_CACHE_PROBE = """
+import numpy as np
+from ckpt_rtn import kernels
+from ckpt_rtn.numerics import FloatFormat
+from ckpt_rtn.packing import Int4Layout
+from ckpt_rtn.rtn import W8, RtnSpec, quantize_rtn
+w = np.ones((4, 256), np.float16)
+w[0, 0] = 2
+quantize_rtn(w, FloatFormat.FLOAT16, W8)
+spec = RtnSpec(bits=4, group_size=128, float64_scale=True, symmetric=False)
+quantize_rtn(w, FloatFormat.FLOAT16, spec, stats=True, int4=Int4Layout.TRANSPOSED)
+used = [kernels.span_kernel(kernels.FP16, True, False, False, True, kernels.UNPACKED),
+        kernels.span_kernel(kernels.FP16, False, True, False, False, kernels.TRANSPOSED)]
+print(sum(sum(k.stats.cache_misses.values()) for k in used),
+      sum(sum(k.stats.cache_hits.values()) for k in used))
+"""
+
+
+def test_a_second_process_loads_the_kernels_from_numbas_disk_cache(tmp_path: Path) -> None:
+    """Compiling takes seconds; a conversion must pay for it once per machine, not once per
+    process (numba keys its cache by the kernel's constants: they must stay plain values)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True,
+                           text=True, check=True).stdout.split() for _ in range(2)]
+    assert runs == [["2", "0"], ["0", "2"]]
