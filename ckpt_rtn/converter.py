@@ -12,7 +12,6 @@ pipeline that holds a few of them at most, whatever the model's size.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import threading
 import time
@@ -395,8 +394,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     fmt = output_format(dst, options.format, options.crc)
     workers = options.workers or default_workers()
     with formats.open_reader(src, verify_crc=options.verify_crc, defer_crc=True) as reader, \
-            ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-rtn") as pool, \
-            collector_paused():
+            ThreadPoolExecutor(workers, thread_name_prefix="ckpt-rtn-rtn") as pool:
         plan = make_plan(reader, resolve_rules(options.rules, reader), fmt, crc=options.crc,
                          scheme=options.scheme, others=others)
         with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
@@ -411,25 +409,6 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     stages = Stages(read=busy.load, quantize=busy.process, write=busy.store + commit)
     return Result(plan, os.path.getsize(src), plan.output_size,  # dst may not be renamed yet
                   time.perf_counter() - started, workers, errors, stages)
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for a conversion (and back as it was after).
-
-    A conversion makes no garbage cycles worth collecting per tensor (its
-    arrays are freed by reference counting), but loading numba's kernels
-    allocates enough objects to set off full collections, each walking every
-    object numba keeps: on one 70B-shaped layer, 2 cores, `perf` put a tenth
-    of the CPU samples in the collector, and the run took 0.2 s longer.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndarray], None], *,
