@@ -177,6 +177,11 @@ def main() -> None:
                    "if their worker dies) on the Ray cluster at ADDRESS, or on a Ray started "
                    "here (local, the default), then complete DST here. Nodes must share SRC and "
                    "DST. Needs the ray extra: pip install 'ckpt-rtn[ray]'.")
+@click.option("--page-cache", is_flag=True,
+              help="Write DST through the page cache, as cp does, instead of around it "
+                   "(O_DIRECT, where the filesystem has it: no copy into the cache, no "
+                   "writeback to wait for, and the input stays cached). For a network "
+                   "filesystem whose direct writes are slow, or to read DST again at once.")
 @click.option("--workers", type=click.IntRange(min=1), metavar="N",
               help="Threads that quantize each weight (default: all cores; with --ray, 1 per "
                    "task, and Ray gives each task N CPUs). The output is identical for any N.")
@@ -192,8 +197,8 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
             asymmetric: bool, include: Sequence[str], blacklist: Sequence[str],
             no_default_blacklist: bool, out_format: Optional[str], crc: bool,
             no_verify_crc: bool, overwrite: bool, resume: bool, part_text: Optional[str],
-            ray_address: Optional[str], workers: Optional[int], report_path: Optional[str],
-            dry_run: bool, quiet: bool) -> None:
+            ray_address: Optional[str], page_cache: bool, workers: Optional[int],
+            report_path: Optional[str], dry_run: bool, quiet: bool) -> None:
     """Quantize SRC's Linear weights (W8A16 by default) and write DST.
 
     Each selected weight <p>.weight [out, in] becomes <p>._handler.weight
@@ -229,7 +234,8 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
     part = None if part_text is None else Part.parse(part_text)
     options = ConvertOptions(rules=rules, scheme=chosen, crc=crc, format=out_format,
                              overwrite=overwrite, resume=resume, verify_crc=not no_verify_crc,
-                             workers=workers, stats=report_path is not None, part=part)
+                             workers=workers, stats=report_path is not None, part=part,
+                             page_cache=page_cache)
     if part is not None and not os.path.isdir(src):
         raise UnsupportedError(src, "--part applies to a directory of shards; a single file "
                                "is converted whole")

@@ -398,7 +398,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
         plan = make_plan(reader, resolve_rules(options.rules, reader), fmt, crc=options.crc,
                          scheme=options.scheme, others=others)
         with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
-                                 crc=options.crc) as writer:
+                                 crc=options.crc, direct=not options.page_cache) as writer:
             # A bad CRC fails here, so the output is discarded before it is committed.
             errors, busy = stream(reader, plan, lambda info, array: writer.write(info.name, array),
                                   pool=pool if workers > 1 else None, stats=options.stats,

@@ -106,6 +106,8 @@ class ConvertOptions:
     workers: Optional[int] = None
     #: Measure each layer's dequantization error (for --report).
     stats: bool = False
+    #: Write the output through the page cache rather than around it (formats/direct.py).
+    page_cache: bool = False
     #: A directory: convert only this part of its shards (see directory.py).
     part: Optional[Part] = None
 

@@ -58,13 +58,15 @@ def open_reader(path: "os.PathLike[str] | str", *, format: Optional[str] = None,
 
 
 def open_writer(path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo], *, format: str,
-                metadata: Mapping[str, str], crc: bool = False) -> TensorWriter:
+                metadata: Mapping[str, str], crc: bool = False,
+                direct: bool = True) -> TensorWriter:
     """A writer for `tensors`; `metadata` goes to safetensors; `crc` writes a `.ckpt` CRC
-    trailer, or MindSpore's safetensors `crc_num`."""
+    trailer, or MindSpore's safetensors `crc_num`; `direct` writes around the page cache
+    where the filesystem allows it (direct.py), else through it."""
     if format == "ckpt":
-        return ckpt.CkptWriter(path, tensors, crc=crc)
+        return ckpt.CkptWriter(path, tensors, crc=crc, direct=direct)
     if format == "safetensors":
-        return safetensors.SafetensorsWriter(path, tensors, metadata, crc=crc)
+        return safetensors.SafetensorsWriter(path, tensors, metadata, crc=crc, direct=direct)
     raise ValueError(f"unknown format {format!r}")
 
 

@@ -396,8 +396,8 @@ class CkptWriter(TensorWriter):
     """
 
     def __init__(self, path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo], *,
-                 crc: bool = False, chunk_size: int = CHUNK_SIZE) -> None:
-        super().__init__(path, tensors)
+                 crc: bool = False, chunk_size: int = CHUNK_SIZE, direct: bool = True) -> None:
+        super().__init__(path, tensors, direct=direct)
         self._chunk_size = chunk_size
         self._heads = _TensorHeads()
         #: Each tensor's slot (its place in the planned order) and its first record's offset.

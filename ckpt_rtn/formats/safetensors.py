@@ -523,16 +523,19 @@ class SafetensorsWriter(TensorWriter):
     """
 
     def __init__(self, path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo],
-                 metadata: Mapping[str, str], *, crc: bool = False) -> None:
+                 metadata: Mapping[str, str], *, crc: bool = False,
+                 direct: bool = True) -> None:
         layout = _layout(tensors, metadata, crc, path)
-        super().__init__(path, tensors)
+        super().__init__(path, tensors, direct=direct)
         self._layout = layout
         self._data_start = len(layout.header)
         self._crc_parts = array("L", [0]) * len(tensors) if crc else None
         assert self._out.file is not None
         try:
-            self._out.file.write(layout.header)
             self._out.file.truncate(self._data_start + sum(layout.sizes))
+            # Every byte is written once (direct.py gathers partial blocks by that): with
+            # crc_num, the header from its value on is written last, by _finish.
+            self._write_at(layout.header[:layout.crc_at], 0)
         except OSError as exc:
             self._out.discard()
             raise OutputError(self.path, f"cannot write: {exc.strerror}") from None

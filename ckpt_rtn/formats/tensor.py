@@ -16,6 +16,7 @@ from ..dtypes import DType, STRING
 from ..errors import FormatError, OutputError
 from ..paths import open_input
 from .atomic import AtomicFile
+from .direct import BlockWriter
 from .untrusted_json import brief
 
 
@@ -269,16 +270,20 @@ class TensorWriter:
     A writer is built with the full list of tensors to come and takes each by
     name, once. The file appears under its final name only when the context
     exits cleanly with every planned tensor written; otherwise the temporary
-    file is deleted and the final path is never touched.
+    file is deleted and the final path is never touched. With `direct`, the file is
+    written around the page cache where the filesystem allows it (direct.py).
     """
 
-    def __init__(self, path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo]) -> None:
+    def __init__(self, path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo], *,
+                 direct: bool = True) -> None:
         self.path = os.fspath(path)
         self._planned: Dict[str, TensorInfo] = {t.name: t for t in tensors}
         #: Gathered small writes, by the file offset where each run ends: (start, bytes).
         self._runs: Dict[int, Tuple[int, bytearray]] = {}
         self._runs_lock = threading.RLock()  # _write_at may flush the runs while holding it
         self._out = AtomicFile(self.path)
+        assert self._out.file is not None
+        self._blocks = BlockWriter(self._out.file.fileno(), direct)
 
     def write(self, name: str, array: np.ndarray) -> None:
         info = self._planned.pop(name, None)
@@ -293,7 +298,8 @@ class TensorWriter:
         raise NotImplementedError
 
     def _write_at(self, data: "bytes | bytearray | memoryview", pos: int) -> None:
-        """Put `data` at file offset `pos`, from any thread.
+        """Put `data` at file offset `pos`, from any thread; each byte of the file is
+        written once (direct.BlockWriter relies on it).
 
         Writes use pwrite (no shared file position), so threads may write
         disjoint places at once. Small ones that land next to each other are
@@ -323,12 +329,7 @@ class TensorWriter:
                 self._pwrite(data, start)
 
     def _pwrite(self, data: "bytes | bytearray | memoryview", pos: int) -> None:
-        assert self._out.file is not None
-        fd = self._out.file.fileno()
-        view = memoryview(data)
-        while len(view):
-            written = os.pwrite(fd, view, pos)
-            view, pos = view[written:], pos + written
+        self._blocks.pwrite(data, pos)
 
     def _finish(self) -> None:
         """Hook run after the last tensor, before the file is committed (and before the
@@ -348,6 +349,7 @@ class TensorWriter:
         try:
             self._finish()
             self._flush_runs()
+            self._blocks.finish()
             self._out.commit()
         except OSError as exc:
             self._out.discard()

@@ -1,0 +1,116 @@
+"""Writes around the page cache (formats/direct.py) put every byte where buffered writes do.
+
+The writers cut each write into whole aligned blocks, written by O_DIRECT from
+memory or through a staging buffer, and partial blocks gathered until their
+neighbours fill them. Here random pieces of a file, in random order, from
+several threads, unaligned in the file and in memory, must give the file's
+bytes exactly, with O_DIRECT on, off, and refused by the filesystem midway.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+
+from ckpt_rtn.formats import direct
+from ckpt_rtn.formats.direct import BLOCK, BlockWriter
+
+SIZE = 5 * BLOCK * 64 + 1234  # ends inside a block
+
+
+def has_direct(directory: Path) -> bool:
+    """Whether files in `directory` open with O_DIRECT."""
+    try:
+        os.close(os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def pieces(data: bytes, seed: int) -> List[Tuple[int, memoryview]]:
+    """`data` cut into pieces of 1 byte to ~300 KiB (some from block-aligned memory at an
+    aligned offset, as the fast path wants), shuffled."""
+    rng = random.Random(seed)
+    cuts, pos = [], 0
+    while pos < len(data):
+        size = rng.choice([1, 7, 100, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK,
+                           rng.randrange(1, 300_000)])
+        cuts.append((pos, min(size, len(data) - pos)))
+        pos += size
+    out = []
+    for start, length in cuts:
+        if start % BLOCK == 0 and rng.random() < 0.5:  # aligned memory too: written as is
+            buffer = np.empty(length + BLOCK, dtype=np.uint8)
+            skip = -buffer.ctypes.data % BLOCK
+            buffer[skip:skip + length] = np.frombuffer(data, np.uint8, length, start)
+            out.append((start, memoryview(buffer[skip:skip + length])))
+        else:
+            out.append((start, memoryview(data)[start:start + length]))
+    rng.shuffle(out)
+    return out
+
+
+def write(path: Path, data: bytes, seed: int, *, threads: int, use_direct: bool) -> BlockWriter:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, len(data))  # as the format writers do first
+        writer = BlockWriter(fd, use_direct)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda piece: writer.pwrite(piece[1], piece[0]), pieces(data, seed)))
+        writer.finish()
+    finally:
+        os.close(fd)
+    return writer
+
+
+@pytest.mark.parametrize("use_direct", [True, False])
+@pytest.mark.parametrize("threads", [1, 4])
+def test_pieces_in_any_order_make_the_same_file(tmp_path: Path, use_direct: bool,
+                                                threads: int) -> None:
+    data = np.random.default_rng(0).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    for seed in range(3):
+        path = tmp_path / f"out{seed}"
+        writer = write(path, data, seed, threads=threads, use_direct=use_direct)
+        assert path.read_bytes() == data
+        assert not writer._partial
+        if not use_direct:
+            assert not writer.direct
+
+
+def test_a_filesystem_refusing_direct_writes_midway_gets_the_same_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EINVAL from a direct write (a filesystem that takes O_DIRECT at open but not the
+    write): the writer turns it off, writes what it gathered, and goes on buffered."""
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd: int, data, pos: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0) and len(refused) < 1:
+            refused.append(pos)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, pos)
+
+    monkeypatch.setattr(direct.os, "pwrite", pwrite)
+    data = np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    writer = write(tmp_path / "out", data, 5, threads=4, use_direct=True)
+    assert (tmp_path / "out").read_bytes() == data
+    assert not writer.direct  # refused (or never had O_DIRECT): buffered from then on
+    assert bool(refused) == has_direct(tmp_path)
+
+
+def test_direct_writes_are_used_where_the_filesystem_has_them(tmp_path: Path) -> None:
+    """Where open(O_DIRECT) works (ext4, xfs, tmpfs from Linux 6.6 on), the writer uses it:
+    the file then never holds the bytes in the page cache."""
+    if not has_direct(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    data = bytes(range(256)) * (SIZE // 256)
+    writer = write(tmp_path / "out", data, 2, threads=2, use_direct=True)
+    assert writer.direct
+    assert (tmp_path / "out").read_bytes() == data
