@@ -188,9 +188,10 @@ def test_codes_packed_block_by_block_are_the_reference_bits(fmt: FloatFormat, la
     unpacked = quantize_rtn(w, fmt, spec, stats=True)
     np.testing.assert_array_equal(compiled.q, pack_codes(unpacked.q, layout))
     assert compiled.stats == unpacked.stats
-    constant = np.tile(w[:, :1], (1, 128))  # every group constant: scale 1, quantized again
-    compiled, reference = both(lambda: quantize_rtn(constant, fmt, spec, int4=layout))
-    np.testing.assert_array_equal(compiled.q, reference.q)
+    if fmt is FloatFormat.FLOAT16:  # (each format is one more kernel to compile)
+        constant = np.tile(w[:, :1], (1, 128))  # every group constant: scale 1, quantized again
+        compiled, reference = both(lambda: quantize_rtn(constant, fmt, spec, int4=layout))
+        np.testing.assert_array_equal(compiled.q, reference.q)
 
 
 def test_int4_packing_needs_4_bit_codes_in_pairs_of_rows() -> None:
