@@ -49,7 +49,7 @@ import numpy as np
 from . import dtypes
 from .formats.tensor import TensorInfo
 from .golden_stick import QuantNames, legacy_names, mcore_names, ptq_names
-from .numerics import FloatFormat, to_work
+from .numerics import FloatFormat, to_storage, to_work
 from .buffers import BufferPool
 from .packing import Int4Layout
 from .rtn import W8, ErrorStats, RowBounds, RtnSpec, quantize_rtn
@@ -213,7 +213,8 @@ class Scheme:
         """Quantize a weight of two groups (or two 2-wide rows) of `fmt`, so that the kernels
         `quantize` runs are compiled, or loaded from numba's disk cache, before a real weight
         waits for them (about half a second in a fresh process, mostly numba's own set-up)."""
-        tiny = np.zeros((2, 2 * (self.spec.group_size or 1)), dtype=fmt.storage)
+        width = 2 * (self.spec.group_size or 1)  # rows that are not constant: no second pass
+        tiny = to_storage(np.tile(np.arange(width, dtype=fmt.work), (2, 1)), fmt)
         self.quantize(tiny, fmt, pool=None, stats=stats)
 
     def _stored_scale(self, scale: np.ndarray, fmt: FloatFormat) -> np.ndarray:

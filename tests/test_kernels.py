@@ -238,3 +238,19 @@ def test_a_second_process_loads_the_kernels_from_numbas_disk_cache(tmp_path: Pat
     runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True,
                            text=True, check=True).stdout.split() for _ in range(2)]
     assert runs == [["2", "0"], ["0", "2"]]
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w4a16"])
+def test_warm_up_compiles_the_kernel_a_weight_then_runs(name: str) -> None:
+    """converter.warm_up quantizes a tiny weight so that the real ones find their kernel
+    ready: the same variant, with the same argument types (no second specialization)."""
+    from ckpt_rtn import kernels
+    scheme, fmt = get_scheme(name), FloatFormat.BFLOAT16
+    scheme.warm_up(fmt, stats=False)
+    layout = {None: kernels.UNPACKED}.get(scheme.int4_layout, kernels.TRANSPOSED)
+    kernel = kernels.span_kernel(kernels.BF16, True, False, False, False, layout)
+    compiled = len(kernel.signatures)
+    assert compiled >= 1
+    with ThreadPoolExecutor(2) as pool:
+        scheme.quantize(weights(fmt, rows=64, cols=256), fmt, pool=pool, stats=False)
+    assert len(kernel.signatures) == compiled
