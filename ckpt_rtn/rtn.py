@@ -233,9 +233,10 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     rows, cols = weight.shape
     block_rows = block_rows or _block_rows(cols)
     packs = int4 is not None and compiled_kernels() is not None
-    if int4 is not None:  # every block holds whole pairs of output rows: it packs on its own
-        pair = 2 * rows // max(out_channels, 1)
-        block_rows = -(-block_rows // pair) * pair
+    if int4 is not None:  # every block holds 16 whole output rows: it packs on its own, by
+        # 8 x 8 bytes (kernels.pack_int4_transposed)
+        sixteen = 16 * rows // max(out_channels, 1)
+        block_rows = -(-block_rows // sixteen) * sixteen
     q = empty(int4.shape(out_channels, in_channels) if packs else weight.shape, np.int8,
               buffers)
     params = _Params(np.empty(rows, dtype=fmt.work), np.zeros(rows, dtype=fmt.work))

@@ -158,13 +158,17 @@ def test_threads_do_not_change_the_codes() -> None:
 
 
 @pytest.mark.parametrize("layout", list(Int4Layout), ids=[lay.value for lay in Int4Layout])
-@pytest.mark.parametrize("shape", [(2, 1), (16, 64), (18, 300), (300, 18), (4096, 40)])
+@pytest.mark.parametrize("shape", [(2, 1), (16, 64), (18, 300), (300, 18), (4096, 40),
+                                   (32, 64), (48, 136), (40, 16)])
 def test_int4_packing_kernels_match_numpy(layout: Int4Layout, shape) -> None:
     from ckpt_rtn import kernels
     codes = np.random.default_rng(1).integers(-8, 8, shape, dtype=np.int8)
     out = np.full(layout.shape(*shape), 99, dtype=np.int8)
-    if layout is Int4Layout.TRANSPOSED:
-        kernels.pack_int4_transposed(codes, out)
+    if layout is Int4Layout.TRANSPOSED:  # in two halves: the second into later columns
+        half = shape[0] // 4 * 2
+        scratch = np.empty((shape[0], shape[1]), dtype=np.int8)
+        kernels.pack_int4_transposed(codes[:half], out, 0, scratch)
+        kernels.pack_int4_transposed(codes[half:], out, half // 2, scratch)
     else:
         kernels.pack_int4_rows(codes, out)
     np.testing.assert_array_equal(out, pack_codes(codes, layout))
