@@ -403,7 +403,7 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
             errors, busy = stream(reader, plan, lambda info, array: writer.write(info.name, array),
                                   pool=pool if workers > 1 else None, stats=options.stats,
                                   row_bounds=row_bounds, progress=progress,
-                                  writers=writer_threads(workers))
+                                  writers=writer_threads(workers), copies_first=True)
             committing = time.perf_counter()
         commit = time.perf_counter() - committing
     stages = Stages(read=busy.load, quantize=busy.process, write=busy.store + commit)
@@ -415,14 +415,19 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
            pool: Optional[ThreadPoolExecutor] = None, stats: bool = False,
            row_bounds: Optional[Mapping[str, RowBounds]] = None,
            progress: Optional[ProgressFn] = None,
-           writers: int = 1) -> Tuple[List[LayerError], StageTimes]:
-    """Hand `sink` every output tensor and record of `plan` (in order when `writers` is 1; the
-    records always last), computed from `reader`'s tensors through the read-ahead / quantize
-    / write-behind pipeline; then run the reader's deferred checks (its CRC). `convert`
-    writes what `sink` gets, `verify` compares it. Returns each layer's error when `stats`,
-    and how busy each stage was. `writers` threads call `sink` at once (for a sink that
-    writes each tensor at its planned place: the formats' writers); `progress` is called
-    from them one at a time. The kernels are loaded in a thread meanwhile (warm_up).
+           writers: int = 1, copies_first: bool = False) -> Tuple[List[LayerError], StageTimes]:
+    """Hand `sink` every output tensor and record of `plan` (in order when `writers` is 1 and
+    not `copies_first`; the records always last), computed from `reader`'s tensors through
+    the read-ahead / quantize / write-behind pipeline; then run the reader's deferred checks
+    (its CRC). `convert` writes what `sink` gets, `verify` compares it. Returns each layer's
+    error when `stats`, and how busy each stage was. `progress` is called from the writing
+    threads one at a time.
+
+    The kernels are loaded in a thread meanwhile (warm_up). For a sink that writes each
+    tensor at its planned place (the formats' writers), `writers` threads call it at once,
+    and `copies_first` sends the tensors only copied through first (each kind in plan
+    order, where the reader allows any order): they are written while the kernels load,
+    instead of the last of them after the last weight.
     """
     errors: List[LayerError] = []
     total = reader.nbytes
@@ -453,7 +458,10 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
                                daemon=True)
     warming.start()
     try:
-        busy = run_pipeline(plan.steps, lambda step: load_step(reader, plan, step), quantize,
+        steps = plan.steps
+        if copies_first and reader.any_order:
+            steps = sorted(steps, key=lambda step: step.quantized)
+        busy = run_pipeline(steps, lambda step: load_step(reader, plan, step), quantize,
                             store, size=lambda step: step.source.nbytes, writers=writers)
         for info, value in plan.records:
             sink(info, value)

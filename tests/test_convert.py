@@ -210,6 +210,34 @@ def test_a_conversion_leaves_no_thread_behind(fp16_llama, tmp_path: Path) -> Non
     assert not (tmp_path / "nan_out.ckpt").exists()
 
 
+@pytest.mark.parametrize("suffix,crc", [("ckpt", False), ("safetensors", True), ("ckpt", True)])
+def test_copies_go_first_where_the_reader_takes_any_order(fp16_llama, tmp_path: Path,
+                                                          suffix: str, crc: bool) -> None:
+    """convert streams the tensors only copied before the weights (they are written while
+    the kernels load), except from a .ckpt whose CRC is checked as it is read, in file order:
+    reading out of it would read the file twice."""
+    from ckpt_rtn import formats
+    from ckpt_rtn.options import ConvertOptions
+    _, weights = fp16_llama
+    src = tmp_path / f"in.{suffix}"
+    ms_save(src, weights, ms_dtype=ms.float16, crc_check=crc)
+    with formats.open_reader(src, defer_crc=True) as reader:
+        plan = converter.make_plan(reader, converter.resolve_rules(ConvertOptions().rules,
+                                                                   reader), "ckpt")
+        in_any_order = reader.any_order
+        seen = []
+        converter.stream(reader, plan, lambda info, array: seen.append(info.name),
+                         copies_first=True)
+    assert in_any_order is not (suffix == "ckpt" and crc)
+    planned = [info.name for info in plan.outputs]
+    copied = {out.name for step in plan.steps if not step.quantized for out in step.outputs}
+    if in_any_order:
+        assert set(seen[:len(copied)]) == copied
+        assert sorted(seen) == sorted(planned)
+    else:
+        assert seen == planned
+
+
 def test_report_has_sizes_counts_and_layer_errors(fp16_llama, tmp_path: Path) -> None:
     import json
     root, weights = fp16_llama

@@ -128,6 +128,12 @@ class CkptReader(TensorReader):
             self._crc_state = self._crc_through(info, memoryview(raw))
         return raw
 
+    @property
+    def any_order(self) -> bool:
+        """False while a deferred CRC is being taken: it runs in file order, and a tensor read
+        before one it has passed makes finish() read the whole file again."""
+        return self._crc_state is None
+
     def finish(self) -> None:
         """Check a deferred CRC: the bytes not read yet are read now."""
         if self._crc_state is None:

@@ -229,6 +229,11 @@ class TensorReader:
     def finish(self) -> None:
         """Checks that need the whole file read (a deferred CRC); none by default."""
 
+    @property
+    def any_order(self) -> bool:
+        """Whether tensors may be read out of file order at no extra cost."""
+        return True
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
