@@ -206,7 +206,8 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     gives each output channel's (min, max) instead of this weight's own: for
     a slice of a weight split along its input channels, the whole weight's
     (see `row_bounds`), so every slice gets the scale the whole would.
-    `block_rows` overrides the rows quantized at a time (BLOCK_ELEMENTS' worth).
+    `block_rows` overrides the rows quantized at a time by numpy, and the unit
+    of the threads' spans and of int4 packing (BLOCK_ELEMENTS' worth).
     The codes' array comes from `buffers` when given.
 
     With `int4` (4-bit specs), q is the codes packed two per byte in that
@@ -272,8 +273,8 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
 @dataclass(frozen=True)
 class _Codes:
     """Where the codes of a weight's rows go: `array` [rows, cols] itself, or, with
-    `int4`, `array` packed in that layout, a block of whole output-row pairs at a time
-    (by the compiled kernels)."""
+    `int4`, `array` packed in that layout, a block of 16 whole output rows at a time (by
+    the compiled kernels)."""
 
     array: np.ndarray
     int4: Optional[Int4Layout]
