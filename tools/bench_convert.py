@@ -9,7 +9,8 @@ head), then times, each in its own process with its peak RSS:
       `dd conv=fsync`, the same copy made durable as ckpt-rtn's output is, and
       `dd oflag=direct conv=fsync`, made durable around the page cache as
       ckpt-rtn writes by default (the storage's own write speed);
-  (b) `ckpt-rtn convert` with --workers 1 and with all cores;
+  (b) `ckpt-rtn convert` with --workers 1 and with all cores (or each count
+      of --workers, for a scaling sweep);
   (c) the naive script a MindSpore user would write: mindspore.load_checkpoint,
       numpy RTN per Linear weight, mindspore.save_checkpoint. It holds the whole
       model in memory several times over, so it runs on a smaller checkpoint
@@ -18,6 +19,8 @@ head), then times, each in its own process with its peak RSS:
     python tools/bench_convert.py --layers 11 --naive-layers 1 --dir /tmp/bench
     python tools/bench_convert.py --layers 3 --naive-layers 0 \
         --scheme-args "--scheme w4a16" --scheme-args "--scheme w4a16 --asymmetric"
+    python tools/bench_convert.py --layers 4 --naive-layers 0 --dir /dev/shm/bench \
+        --workers 1,2,4,8,16 --repeat 3
 
 --scheme-args adds an all-workers ckpt-rtn run with those convert options
 (repeatable), next to the default W8A16 runs and cat. --repeat N runs every
@@ -41,6 +44,8 @@ import os
 import subprocess
 import sys
 from typing import Dict, List, Optional
+
+from benchkit import counts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -125,9 +130,14 @@ def main() -> None:
     parser.add_argument("--scheme-args", action="append", default=[], metavar="ARGS",
                         help="extra convert options for one more all-workers run "
                              "(repeatable), e.g. '--scheme w4a16 --asymmetric'")
+    parser.add_argument("--workers", type=counts, metavar="N,N,...",
+                        help="the W8A16 runs' worker counts, e.g. 1,2,4,8,16 for a scaling "
+                             "sweep (default: 1 and every core); the largest is the "
+                             "'all workers' run that the other runs use")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    cores = len(os.sched_getaffinity(0))
+    widest = max(args.workers) if args.workers else len(os.sched_getaffinity(0))
+    sweep = args.workers or sorted({1, widest})
     big = os.path.join(args.dir, f"llama70b_{args.layers}l.ckpt")
     out = os.path.join(args.dir, "out.ckpt")
     size = make(big, args.layers)
@@ -144,11 +154,11 @@ def main() -> None:
             ("dd oflag=direct (copy + sync, no cache)",
              f"dd if={big} of={out} bs=16M oflag=direct conv=fsync status=none", None)]
     runs += [(f"ckpt-rtn --workers {workers}", f"{cli} --workers {workers} {big} {out}", report)
-             for workers in sorted({1, cores})]
-    runs += [(f"ckpt-rtn --workers {cores} --page-cache",
-              f"{cli} --workers {cores} --page-cache {big} {out}", report)]
-    runs += [(f"ckpt-rtn --workers {cores} {extra}",
-              f"{cli} --workers {cores} {extra} {big} {out}", report)
+             for workers in sweep]
+    runs += [(f"ckpt-rtn --workers {widest} --page-cache",
+              f"{cli} --workers {widest} --page-cache {big} {out}", report)]
+    runs += [(f"ckpt-rtn --workers {widest} {extra}",
+              f"{cli} --workers {widest} {extra} {big} {out}", report)
              for extra in args.scheme_args]
     best: Dict[str, Dict[str, object]] = {}
     for _ in range(args.repeat):
@@ -168,14 +178,14 @@ def main() -> None:
         small = os.path.join(args.dir, f"llama70b_{args.naive_layers}l.ckpt")
         small_size = make(small, args.naive_layers)
         subprocess.run(f"cat {small} > /dev/null", shell=True, check=True)
-        rows.append(row(f"ckpt-rtn --workers {cores} (naive's input)", small_size,
-                        measure(f"{cli} --workers {cores} {small} {out}"), report))
+        rows.append(row(f"ckpt-rtn --workers {widest} (naive's input)", small_size,
+                        measure(f"{cli} --workers {widest} {small} {out}"), report))
         remove(out)
         naive = f"{sys.executable} -c '{_NAIVE}' {small} {out}"
         rows.append(row("naive MindSpore (naive's input)", small_size, measure(naive)))
         remove(out)
 
-    print(f"machine: {cores} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM")
+    print(f"machine: {len(os.sched_getaffinity(0))} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM")
     # wall: the whole process (Python start, imports, kernel loading included); convert: the
     # conversion's own time from --report, which the stages are measured against.
     print(f"{'run':44s} {'input GB':>9s} {'wall s':>7s} {'GB/s':>6s} {'peak RSS GiB':>13s} "
@@ -199,10 +209,12 @@ def main() -> None:
         x, y = by.get(a, {}).get("gb_per_s"), by.get(b, {}).get("gb_per_s")
         return x / y if x and y else None
 
-    all_cores = f"ckpt-rtn --workers {cores}"
+    all_cores = f"ckpt-rtn --workers {widest}"
     for label, value in (
             ("ckpt-rtn (all workers) / cat throughput", ratio(all_cores, "cat in > out")),
-            ("ckpt-rtn (1 worker) / cat throughput", ratio("ckpt-rtn --workers 1", "cat in > out")),
+            *((f"ckpt-rtn --workers {workers} / cat throughput",
+               ratio(f"ckpt-rtn --workers {workers}", "cat in > out"))
+              for workers in sweep if workers != widest),
             ("ckpt-rtn (all workers) / copy + sync throughput",
              ratio(all_cores, "dd conv=fsync (copy + sync)")),
             ("ckpt-rtn (all workers) / direct copy + sync throughput",

@@ -3,13 +3,14 @@
 
 Quantizes one 70B-shaped weight (8192 x 8192 by default, random normal
 values, stored in the format asked for) with each scheme, on 1 thread and on
-every core, with both kernels, and prints GB/s of input weight and the ratio
-compiled / numpy. The figures are the quantizer alone (a scheme's whole
+every core (or on each of --threads), with both kernels, and prints GB/s of
+input weight and the ratio compiled / numpy. The figures are the quantizer alone (a scheme's whole
 `quantize`: bounds, scales, codes, int4 packing), without reading or
 writing a file; `tools/bench_convert.py` measures whole conversions.
 
     python tools/bench_kernel.py
     python tools/bench_kernel.py --rows 28672 --cols 8192 --dtype bfloat16 --stats
+    python tools/bench_kernel.py --threads 1,2,4,8,16
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchkit import counts  # noqa: E402
 from ckpt_rtn import rtn  # noqa: E402
 from ckpt_rtn.numerics import FloatFormat, to_storage  # noqa: E402
 from ckpt_rtn.schemes import get_scheme  # noqa: E402
@@ -63,6 +65,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=[f.value for f in FloatFormat], default="float16")
     parser.add_argument("--stats", action="store_true", help="also measure the error (--report)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=counts, metavar="N,N,...",
+                        help="thread counts to measure, e.g. 1,2,4,8,16 (default: 1 and "
+                             "every core)")
     args = parser.parse_args()
     fmt = FloatFormat(args.dtype)
     rng = np.random.default_rng(0)
@@ -74,7 +79,7 @@ def main() -> None:
     print(f"{'scheme':18s} {'threads':>7s} {'numba GB/s':>11s} {'numpy GB/s':>11s} {'ratio':>6s}")
     for label, make in SCHEMES.items():
         scheme = make()
-        for threads in sorted({1, cores}):
+        for threads in args.threads or sorted({1, cores}):
             pool: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(threads) if threads > 1 else None
 
             def run() -> float:

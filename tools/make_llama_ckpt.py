@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Tuple
 
 import numpy as np
@@ -72,13 +73,27 @@ def hf_name(name: str) -> str:
     return name
 
 
-def random_fp16(rng: np.random.Generator, shape: Tuple[int, ...]) -> np.ndarray:
+#: Rows drawn per task: float32 temporaries of a few MB, and enough tasks to keep every core busy.
+_BAND = 256
+
+
+def random_fp16(seed: int, index: int, shape: Tuple[int, ...],
+                pool: ThreadPoolExecutor) -> np.ndarray:
+    """Normal(0, 0.02) values, drawn in bands of rows on every core.
+
+    Each band has its own generator seeded by (seed, tensor, band), so the file
+    is the same whatever the number of cores; numpy draws without the GIL.
+    """
     if len(shape) == 1:
         return np.ones(shape, np.float16)
     out = np.empty(shape, np.float16)
-    for start in range(0, shape[0], 1024):  # float32 temporaries of a few MB only
-        block = rng.standard_normal((min(1024, shape[0] - start),) + shape[1:], np.float32)
+
+    def band(start: int) -> None:
+        rng = np.random.default_rng([seed, index, start // _BAND])
+        block = rng.standard_normal((min(_BAND, shape[0] - start),) + shape[1:], np.float32)
         out[start:start + len(block)] = block * np.float32(0.02)
+
+    list(pool.map(band, range(0, shape[0], _BAND)))
     return out
 
 
@@ -94,18 +109,19 @@ def main() -> None:
     shapes = llama2_shapes(args.preset, args.layers)
     if args.naming == "hf":
         shapes = {hf_name(name): shape for name, shape in shapes.items()}
-    rng = np.random.default_rng(args.seed)
+    pool = ThreadPoolExecutor(len(os.sched_getaffinity(0)))
     if args.writer == "mindspore":
         import mindspore as ms
         fmt = "safetensors" if args.output.endswith(".safetensors") else "ckpt"
-        ms.save_checkpoint([{"name": k, "data": ms.Tensor(random_fp16(rng, s))}
-                            for k, s in shapes.items()], args.output, format=fmt)
+        ms.save_checkpoint([{"name": k, "data": ms.Tensor(random_fp16(args.seed, i, s, pool))}
+                            for i, (k, s) in enumerate(shapes.items())], args.output, format=fmt)
     else:
         infos = [TensorInfo.of(k, dtypes.FLOAT16, s) for k, s in shapes.items()]
         fmt = format_from_suffix(args.output) or "ckpt"
         with open_writer(args.output, infos, format=fmt, metadata={"format": "ms"}) as writer:
-            for name, shape in shapes.items():
-                writer.write(name, random_fp16(rng, shape))
+            for i, (name, shape) in enumerate(shapes.items()):
+                writer.write(name, random_fp16(args.seed, i, shape, pool))
+    pool.shutdown()
     print(f"{args.output}: {len(shapes)} tensors, {os.path.getsize(args.output)} bytes")
 
 
