@@ -35,6 +35,8 @@ time less Python's start and the imports) and the seconds its read,
 quantize and write stages were busy, and the conversion's
 time over the busiest stage: the stage near it is the one that bounds the
 run. A --page-cache run shows what writing around the page cache changes.
+--cold drops the page cache before each run on that file (as root), for the
+disk-bound figures; by default the input is read into the cache first.
 """
 from __future__ import annotations
 
@@ -96,6 +98,16 @@ def make(path: str, layers: int) -> int:
     return os.path.getsize(path)
 
 
+def drop_caches() -> None:
+    """Write back and drop the page cache, so that the next run reads from the disk."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        sys.exit(f"--cold: cannot drop the page cache ({exc}); run as root")
+
+
 def remove(*paths: str) -> None:
     for path in paths:
         if os.path.exists(path):
@@ -134,6 +146,9 @@ def main() -> None:
                         help="the W8A16 runs' worker counts, e.g. 1,2,4,8,16 for a scaling "
                              "sweep (default: 1 and every core); the largest is the "
                              "'all workers' run that the other runs use")
+    parser.add_argument("--cold", action="store_true",
+                        help="drop the page cache before each run on the --layers file (root only), so "
+                             "each reads its input from the disk: the disk-bound figures")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     widest = max(args.workers) if args.workers else len(os.sched_getaffinity(0))
@@ -145,7 +160,10 @@ def main() -> None:
     cli = f"{sys.executable} -m ckpt_rtn convert -q --overwrite --report {report}"
     rows: List[Dict[str, object]] = []
 
-    subprocess.run(f"cat {big} > /dev/null", shell=True, check=True)  # warm the page cache
+    if args.cold:
+        drop_caches()  # refused early, before any run, where this is not root
+    else:
+        subprocess.run(f"cat {big} > /dev/null", shell=True, check=True)  # warm the page cache
     # cat leaves its output in the page cache; ckpt-rtn syncs its output before renaming it
     # (a crash never leaves a file that looks complete), so a copy that syncs is shown too.
     runs = [("cat in > out", f"cat {big} > {out}", None),
@@ -163,6 +181,8 @@ def main() -> None:
     best: Dict[str, Dict[str, object]] = {}
     for _ in range(args.repeat):
         for label, command, path in runs:
+            if args.cold:
+                drop_caches()
             result = row(label, size, measure(command), path)
             remove(out)
             kept = best.get(label)
