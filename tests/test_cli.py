@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
@@ -173,6 +175,15 @@ def test_inspect_int4_fixture() -> None:
 # --------------------------------------------------------------------------- convert
 
 EXPECTED_DEFAULT = set(linear_layers())  # lm_head is blacklisted by the llama2 family
+
+
+def test_exit_skips_the_last_garbage_collections() -> None:
+    """The process's last collections would walk numba's objects after the output is safe."""
+    script = ("import atexit, gc, ckpt_rtn.cli; atexit._run_exitfuncs(); "
+              "print(gc.get_freeze_count())")
+    frozen = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                            text=True).stdout
+    assert int(frozen) > 1000
 
 
 def test_convert_default_summary(tmp_path: Path, llama: Path) -> None:
