@@ -12,9 +12,10 @@ import errno
 import fcntl
 import os
 import random
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -23,6 +24,13 @@ from ckpt_rtn.formats import direct
 from ckpt_rtn.formats.direct import BLOCK, BlockWriter
 
 SIZE = 5 * BLOCK * 64 + 1234  # ends inside a block
+
+
+@pytest.fixture
+def on_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files count as on disk, so that a tmpfs with O_DIRECT (Linux 6.6+) exercises the
+    direct path as a disk would."""
+    monkeypatch.setattr(direct, "in_memory", lambda fd: False)
 
 
 def has_direct(directory: Path) -> bool:
@@ -73,7 +81,7 @@ def write(path: Path, data: bytes, seed: int, *, threads: int, use_direct: bool)
 @pytest.mark.parametrize("use_direct", [True, False])
 @pytest.mark.parametrize("threads", [1, 4])
 def test_pieces_in_any_order_make_the_same_file(tmp_path: Path, use_direct: bool,
-                                                threads: int) -> None:
+                                                threads: int, on_disk: None) -> None:
     data = np.random.default_rng(0).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
     for seed in range(3):
         path = tmp_path / f"out{seed}"
@@ -85,7 +93,7 @@ def test_pieces_in_any_order_make_the_same_file(tmp_path: Path, use_direct: bool
 
 
 def test_a_filesystem_refusing_direct_writes_midway_gets_the_same_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_disk: None) -> None:
     """EINVAL from a direct write (a filesystem that takes O_DIRECT at open but not the
     write): the writer turns it off, writes what it gathered, and goes on buffered."""
     real = os.pwrite
@@ -105,7 +113,8 @@ def test_a_filesystem_refusing_direct_writes_midway_gets_the_same_file(
     assert bool(refused) == has_direct(tmp_path)
 
 
-def test_direct_writes_are_used_where_the_filesystem_has_them(tmp_path: Path) -> None:
+def test_direct_writes_are_used_where_the_filesystem_has_them(tmp_path: Path,
+                                                              on_disk: None) -> None:
     """Where open(O_DIRECT) works (ext4, xfs, tmpfs from Linux 6.6 on), the writer uses it:
     the file then never holds the bytes in the page cache."""
     if not has_direct(tmp_path):
@@ -114,3 +123,30 @@ def test_direct_writes_are_used_where_the_filesystem_has_them(tmp_path: Path) ->
     writer = write(tmp_path / "out", data, 2, threads=2, use_direct=True)
     assert writer.direct
     assert (tmp_path / "out").read_bytes() == data
+
+
+def test_a_file_in_memory_is_written_through_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs pages are the page cache: O_DIRECT would bypass nothing and add a copy."""
+    monkeypatch.setattr(direct, "in_memory", lambda fd: True)
+    data = bytes(range(256)) * (SIZE // 256)
+    writer = write(tmp_path / "out", data, 3, threads=2, use_direct=True)
+    assert not writer.direct
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_tmpfs_is_told_from_a_disk(tmp_path: Path) -> None:
+    mounts = {line.split()[1]: line.split()[2] for line in open("/proc/mounts")}
+    if mounts.get("/dev/shm") != "tmpfs" or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable tmpfs at /dev/shm")
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as shm, open(tmp_path / "f", "wb") as f:
+        assert direct.in_memory(shm.fileno())
+        assert direct.in_memory(f.fileno()) == (mounts.get(_mount_of(tmp_path, mounts))
+                                                in ("tmpfs", "ramfs"))
+
+
+def _mount_of(path: Path, mounts: Dict[str, str]) -> str:
+    """The mount point `path` lives under (the longest one that prefixes it)."""
+    real = str(path.resolve())
+    return max((m for m in mounts if real == m or real.startswith(m.rstrip("/") + "/")),
+               key=len)

@@ -20,9 +20,13 @@ file's last) is written padded and the file cut back to its size.
 
 Where the filesystem refuses O_DIRECT (EINVAL, at open or at the first
 write), the file is written through the page cache as before, the same bytes.
+So is a file in memory (tmpfs, /dev/shm): its pages are the page cache, so
+O_DIRECT bypasses nothing there and only adds the staging copy (16 cores,
+7.9 GB into /dev/shm: 3.27 s direct, 3.09 s buffered).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -36,6 +40,8 @@ import numpy as np
 BLOCK = 4096
 #: Bytes copied into the aligned staging buffer per write, when the memory is not aligned.
 STAGING = 8 * 1024 * 1024
+#: statfs f_type of the filesystems whose files live in memory (linux/magic.h): tmpfs, ramfs.
+IN_MEMORY = frozenset({0x01021994, 0x858458F6})
 
 
 def _address(view: memoryview) -> int:
@@ -61,7 +67,7 @@ class BlockWriter:
 
     def __init__(self, fd: int, direct: bool = True) -> None:
         self.fd = fd
-        self.direct = direct and _set_direct(fd, True)
+        self.direct = direct and not in_memory(fd) and _set_direct(fd, True)
         self._lock = threading.Lock()
         #: Blocks written in part: block index -> (its bytes so far, the (start, length) of
         #: each piece filled).
@@ -157,6 +163,19 @@ class BlockWriter:
             for start, length in filled:
                 pwrite_all(self.fd, memoryview(block)[start:start + length],
                            index * BLOCK + start)
+
+
+def in_memory(fd: int) -> bool:
+    """Whether `fd`'s file lives in memory (tmpfs, ramfs); False where that cannot be told."""
+    if not hasattr(os, "O_DIRECT"):  # Linux only; elsewhere nothing is written direct anyway
+        return False
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if ctypes.CDLL(None).fstatfs(fd, buffer) != 0:  # the process's own libc
+        return False
+    # f_type opens struct statfs: a long on most ABIs, an unsigned int on s390x. The magic
+    # numbers fit in 32 bits, so one of the two readings finds them on either byte order.
+    return (ctypes.c_ulong.from_buffer(buffer).value in IN_MEMORY
+            or ctypes.c_uint.from_buffer(buffer).value in IN_MEMORY)
 
 
 def _set_direct(fd: int, on: bool) -> bool:
