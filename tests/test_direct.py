@@ -13,6 +13,7 @@ import fcntl
 import os
 import random
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -40,6 +41,21 @@ def has_direct(directory: Path) -> bool:
     except (AttributeError, OSError):
         return False
     return True
+
+
+def refuse_the_first_direct_write(monkeypatch: pytest.MonkeyPatch) -> List[int]:
+    """EINVAL for the first write while O_DIRECT is on; returns the offsets refused."""
+    real = os.pwrite
+    refused: List[int] = []
+
+    def pwrite(fd: int, data, pos: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0) and not refused:
+            refused.append(pos)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, pos)
+
+    monkeypatch.setattr(direct.os, "pwrite", pwrite)
+    return refused
 
 
 def pieces(data: bytes, seed: int) -> List[Tuple[int, memoryview]]:
@@ -96,21 +112,35 @@ def test_a_filesystem_refusing_direct_writes_midway_gets_the_same_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_disk: None) -> None:
     """EINVAL from a direct write (a filesystem that takes O_DIRECT at open but not the
     write): the writer turns it off, writes what it gathered, and goes on buffered."""
-    real = os.pwrite
-    refused = []
-
-    def pwrite(fd: int, data, pos: int) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0) and len(refused) < 1:
-            refused.append(pos)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data, pos)
-
-    monkeypatch.setattr(direct.os, "pwrite", pwrite)
+    refused = refuse_the_first_direct_write(monkeypatch)
     data = np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
     writer = write(tmp_path / "out", data, 5, threads=4, use_direct=True)
     assert (tmp_path / "out").read_bytes() == data
     assert not writer.direct  # refused (or never had O_DIRECT): buffered from then on
     assert bool(refused) == has_direct(tmp_path)
+
+
+def test_no_thread_writes_unaligned_pieces_while_o_direct_is_still_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_disk: None) -> None:
+    """The fallback turns O_DIRECT off before it tells the other threads, which then write
+    unaligned pieces as they are: slowed down here, the other order fails with EINVAL."""
+    if not has_direct(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    refused = refuse_the_first_direct_write(monkeypatch)
+    set_direct = direct._set_direct
+
+    def slowly(fd: int, on: bool) -> bool:
+        if not on:
+            time.sleep(0.05)  # the other threads run meanwhile
+        return set_direct(fd, on)
+
+    monkeypatch.setattr(direct, "_set_direct", slowly)
+    data = np.random.default_rng(2).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    for seed in range(3):
+        refused.clear()
+        writer = write(tmp_path / f"out{seed}", data, seed, threads=4, use_direct=True)
+        assert (tmp_path / f"out{seed}").read_bytes() == data
+        assert not writer.direct
 
 
 def test_direct_writes_are_used_where_the_filesystem_has_them(tmp_path: Path,

@@ -156,8 +156,10 @@ class BlockWriter:
         with self._lock:
             if not self.direct:
                 return
-            self.direct = False
+            # O_DIRECT off before the flag: a thread that reads the flag without the lock and
+            # finds it off then writes unaligned pieces as they are, which O_DIRECT refuses.
             _set_direct(self.fd, False)
+            self.direct = False
             partial, self._partial = self._partial, {}
         for index, (block, filled) in partial.items():
             for start, length in filled:
