@@ -22,7 +22,7 @@ from ckpt_rtn.numerics import FloatFormat
 from ckpt_rtn.golden_stick import legacy_names, ptq_names
 from ckpt_rtn.rtn import W8, RtnSpec, quantize_rtn
 
-from conftest import cli, llama_weights, ms_bytes, ms_load, ms_save
+from conftest import cli, llama_weights, ms_bytes, ms_load, ms_save, needs_mindspore
 
 #: A MindSpore strategy file starts with ParallelStrategyMap.current_stage (field 1, varint).
 STRATEGY_BYTES = b"\x08\x00\x1a\x0c\x0a\x04wq.w\x12\x04\x28\x00\x30\x00"
@@ -216,6 +216,7 @@ def test_directory_options_that_do_not_apply(shard_dirs, tmp_path: Path) -> None
 
 def strategy_file(path: Path, layouts: Dict[str, List[int]], ranks: int) -> Path:
     """A protobuf strategy file written with MindSpore's own node_strategy_pb2."""
+    needs_mindspore()
     from mindspore.train import node_strategy_pb2 as pb
 
     strategy = pb.ParallelStrategyMap()
