@@ -31,6 +31,7 @@ import errno
 import fcntl
 import mmap
 import os
+import sys
 import threading
 from typing import Dict, List, Tuple
 
@@ -169,7 +170,7 @@ class BlockWriter:
 
 def in_memory(fd: int) -> bool:
     """Whether `fd`'s file lives in memory (tmpfs, ramfs); False where that cannot be told."""
-    if not hasattr(os, "O_DIRECT"):  # Linux only; elsewhere nothing is written direct anyway
+    if not sys.platform.startswith("linux"):  # the magic numbers and the layout are Linux's
         return False
     buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
     if ctypes.CDLL(None).fstatfs(fd, buffer) != 0:  # the process's own libc
