@@ -147,8 +147,9 @@ def main() -> None:
                              "sweep (default: 1 and every core); the largest is the "
                              "'all workers' run that the other runs use")
     parser.add_argument("--cold", action="store_true",
-                        help="drop the page cache before each run on the --layers file (root only), so "
-                             "each reads its input from the disk: the disk-bound figures")
+                        help="drop the page cache before each run on the --layers file "
+                             "(root only), so each reads its input from the disk: the "
+                             "disk-bound figures")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     widest = max(args.workers) if args.workers else len(os.sched_getaffinity(0))
@@ -205,7 +206,8 @@ def main() -> None:
         rows.append(row("naive MindSpore (naive's input)", small_size, measure(naive)))
         remove(out)
 
-    print(f"machine: {len(os.sched_getaffinity(0))} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    print(f"machine: {len(os.sched_getaffinity(0))} cores, {ram:.1f} GiB RAM")
     # wall: the whole process (Python start, imports, kernel loading included); convert: the
     # conversion's own time from --report, which the stages are measured against.
     print(f"{'run':44s} {'input GB':>9s} {'wall s':>7s} {'GB/s':>6s} {'peak RSS GiB':>13s} "

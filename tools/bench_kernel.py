@@ -4,9 +4,10 @@
 Quantizes one 70B-shaped weight (8192 x 8192 by default, random normal
 values, stored in the format asked for) with each scheme, on 1 thread and on
 every core (or on each of --threads), with both kernels, and prints GB/s of
-input weight and the ratio compiled / numpy. The figures are the quantizer alone (a scheme's whole
-`quantize`: bounds, scales, codes, int4 packing), without reading or
-writing a file; `tools/bench_convert.py` measures whole conversions.
+input weight and the ratio compiled / numpy. The figures are the quantizer
+alone (a scheme's whole `quantize`: bounds, scales, codes, int4 packing),
+without reading or writing a file; `tools/bench_convert.py` measures whole
+conversions.
 
     python tools/bench_kernel.py
     python tools/bench_kernel.py --rows 28672 --cols 8192 --dtype bfloat16 --stats

@@ -32,6 +32,7 @@ venv="$basetemp/numpy2"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "numpy>=2" "pytest>=7" \
     "hypothesis>=6" -e .
-"$venv/bin/python" -c "import numpy, numba; print(f'numpy {numpy.__version__}, numba {numba.__version__}')"
+"$venv/bin/python" -c "import numpy, numba; print('numpy', numpy.__version__, 'numba', \
+numba.__version__)"
 CKPT_RTN_TESTS_WITHOUT_MINDSPORE=1 NUMBA_CACHE_DIR="$basetemp/numba" "$venv/bin/python" -m pytest \
     --basetemp="$basetemp/t2" "${converter[@]}"
