@@ -29,7 +29,7 @@ from .formats.atomic import remove_dead_temp_files
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
 from .options import ConvertOptions
-from .pipeline import StageTimes, run_pipeline
+from .pipeline import run_pipeline
 from .rtn import NonFiniteWeightError, RowBounds, kernel_name
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
 from .packing import transposed
@@ -146,19 +146,23 @@ class Stages:
     They overlap (see pipeline.py), so the wall time is at least the largest
     of them, and close to it when the pipeline keeps every stage fed; the one
     that is close to the wall time is the one that bounds the run. `write`
-    includes committing the output (flush, fsync, rename).
+    includes committing the output (flush, fsync, rename). `kernels` is the
+    time the quantize stage waited, before its first weight, for the compiled
+    kernels to load (numba's set-up, a fixed cost per process): not counted
+    in `quantize`, since nothing was quantized meanwhile.
     """
     read: float
     quantize: float
     write: float
+    kernels: float = 0.0
 
     def to_json(self) -> Dict[str, float]:
         return {"read_s": round(self.read, 3), "quantize_s": round(self.quantize, 3),
-                "write_s": round(self.write, 3)}
+                "write_s": round(self.write, 3), "kernels_s": round(self.kernels, 3)}
 
     def __add__(self, other: "Stages") -> "Stages":
         return Stages(self.read + other.read, self.quantize + other.quantize,
-                      self.write + other.write)
+                      self.write + other.write, self.kernels + other.kernels)
 
 
 @dataclass(frozen=True)
@@ -400,13 +404,13 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
         with formats.open_writer(dst, plan.outputs, format=fmt, metadata=plan.metadata,
                                  crc=options.crc, direct=not options.page_cache) as writer:
             # A bad CRC fails here, so the output is discarded before it is committed.
-            errors, busy = stream(reader, plan, lambda info, array: writer.write(info.name, array),
-                                  pool=pool if workers > 1 else None, stats=options.stats,
-                                  row_bounds=row_bounds, progress=progress,
-                                  writers=writer_threads(workers), copies_first=True)
+            errors, stages = stream(reader, plan,
+                                    lambda info, array: writer.write(info.name, array),
+                                    pool=pool if workers > 1 else None, stats=options.stats,
+                                    row_bounds=row_bounds, progress=progress,
+                                    writers=writer_threads(workers), copies_first=True)
             committing = time.perf_counter()
-        commit = time.perf_counter() - committing
-    stages = Stages(read=busy.load, quantize=busy.process, write=busy.store + commit)
+        stages = replace(stages, write=stages.write + time.perf_counter() - committing)
     return Result(plan, os.path.getsize(src), plan.output_size,  # dst may not be renamed yet
                   time.perf_counter() - started, workers, errors, stages)
 
@@ -415,26 +419,34 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
            pool: Optional[ThreadPoolExecutor] = None, stats: bool = False,
            row_bounds: Optional[Mapping[str, RowBounds]] = None,
            progress: Optional[ProgressFn] = None,
-           writers: int = 1, copies_first: bool = False) -> Tuple[List[LayerError], StageTimes]:
+           writers: int = 1, copies_first: bool = False) -> Tuple[List[LayerError], Stages]:
     """Hand `sink` every output tensor and record of `plan` (in order when `writers` is 1 and
     not `copies_first`; the records always last), computed from `reader`'s tensors through
     the read-ahead / quantize / write-behind pipeline; then run the reader's deferred checks
     (its CRC). `convert` writes what `sink` gets, `verify` compares it. Returns each layer's
-    error when `stats`, and how busy each stage was. `progress` is called from the writing
-    threads one at a time.
+    error when `stats`, and how busy each stage was (`write` without a commit: the caller's).
+    `progress` is called from the writing threads one at a time.
 
-    The kernels are loaded in a thread meanwhile (warm_up). For a sink that writes each
-    tensor at its planned place (the formats' writers), `writers` threads call it at once,
-    and `copies_first` sends the tensors only copied through first (each kind in plan
-    order, where the reader allows any order): they are written while the kernels load,
-    instead of the last of them after the last weight.
+    The kernels are loaded in a thread meanwhile (warm_up), which the first weight waits
+    for (`Stages.kernels`). For a sink that writes each tensor at its planned place (the
+    formats' writers), `writers` threads call it at once, and `copies_first` sends the
+    tensors only copied through first (each kind in plan order, where the reader allows any
+    order): they are written while the kernels load, instead of the last of them after the
+    last weight.
     """
     errors: List[LayerError] = []
     total = reader.nbytes
     # Code arrays in flight are reused (see buffers.py); two of the largest cover a layer's.
     buffers = BufferPool(2 * max((step.source.nbytes for step in plan.quantized), default=0))
 
+    waited = 0.0  # for the kernels, before the first weight
+
     def quantize(step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
+        nonlocal waited
+        if warming.is_alive():
+            started = time.perf_counter()
+            warming.join()
+            waited += time.perf_counter() - started
         result = convert_step(reader.path, step, data, plan.scheme, pool=pool, stats=stats,
                               row_bounds=row_bounds, buffers=buffers)
         if result.stats is not None:
@@ -473,7 +485,8 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
     reader.finish()
     if progress is not None and (plan.dropped or plan.consumed):
         progress(sum(t.nbytes for t in plan.dropped + plan.consumed), total)
-    return errors, busy
+    return errors, Stages(read=busy.load, quantize=busy.process - waited, write=busy.store,
+                          kernels=waited)
 
 
 def warm_up(plan: Plan, stats: bool) -> None:

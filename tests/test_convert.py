@@ -238,6 +238,30 @@ def test_copies_go_first_where_the_reader_takes_any_order(fp16_llama, tmp_path: 
         assert seen == planned
 
 
+def test_the_wait_for_the_kernels_is_not_counted_as_quantizing(
+        fp16_llama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first weight waits for the kernels to load: that is numba's set-up, reported as
+    `kernels_s`, not quantizing."""
+    import json
+    import time
+    warm_up = converter.warm_up
+
+    def slow(plan: converter.Plan, stats: bool) -> None:
+        time.sleep(1.0)
+        warm_up(plan, stats)
+
+    monkeypatch.setattr(converter, "warm_up", slow)
+    root, _ = fp16_llama
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["convert", str(root / "llama.ckpt"),
+                                       str(tmp_path / "out.ckpt"), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    stages = data["stages"]
+    assert stages["kernels_s"] >= 0.5  # less the copies, which go first and take milliseconds
+    assert stages["quantize_s"] < data["seconds"] - stages["kernels_s"]
+
+
 def test_report_has_sizes_counts_and_layer_errors(fp16_llama, tmp_path: Path) -> None:
     import json
     root, weights = fp16_llama
@@ -252,7 +276,7 @@ def test_report_has_sizes_counts_and_layer_errors(fp16_llama, tmp_path: Path) ->
     assert data["tensors_quantized"] == 14 and data["tensors_copied"] == 7
     assert len(data["layers"]) == 14
     stages = data["stages"]  # busy seconds per stage, which overlap: each within the wall time
-    assert set(stages) == {"read_s", "quantize_s", "write_s"}
+    assert set(stages) == {"read_s", "quantize_s", "write_s", "kernels_s"}
     assert all(0 <= stages[key] <= data["seconds"] for key in stages)
     assert stages["quantize_s"] > 0  # 14 weights are quantized: that takes measurable time
     wq = next(l for l in data["layers"] if l["layer"] == "model.layers.0.attention.wq")

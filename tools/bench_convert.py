@@ -31,8 +31,9 @@ run of each is at the mercy of what else the machine did meanwhile.
 Prints a table and the ratios ckpt-rtn/cat and naive/ckpt-rtn; paste it into
 docs/benchmarks.md with the machine's cores and RAM. For each ckpt-rtn run it
 also prints, from --report, the conversion's own time (the process's wall
-time less Python's start and the imports) and the seconds its read,
-quantize and write stages were busy, and the conversion's
+time less Python's start and the imports), the seconds its read,
+quantize and write stages were busy, the seconds its quantize stage waited
+for numba's set-up before the first weight (kernels), and the conversion's
 time over the busiest stage: the stage near it is the one that bounds the
 run. A --page-cache run shows what writing around the page cache changes.
 --cold drops the page cache before each run on that file (as root), for the
@@ -210,21 +211,24 @@ def main() -> None:
     print(f"machine: {len(os.sched_getaffinity(0))} cores, {ram:.1f} GiB RAM")
     # wall: the whole process (Python start, imports, kernel loading included); convert: the
     # conversion's own time from --report, which the stages are measured against.
+    # kernels: the time the quantize stage waited for numba's set-up before its first weight.
     print(f"{'run':44s} {'input GB':>9s} {'wall s':>7s} {'GB/s':>6s} {'peak RSS GiB':>13s} "
           f"{'convert s':>10s} {'read s':>7s} {'quant s':>8s} {'write s':>8s} "
-          f"{'convert/busiest':>16s}  status")
+          f"{'kernels s':>10s} {'convert/busiest':>16s}  status")
     for r in rows:
         wall = f"{r['wall_s']:.2f}" if r["wall_s"] else "-"
         speed = f"{r['gb_per_s']:.3f}" if r["gb_per_s"] else "-"
         stages = r["stages"] or {}
         busy = [f"{stages[k]:.2f}" if k in stages else "-"
-                for k in ("read_s", "quantize_s", "write_s")]
+                for k in ("read_s", "quantize_s", "write_s", "kernels_s")]
         seconds = r["convert_s"]
         converting = f"{seconds:.2f}" if seconds else "-"
-        bound = f"{seconds / max(stages.values()):.2f}" if stages and seconds else "-"
+        busiest = max((stages[k] for k in ("read_s", "quantize_s", "write_s") if k in stages),
+                      default=0.0)
+        bound = f"{seconds / busiest:.2f}" if busiest and seconds else "-"
         print(f"{r['run']:44s} {r['input_gb']:9.2f} {wall:>7s} {speed:>6s} "
               f"{r['peak_rss_gib']:13.2f} {converting:>10s} {busy[0]:>7s} {busy[1]:>8s} "
-              f"{busy[2]:>8s} {bound:>16s}  {r['status']}")
+              f"{busy[2]:>8s} {busy[3]:>10s} {bound:>16s}  {r['status']}")
     by = {r["run"]: r for r in rows}
 
     def ratio(a: str, b: str) -> Optional[float]:
