@@ -443,7 +443,7 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
 
     def quantize(step: Step, data: np.ndarray) -> Tuple[np.ndarray, ...]:
         nonlocal waited
-        if warming.is_alive():
+        if step.quantized and warming.is_alive():  # a copy goes on: it needs no kernel
             started = time.perf_counter()
             warming.join()
             waited += time.perf_counter() - started

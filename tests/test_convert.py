@@ -262,6 +262,40 @@ def test_the_wait_for_the_kernels_is_not_counted_as_quantizing(
     assert stages["quantize_s"] < data["seconds"] - stages["kernels_s"]
 
 
+def test_the_copies_do_not_wait_for_the_kernels(fp16_llama, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tensors only copied are written while the kernels load; only weights wait."""
+    import time
+    from ckpt_rtn import formats, pipeline
+    from ckpt_rtn.options import ConvertOptions
+    # Each tensor travels alone, as a real model's copied tensors (hundreds of MB) do: a batch
+    # is processed whole, so a copy batched with a weight goes when the weight does.
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)
+    warm_up = converter.warm_up
+    loaded = []
+
+    def slow(plan: converter.Plan, stats: bool) -> None:
+        time.sleep(1.0)
+        warm_up(plan, stats)
+        loaded.append(time.perf_counter())
+
+    monkeypatch.setattr(converter, "warm_up", slow)
+    root, _ = fp16_llama
+    written: Dict[str, float] = {}
+    with formats.open_reader(root / "llama.ckpt") as reader:
+        plan = converter.make_plan(reader, converter.resolve_rules(ConvertOptions().rules,
+                                                                   reader), "ckpt")
+        in_any_order = reader.any_order
+        converter.stream(reader, plan,
+                         lambda info, array: written.setdefault(info.name, time.perf_counter()),
+                         copies_first=True)
+    copied = [out.name for step in plan.steps if not step.quantized for out in step.outputs]
+    quantized = [out.name for step in plan.quantized for out in step.outputs]
+    assert copied and quantized and in_any_order
+    assert all(written[name] < loaded[0] for name in copied)
+    assert all(written[name] > loaded[0] for name in quantized)
+
+
 def test_report_has_sizes_counts_and_layer_errors(fp16_llama, tmp_path: Path) -> None:
     import json
     root, weights = fp16_llama
