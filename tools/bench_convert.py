@@ -38,15 +38,27 @@ time over the busiest stage: the stage near it is the one that bounds the
 run. A --page-cache run shows what writing around the page cache changes.
 --cold drops the page cache before each run on that file (as root), for the
 disk-bound figures; by default the input is read into the cache first.
+
+--rev REV (repeatable) also runs every ckpt-rtn command with the package as
+it is at that git revision (extracted with `git archive` into a scratch
+directory), interleaved with the working tree's: a change and its base,
+side by side on one machine in one run. Each tree compiles its kernels in
+its first round, so use --repeat 2 or more. --no-report times the ckpt-rtn
+runs without --report (no error measurement, no stage times).
+
+    python tools/bench_convert.py --layers 1 --naive-layers 0 --repeat 3 --rev main \
+        --scheme-args "--scheme w4a16"
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
-from typing import Dict, List, Optional
+import tempfile
+from typing import Dict, List, Optional, Tuple
 
 from benchkit import counts
 
@@ -109,6 +121,17 @@ def drop_caches() -> None:
         sys.exit(f"--cold: cannot drop the page cache ({exc}); run as root")
 
 
+def checkout(rev: str, into: str) -> str:
+    """The package (and the family configs it links to) as at git revision `rev`, extracted
+    under `into`; returns the directory to run `python -m ckpt_rtn` from."""
+    tree = os.path.join(into, rev.replace("/", "_"))
+    os.makedirs(tree)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "ckpt_rtn", "configs"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    return tree
+
+
 def remove(*paths: str) -> None:
     for path in paths:
         if os.path.exists(path):
@@ -131,6 +154,16 @@ def row(label: str, size: int, m: Dict[str, float],
             "status": "ok" if ok else f"failed (exit {m['rc']})"}
 
 
+Run = Tuple[str, str, Optional[str]]
+
+
+def at_revisions(runs: List[Run], trees: List[Tuple[str, str]]) -> List[Run]:
+    """Each ckpt-rtn run again from each (revision, tree): run from the tree's directory,
+    `python -m` imports that tree's package before any installed one."""
+    return [(f"{label} @{rev}", f"cd {shlex.quote(tree)} && {command}", report)
+            for rev, tree in trees for label, command, report in runs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=11, help="decoder layers (11: ~20 GB)")
@@ -151,16 +184,27 @@ def main() -> None:
                         help="drop the page cache before each run on the --layers file "
                              "(root only), so each reads its input from the disk: the "
                              "disk-bound figures")
+    parser.add_argument("--rev", action="append", default=[], metavar="REV",
+                        help="also run each ckpt-rtn command as the package is at this git "
+                             "revision (repeatable), interleaved with the working tree's")
+    parser.add_argument("--no-report", action="store_true",
+                        help="run ckpt-rtn without --report (no error measurement, no stage "
+                             "times)")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     widest = max(args.workers) if args.workers else len(os.sched_getaffinity(0))
     sweep = args.workers or sorted({1, widest})
-    big = os.path.join(args.dir, f"llama70b_{args.layers}l.ckpt")
-    out = os.path.join(args.dir, "out.ckpt")
+    directory = os.path.abspath(args.dir)
+    big = os.path.join(directory, f"llama70b_{args.layers}l.ckpt")
+    out = os.path.join(directory, "out.ckpt")
     size = make(big, args.layers)
-    report = os.path.join(args.dir, "report.json")
-    cli = f"{sys.executable} -m ckpt_rtn convert -q --overwrite --report {report}"
+    report: Optional[str] = None if args.no_report else os.path.join(directory, "report.json")
+    cli = f"{sys.executable} -m ckpt_rtn convert -q --overwrite"
+    if report is not None:
+        cli += f" --report {report}"
     rows: List[Dict[str, object]] = []
+    scratch = tempfile.TemporaryDirectory(prefix="bench-revs-")
+    trees = [(rev, checkout(rev, scratch.name)) for rev in args.rev]
 
     if args.cold:
         drop_caches()  # refused early, before any run, where this is not root
@@ -180,6 +224,7 @@ def main() -> None:
     runs += [(f"ckpt-rtn --workers {widest} {extra}",
               f"{cli} --workers {widest} {extra} {big} {out}", report)
              for extra in args.scheme_args]
+    runs += at_revisions([run for run in runs if run[0].startswith("ckpt-rtn")], trees)
     best: Dict[str, Dict[str, object]] = {}
     for _ in range(args.repeat):
         for label, command, path in runs:
@@ -212,7 +257,8 @@ def main() -> None:
     # wall: the whole process (Python start, imports, kernel loading included); convert: the
     # conversion's own time from --report, which the stages are measured against.
     # kernels: the time the quantize stage waited for numba's set-up before its first weight.
-    print(f"{'run':44s} {'input GB':>9s} {'wall s':>7s} {'GB/s':>6s} {'peak RSS GiB':>13s} "
+    width = max(44, *(len(str(r["run"])) for r in rows))
+    print(f"{'run':{width}s} {'input GB':>9s} {'wall s':>7s} {'GB/s':>6s} {'peak RSS GiB':>13s} "
           f"{'convert s':>10s} {'read s':>7s} {'quant s':>8s} {'write s':>8s} "
           f"{'kernels s':>10s} {'convert/busiest':>16s}  status")
     for r in rows:
@@ -226,7 +272,7 @@ def main() -> None:
         busiest = max((stages[k] for k in ("read_s", "quantize_s", "write_s") if k in stages),
                       default=0.0)
         bound = f"{seconds / busiest:.2f}" if busiest and seconds else "-"
-        print(f"{r['run']:44s} {r['input_gb']:9.2f} {wall:>7s} {speed:>6s} "
+        print(f"{r['run']:{width}s} {r['input_gb']:9.2f} {wall:>7s} {speed:>6s} "
               f"{r['peak_rss_gib']:13.2f} {converting:>10s} {busy[0]:>7s} {busy[1]:>8s} "
               f"{busy[2]:>8s} {busy[3]:>10s} {bound:>16s}  {r['status']}")
     by = {r["run"]: r for r in rows}
@@ -255,6 +301,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+    scratch.cleanup()
 
 
 if __name__ == "__main__":
