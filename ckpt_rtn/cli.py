@@ -17,7 +17,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, converter, description, directory, formats, paths
+from . import __version__, converter, description, directory, formats, paths, rtn
 from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
 from .formats import atomic
 from .formats.atomic import AtomicFile
@@ -280,6 +280,7 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
             methods.write(description.render(result.plan.outputs))
             methods.commit()
     _warn_about(result.plan)
+    _warn_if_compiling_each_run(bool(result.plan.quantized))
     if not quiet:
         _print_summary(dst, result)
         if beside is not None:
@@ -324,6 +325,7 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address:
                           "complete") from None
     for shard in result.converted:
         _warn_about(shard.plan)
+    _warn_if_compiling_each_run(any(shard.plan.quantized for shard in result.converted))
     if report_path is not None:
         # A directory is committed file by file (that is what makes it resumable): a report
         # that cannot be written now leaves the finished files, recorded in the manifest.
@@ -386,6 +388,13 @@ def _print_description_note(path: str, plan: converter.Plan) -> None:
                f"the directory ({os.path.dirname(path)}) as pretrained_model_dir with quantization: "
                "golden-stick; copy the model's config.json and tokenizer files there (a single "
                "input file has none to copy), and keep no other *.safetensors there")
+
+
+def _warn_if_compiling_each_run(quantized: bool) -> None:
+    if quantized and not rtn.kernels_cached():
+        click.echo("warning: numba can write its cache of the compiled RTN kernels neither beside "
+                   "ckpt_rtn nor in the user's cache directory, so every run compiles them "
+                   "again (seconds); set NUMBA_CACHE_DIR to a writable directory", err=True)
 
 
 def _warn_about(plan: converter.Plan) -> None:
@@ -453,6 +462,7 @@ def verify(src: str, dst: str, no_verify_crc: bool, workers: Optional[int], quie
     run = checks.verify_directory if os.path.isdir(src) else checks.verify_file
     with _progress_bar(quiet, "verify") as progress:
         verdict = run(src, dst, verify_crc=not no_verify_crc, workers=workers, progress=progress)
+    _warn_if_compiling_each_run(verdict.quantized > 0)
     settings = verdict.settings.summary
     if verdict.differences:
         count = len(verdict.differences)

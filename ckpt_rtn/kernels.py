@@ -16,8 +16,8 @@ now 1% and 5%.
 
 Why numba: it ships wheels for every platform CPython does (pip needs no
 compiler), compiles on first use to native code that releases the GIL, and
-is kept up to date with numpy. Its compiled code is cached on disk
-(`cache=True`), so only a machine's first conversion pays for compiling.
+is kept up to date with numpy. Its compiled code is cached on disk (see
+CACHED), so only a machine's first conversion pays for compiling.
 
 Exactness: every float operation here is one IEEE operation of the same
 type, in the same order, as the numpy path's (no fastmath: a divide must not
@@ -51,7 +51,27 @@ _BF16_INF = 0x7F80
 NON_FINITE = -1
 
 
-@njit(nogil=True, cache=True, inline="always")
+def _probe() -> None:  # pragma: no cover - never called
+    """Decorated once, to ask numba whether it can cache this module's code."""
+
+
+def _cache_found() -> bool:
+    try:
+        njit(cache=True)(_probe)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return False
+    return True
+
+
+#: Whether numba caches the compiled kernels on disk: beside this module (its __pycache__),
+#: in the user's cache directory, or in NUMBA_CACHE_DIR, whichever it can write first. Where
+#: it can write none (a read-only install run without a writable home, as containers often
+#: are), `cache=True` makes numba raise as the module is imported, and no weight could be
+#: quantized; the kernels are then compiled again in every process instead (seconds each).
+CACHED = _cache_found()
+
+
+@njit(nogil=True, cache=CACHED, inline="always")
 def _fp16_value(h):  # pragma: no cover - compiled
     """An fp16 bit pattern as float32, exactly (subnormals included)."""
     h = np.uint32(h)
@@ -59,12 +79,12 @@ def _fp16_value(h):  # pragma: no cover - compiled
         np.float32) * _FP16_EXPONENT_FIX
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=CACHED, inline="always")
 def _bf16_value(h):  # pragma: no cover - compiled
     return np.uint32(np.uint32(h) << 16).view(np.float32)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=CACHED, inline="always")
 def _fp16_bits(x):  # pragma: no cover - compiled
     """float64 to the nearest fp16, ties to even, as a bit pattern: what numpy's
     astype(float16) gives (overflow to inf, NaN kept NaN)."""
@@ -92,7 +112,7 @@ def _fp16_bits(x):  # pragma: no cover - compiled
     return np.uint16(sign | np.uint32(kept))
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=CACHED, inline="always")
 def _round_bits(x, drop):  # pragma: no cover - compiled
     """x (float32) rounded to 23 - `drop` mantissa bits, half to even (rtn._round_bits)."""
     b = np.float32(x).view(np.uint32)
@@ -100,7 +120,7 @@ def _round_bits(x, drop):  # pragma: no cover - compiled
     return b.view(np.float32)
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=CACHED, inline="always")
 def _bf16_rounded(x):  # pragma: no cover - compiled
     """float32 rounded to the nearest bf16, ties to even, NaN kept (numerics.float32_to_bf16)."""
     if np.isnan(x):
@@ -108,7 +128,7 @@ def _bf16_rounded(x):  # pragma: no cover - compiled
     return _round_bits(x, 16)
 
 
-@njit(nogil=True, cache=True, fastmath=_REPORT_MATH)
+@njit(nogil=True, cache=CACHED, fastmath=_REPORT_MATH)
 def _row_errors(exact, codes, point):  # pragma: no cover - compiled
     """max |err|, sum |err|, sum err^2 and sum w^2 of one row, in units of its scale, where
     err = exact quotient - code + zero point, in the work dtype (as rtn._record_errors).
@@ -132,7 +152,7 @@ def _row_errors(exact, codes, point):  # pragma: no cover - compiled
     return np.uint64(worst).view(np.float64), total, squares, weight
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=CACHED, inline="always")
 def _stored(x, kind):  # pragma: no cover - compiled
     """A float64 scale or zero point rounded to a 16-bit `kind`, as a work value
     (numerics.to_work(to_storage(x))); float32 and float64 weights round by the store into
@@ -142,7 +162,7 @@ def _stored(x, kind):  # pragma: no cover - compiled
     return _bf16_rounded(np.float32(x))
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=CACHED, inline="always")
 def _symmetric_scale(absmax, half_range, kind, float32_scale, scale, i):  # pragma: no cover
     """scale[i] = 2*absmax/(qmax - qmin) in the weight's format (rtn._symmetric_scale)."""
     if float32_scale:  # the legacy class: float32 arithmetic, then fp16
@@ -191,7 +211,7 @@ def span_kernel(kind: int, symmetric: bool, measure: bool, fixed: bool, float32_
     drop = 16 if kind == BF16 else 13
     limit = _FP16_INF if kind == FP16 else _BF16_INF
 
-    @njit(nogil=True, cache=True, error_model="numpy")
+    @njit(nogil=True, cache=CACHED, error_model="numpy")
     def span(raw, qmin, qmax, scale, zp, codes, packed, first, in_channels, block_rows,
              stats):  # pragma: no cover - compiled
         rows, cols = raw.shape
@@ -293,7 +313,7 @@ _SHORT_LANES = np.uint64(0x0000FFFF0000FFFF), np.uint64(16)
 _WORD_LANES = np.uint64(0x00000000FFFFFFFF), np.uint64(32)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=CACHED)
 def pack_int4_transposed(codes, out, first, pairs):  # pragma: no cover - compiled
     """int4 codes [rows, in] into columns first.. of qint4x2 [in, out/2]
     (packing.Int4Layout.TRANSPOSED): out[i, first + j] holds codes[2j, i] in its low nibble
@@ -333,7 +353,7 @@ def pack_int4_transposed(codes, out, first, pairs):  # pragma: no cover - compil
             row[first + p] = pairs[p, c]
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=CACHED, inline="always")
 def _swap_lanes(lanes, i, j, lane):  # pragma: no cover - compiled
     """Swap the odd lanes of word i with the even lanes of word j (lanes of lane[1] bits)."""
     mask, shift = lane
@@ -342,7 +362,7 @@ def _swap_lanes(lanes, i, j, lane):  # pragma: no cover - compiled
     lanes[i] ^= t << shift
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=CACHED)
 def pack_int4_rows(codes, out):  # pragma: no cover - compiled
     """int4 codes [out, in] into [out/2, in] (packing.Int4Layout.ROWS): row j of `out` holds
     codes[2j] in its low nibbles and codes[2j+1] in its high ones."""
@@ -350,7 +370,7 @@ def pack_int4_rows(codes, out):  # pragma: no cover - compiled
         _pack_pair(codes[2 * p], codes[2 * p + 1], out[p])
 
 
-@njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, cache=CACHED, inline="always")
 def _pack_pair(even, odd, packed):  # pragma: no cover - compiled
     for c in range(even.shape[0]):
         packed[c] = np.int8((np.uint8(even[c]) & np.uint8(0x0F))

@@ -137,6 +137,13 @@ def kernel_name() -> str:
     return "numpy" if compiled_kernels() is None else "numba"
 
 
+def kernels_cached() -> bool:
+    """False where the compiled kernels run but numba cannot cache them on disk, so that
+    every process compiles them again (kernels.CACHED)."""
+    kernels = compiled_kernels()
+    return kernels is None or kernels.CACHED
+
+
 @dataclass(frozen=True)
 class ErrorStats:
     """How far the dequantized weight (q + zp_neg) * scale is from the original.

@@ -244,6 +244,46 @@ def test_a_second_process_loads_the_kernels_from_numbas_disk_cache(tmp_path: Pat
     assert runs == [["2", "0"], ["0", "2"]]
 
 
+def test_where_numba_can_cache_nowhere_each_run_compiles_and_says_so(tmp_path: Path) -> None:
+    """A read-only install run without a writable home (a common container set-up): with
+    `cache=True`, numba raises as the kernels are imported, so every conversion failed with
+    a traceback. It now compiles them in each process, writes the same bytes and warns."""
+    import shutil
+    import ckpt_rtn
+    from safetensors.numpy import save_file
+    if rtn.kernel_name() != "numba":
+        pytest.skip("the compiled kernels are not what runs here (CKPT_RTN_KERNEL=numpy)")
+    package = tmp_path / "install" / "ckpt_rtn"
+    shutil.copytree(Path(ckpt_rtn.__file__).parent, package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "__pycache__").write_text("")  # a file: numba cannot make its cache here
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")  # nor under a home or cache directory inside a file, even as root
+    env = {name: value for name, value in os.environ.items() if name != "NUMBA_CACHE_DIR"}
+    env.update(HOME=str(blocker / "home"), XDG_CACHE_HOME=str(blocker / "cache"))
+    rng = np.random.default_rng(0)
+    src = tmp_path / "tiny.safetensors"
+    save_file({f"model.layers.0.{linear}.weight": rng.standard_normal((64, 128)).astype(
+        np.float16) for linear in ("attention.wq", "attention.wk", "attention.wv",
+                                   "attention.wo", "feed_forward.w1", "feed_forward.w2",
+                                   "feed_forward.w3")}, str(src))
+
+    def convert(out: Path, **where: object) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ckpt_rtn", "convert", "-q", "--config",
+                               "llama2", str(src), str(out)], capture_output=True, text=True,
+                              **where)
+
+    uncached = convert(tmp_path / "uncached.safetensors", cwd=package.parent, env=env)
+    assert uncached.returncode == 0, uncached.stderr
+    assert "every run compiles them again" in uncached.stderr
+    assert "NUMBA_CACHE_DIR" in uncached.stderr
+    usual = convert(tmp_path / "usual.safetensors")
+    assert usual.returncode == 0, usual.stderr
+    assert "compiles them again" not in usual.stderr
+    assert (tmp_path / "uncached.safetensors").read_bytes() == \
+        (tmp_path / "usual.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("name", ["w8a16", "w4a16"])
 def test_warm_up_compiles_the_kernel_a_weight_then_runs(name: str) -> None:
     """converter.warm_up quantizes a tiny weight so that the real ones find their kernel
