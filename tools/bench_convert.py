@@ -127,8 +127,10 @@ def checkout(rev: str, into: str) -> str:
     tree = os.path.join(into, rev.replace("/", "_"))
     os.makedirs(tree)
     archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "ckpt_rtn", "configs"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+                             capture_output=True)
+    if archive.returncode:
+        sys.exit(f"--rev {rev}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
     return tree
 
 
@@ -194,6 +196,8 @@ def main() -> None:
     os.makedirs(args.dir, exist_ok=True)
     widest = max(args.workers) if args.workers else len(os.sched_getaffinity(0))
     sweep = args.workers or sorted({1, widest})
+    scratch = tempfile.TemporaryDirectory(prefix="bench-revs-")
+    trees = [(rev, checkout(rev, scratch.name)) for rev in args.rev]  # a bad one fails first
     directory = os.path.abspath(args.dir)
     big = os.path.join(directory, f"llama70b_{args.layers}l.ckpt")
     out = os.path.join(directory, "out.ckpt")
@@ -203,8 +207,6 @@ def main() -> None:
     if report is not None:
         cli += f" --report {report}"
     rows: List[Dict[str, object]] = []
-    scratch = tempfile.TemporaryDirectory(prefix="bench-revs-")
-    trees = [(rev, checkout(rev, scratch.name)) for rev in args.rev]
 
     if args.cold:
         drop_caches()  # refused early, before any run, where this is not root
