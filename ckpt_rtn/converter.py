@@ -408,7 +408,8 @@ def convert(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
                                     lambda info, array: writer.write(info.name, array),
                                     pool=pool if workers > 1 else None, stats=options.stats,
                                     row_bounds=row_bounds, progress=progress,
-                                    writers=writer_threads(workers), copies_first=True)
+                                    writers=writer_threads(workers), copies_first=True,
+                                    placement=writer.data_offset)
             committing = time.perf_counter()
         stages = replace(stages, write=stages.write + time.perf_counter() - committing)
     return Result(plan, os.path.getsize(src), plan.output_size,  # dst may not be renamed yet
@@ -419,7 +420,8 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
            pool: Optional[ThreadPoolExecutor] = None, stats: bool = False,
            row_bounds: Optional[Mapping[str, RowBounds]] = None,
            progress: Optional[ProgressFn] = None,
-           writers: int = 1, copies_first: bool = False) -> Tuple[List[LayerError], Stages]:
+           writers: int = 1, copies_first: bool = False,
+           placement: Optional[Callable[[str], int]] = None) -> Tuple[List[LayerError], Stages]:
     """Hand `sink` every output tensor and record of `plan` (in order when `writers` is 1 and
     not `copies_first`; the records always last), computed from `reader`'s tensors through
     the read-ahead / quantize / write-behind pipeline; then run the reader's deferred checks
@@ -432,7 +434,9 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
     formats' writers), `writers` threads call it at once, and `copies_first` sends the
     tensors only copied through first (each kind in plan order, where the reader allows any
     order): they are written while the kernels load, instead of the last of them after the
-    last weight.
+    last weight. `placement` gives the file offset an output tensor goes to: each weight's
+    codes are then made at an address that lets them be written around the page cache
+    without a copy (BufferPool.placed).
     """
     errors: List[LayerError] = []
     total = reader.nbytes
@@ -447,8 +451,11 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
             started = time.perf_counter()
             warming.join()
             waited += time.perf_counter() - started
+        lender = buffers
+        if placement is not None and step.quantized:  # the codes come first in its outputs
+            lender = buffers.placed(placement(step.outputs[0].name))
         result = convert_step(reader.path, step, data, plan.scheme, pool=pool, stats=stats,
-                              row_bounds=row_bounds, buffers=buffers)
+                              row_bounds=row_bounds, buffers=lender)
         if result.stats is not None:
             errors.append(LayerError(step.layer or "", step.source.shape, step.dtype.name,
                                      result.stats.max_abs, result.stats.mean_abs,

@@ -180,3 +180,58 @@ def _mount_of(path: Path, mounts: Dict[str, str]) -> str:
     real = str(path.resolve())
     return max((m for m in mounts if real == m or real.startswith(m.rstrip("/") + "/")),
                key=len)
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_data_offset_is_where_a_tensors_bytes_start(tmp_path: Path, fmt: str) -> None:
+    """What BufferPool.placed aligns the codes to: it must be where their bytes land."""
+    from ckpt_rtn import dtypes, formats
+    from ckpt_rtn.formats.tensor import TensorInfo
+    rng = np.random.default_rng(5)
+    arrays = {"a": rng.integers(-128, 127, (3, 7), dtype=np.int8),
+              "big": rng.integers(-128, 127, (300, 41), dtype=np.int8),
+              "s": rng.standard_normal(5).astype(np.float16)}
+    kinds = {"a": dtypes.INT8, "big": dtypes.INT8, "s": dtypes.FLOAT16}
+    infos = [TensorInfo.of(name, kinds[name], array.shape) for name, array in arrays.items()]
+    path = tmp_path / f"out.{fmt}"
+    with formats.open_writer(path, infos, format=fmt, metadata={}) as writer:
+        offsets = {name: writer.data_offset(name) for name in arrays}
+        for name, array in reversed(list(arrays.items())):
+            writer.write(name, array)
+    data = path.read_bytes()
+    for name, array in arrays.items():
+        assert data[offsets[name]:offsets[name] + array.nbytes] == array.tobytes(), name
+
+
+def test_a_conversion_writes_its_codes_without_staging_them(
+        tmp_path: Path, on_disk: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The codes are made at addresses congruent to their place in the file, so that direct
+    writes take them as they are (1.9 GB on 2 cores: 0.74 s, against 1.0-1.4 s staged)."""
+    from safetensors.numpy import save_file
+    from ckpt_rtn import converter
+    from ckpt_rtn.options import ConvertOptions
+    from ckpt_rtn.rules import RuleChoice
+    if not has_direct(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    staged: List[int] = []
+    placed: List[int] = []
+    whole_blocks = BlockWriter._whole_blocks
+
+    def counted(self: BlockWriter, view: memoryview, pos: int) -> None:
+        (placed if direct._address(view) % BLOCK == 0 else staged).append(len(view))
+        whole_blocks(self, view, pos)
+
+    monkeypatch.setattr(BlockWriter, "_whole_blocks", counted)
+    rng = np.random.default_rng(0)
+    linears = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+    src = tmp_path / "model.safetensors"
+    save_file({f"model.layers.0.{linear}.weight": rng.standard_normal((640, 2048)).astype(
+        np.float16) for linear in linears}, str(src))  # 1.25 MiB of codes each: pooled
+    for fmt in ("ckpt", "safetensors"):
+        staged.clear(), placed.clear()
+        converter.convert(src, tmp_path / f"out.{fmt}",
+                          ConvertOptions(rules=RuleChoice(config="llama2"), workers=2))
+        codes = 7 * 640 * 2048
+        assert sum(placed) >= codes - 7 * 2 * BLOCK, fmt  # all but their partial end blocks
+        assert sum(staged) < 7 * 2 * BLOCK, fmt  # only their scales' blocks, if any

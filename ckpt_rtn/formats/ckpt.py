@@ -406,6 +406,7 @@ class CkptWriter(TensorWriter):
         super().__init__(path, tensors, direct=direct)
         self._chunk_size = chunk_size
         self._heads = _TensorHeads()
+        self._tensors = list(tensors)
         #: Each tensor's slot (its place in the planned order) and its first record's offset.
         self._places: Dict[str, Tuple[int, int]] = {}
         self._sizes: List[int] = []
@@ -422,6 +423,12 @@ class CkptWriter(TensorWriter):
         except OSError as exc:
             self._out.discard()
             raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
+
+    def data_offset(self, name: str) -> int:
+        """After its first record's header (a tensor of more than one chunk has more)."""
+        slot, pos = self._places[name]
+        header, _, _ = records(self._tensors[slot], self._chunk_size, self._heads)[0]
+        return pos + len(header)
 
     def _store(self, info: TensorInfo, data: memoryview) -> None:
         slot, pos = self._places[info.name]

@@ -540,6 +540,9 @@ class SafetensorsWriter(TensorWriter):
             self._out.discard()
             raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
 
+    def data_offset(self, name: str) -> int:
+        return self._data_start + self._layout.begins[self._layout.slots[name]]
+
     def _store(self, info: TensorInfo, data: memoryview) -> None:
         slot = self._layout.slots[info.name]
         if self._crc_parts is not None:

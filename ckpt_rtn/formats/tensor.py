@@ -299,6 +299,12 @@ class TensorWriter:
         except OSError as exc:
             raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
 
+    def data_offset(self, name: str) -> int:
+        """Where the planned tensor `name`'s first byte of data goes in the file. Memory
+        whose address is congruent to it modulo direct.BLOCK is written around the page
+        cache as it is; other memory is copied through a staging buffer first."""
+        raise NotImplementedError
+
     def _store(self, info: TensorInfo, data: memoryview) -> None:
         raise NotImplementedError
 
