@@ -8,7 +8,11 @@ head), then times, each in its own process with its peak RSS:
   (a) `cat in > out`, the I/O floor (page cache warmed first), and
       `dd conv=fsync`, the same copy made durable as ckpt-rtn's output is, and
       `dd oflag=direct conv=fsync`, made durable around the page cache as
-      ckpt-rtn writes by default (the storage's own write speed);
+      ckpt-rtn writes by default (the storage's own write speed), and the
+      same write, in 256 MiB pieces, of as many zeros as W8A16's output has
+      bytes: about the least time a conversion that writes that output
+      durably can take (its size comes from one untimed conversion first,
+      which also compiles the kernels);
   (b) `ckpt-rtn convert` with --workers 1 and with all cores (or each count
       of --workers, for a scaling sweep);
   (c) the naive script a MindSpore user would write: mindspore.load_checkpoint,
@@ -157,6 +161,8 @@ def row(label: str, size: int, m: Dict[str, float],
 
 
 Run = Tuple[str, str, Optional[str]]
+#: The row of the least time a durable write of W8A16's output takes on this storage.
+_FLOOR = "dd oflag=direct bs=256M, W8A16 output's bytes"
 
 
 def at_revisions(runs: List[Run], trees: List[Tuple[str, str]]) -> List[Run]:
@@ -212,13 +218,18 @@ def main() -> None:
         drop_caches()  # refused early, before any run, where this is not root
     else:
         subprocess.run(f"cat {big} > /dev/null", shell=True, check=True)  # warm the page cache
+    subprocess.run(f"{cli} --workers {widest} {big} {out}", shell=True, check=True)
+    written = -(-os.path.getsize(out) // 4096) * 4096  # whole blocks, as O_DIRECT writes them
+    remove(out, *([report] if report is not None else []))
     # cat leaves its output in the page cache; ckpt-rtn syncs its output before renaming it
     # (a crash never leaves a file that looks complete), so a copy that syncs is shown too.
     runs = [("cat in > out", f"cat {big} > {out}", None),
             ("dd conv=fsync (copy + sync)", f"dd if={big} of={out} bs=4M conv=fsync status=none",
              None),
             ("dd oflag=direct (copy + sync, no cache)",
-             f"dd if={big} of={out} bs=16M oflag=direct conv=fsync status=none", None)]
+             f"dd if={big} of={out} bs=16M oflag=direct conv=fsync status=none", None),
+            (_FLOOR, f"dd if=/dev/zero of={out} bs=256M count={written} iflag=count_bytes "
+                     "oflag=direct conv=fsync status=none", None)]
     runs += [(f"ckpt-rtn --workers {workers}", f"{cli} --workers {workers} {big} {out}", report)
              for workers in sweep]
     runs += [(f"ckpt-rtn --workers {widest} --page-cache",
@@ -293,6 +304,8 @@ def main() -> None:
              ratio(all_cores, "dd conv=fsync (copy + sync)")),
             ("ckpt-rtn (all workers) / direct copy + sync throughput",
              ratio(all_cores, "dd oflag=direct (copy + sync, no cache)")),
+            ("ckpt-rtn (all workers) / its output's direct write alone",
+             ratio(all_cores, _FLOOR)),
             ("ckpt-rtn --page-cache / cat throughput",
              ratio(f"{all_cores} --page-cache", "cat in > out")),
             ("ckpt-rtn / naive throughput (same input)",
