@@ -45,7 +45,8 @@ disk-bound figures; by default the input is read into the cache first.
 
 --rev REV (repeatable) also runs every ckpt-rtn command with the package as
 it is at that git revision (extracted with `git archive` into a scratch
-directory), interleaved with the working tree's: a change and its base,
+directory; or REV is a directory holding a ckpt_rtn package), interleaved
+with the working tree's: a change and its base,
 side by side on one machine in one run. Each tree compiles its kernels in
 its first round, so use --repeat 2 or more. --no-report times the ckpt-rtn
 runs without --report (no error measurement, no stage times).
@@ -127,7 +128,11 @@ def drop_caches() -> None:
 
 def checkout(rev: str, into: str) -> str:
     """The package (and the family configs it links to) as at git revision `rev`, extracted
-    under `into`; returns the directory to run `python -m ckpt_rtn` from."""
+    under `into`, or `rev` itself where that is a directory holding one (where there is no
+    git history, as on a machine lent a copy of the working tree); returns the directory to
+    run `python -m ckpt_rtn` from."""
+    if os.path.isdir(os.path.join(rev, "ckpt_rtn")):
+        return os.path.abspath(rev)
     tree = os.path.join(into, rev.replace("/", "_"))
     os.makedirs(tree)
     archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "ckpt_rtn", "configs"],
@@ -194,7 +199,8 @@ def main() -> None:
                              "disk-bound figures")
     parser.add_argument("--rev", action="append", default=[], metavar="REV",
                         help="also run each ckpt-rtn command as the package is at this git "
-                             "revision (repeatable), interleaved with the working tree's")
+                             "revision, or in this directory (repeatable), interleaved with "
+                             "the working tree's")
     parser.add_argument("--no-report", action="store_true",
                         help="run ckpt-rtn without --report (no error measurement, no stage "
                              "times)")
