@@ -122,14 +122,15 @@ _MANTISSA_BITS = {FloatFormat.FLOAT16: 10, FloatFormat.BFLOAT16: 7}
 
 @functools.lru_cache(maxsize=None)
 def compiled_kernels() -> Optional[ModuleType]:
-    """kernels.py where numba imports (and CKPT_RTN_KERNEL is not 'numpy'), else None."""
+    """kernels.py where numba imports and compiles (CKPT_RTN_KERNEL is not 'numpy', nor
+    NUMBA_DISABLE_JIT set), else None."""
     if os.environ.get("CKPT_RTN_KERNEL") == "numpy":
         return None
     try:
         from . import kernels
     except ImportError:
         return None
-    return kernels
+    return kernels if kernels.COMPILED else None
 
 
 def kernel_name() -> str:

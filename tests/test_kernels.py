@@ -284,6 +284,18 @@ def test_where_numba_can_cache_nowhere_each_run_compiles_and_says_so(tmp_path: P
         (tmp_path / "usual.safetensors").read_bytes()
 
 
+def test_with_numbas_jit_disabled_numpys_steps_run() -> None:
+    """NUMBA_DISABLE_JIT=1 (a debugging switch) leaves the kernels plain Python, a loop per
+    element: about a day for a 7B model, a conversion that looks hung."""
+    probe = "from ckpt_rtn import rtn; print(rtn.kernel_name())"
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("CKPT_RTN_KERNEL", "NUMBA_DISABLE_JIT")}
+    kernels = [subprocess.run([sys.executable, "-c", probe], env=extra, capture_output=True,
+                              text=True, check=True).stdout.strip()
+               for extra in (env, {**env, "NUMBA_DISABLE_JIT": "1"})]
+    assert kernels == ["numba", "numpy"]
+
+
 @pytest.mark.parametrize("name", ["w8a16", "w4a16"])
 def test_warm_up_compiles_the_kernel_a_weight_then_runs(name: str) -> None:
     """converter.warm_up quantizes a tiny weight so that the real ones find their kernel
