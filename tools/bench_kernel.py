@@ -7,7 +7,10 @@ every core (or on each of --threads), with both kernels, and prints GB/s of
 input weight and the ratio compiled / numpy. The figures are the quantizer
 alone (a scheme's whole `quantize`: bounds, scales, codes, int4 packing),
 without reading or writing a file; `tools/bench_convert.py` measures whole
-conversions.
+conversions. As in a conversion, the code arrays are lent by a BufferPool
+and given back after each run, so the kernel's time is not mixed with the
+kernel zeroing fresh pages for them (a third or more of the time on this
+project's 2-core VM).
 
     python tools/bench_kernel.py
     python tools/bench_kernel.py --rows 28672 --cols 8192 --dtype bfloat16 --stats
@@ -28,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchkit import counts  # noqa: E402
 from ckpt_rtn import rtn  # noqa: E402
+from ckpt_rtn.buffers import BufferPool  # noqa: E402
 from ckpt_rtn.numerics import FloatFormat, to_storage  # noqa: E402
 from ckpt_rtn.schemes import get_scheme  # noqa: E402
 
@@ -83,9 +87,15 @@ def main() -> None:
         for threads in args.threads or sorted({1, cores}):
             pool: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(threads) if threads > 1 else None
 
+            buffers = BufferPool(2 * weight.nbytes)
+
+            def once() -> None:
+                result = scheme.quantize(weight, fmt, pool=pool, stats=args.stats,
+                                         buffers=buffers)
+                buffers.give(result.arrays)
+
             def run() -> float:
-                return best_seconds(lambda: scheme.quantize(weight, fmt, pool=pool,
-                                                            stats=args.stats), args.repeat)
+                return best_seconds(once, args.repeat)
 
             rates = {name: weight.nbytes / with_kernel(name, run) / 1e9
                      for name in ("numba", "numpy")}
