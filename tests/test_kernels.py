@@ -67,6 +67,11 @@ def weights(fmt: FloatFormat, rows: int = 48, cols: int = 256, seed: int = 0) ->
     w[7] = to_storage(np.full(cols, 2.0 ** -20, dtype=np.float32), fmt)
     ties = (np.arange(cols) - cols / 2 + 0.5) * 2.0 ** -6  # exact k + 0.5 quotients
     w[9] = to_storage(ties.astype(np.float32), fmt)
+    if fmt in (FloatFormat.FLOAT16, FloatFormat.BFLOAT16):  # the 16-bit keys' extremes
+        bits = w.view(np.uint16)
+        bits[12] |= np.uint16(0x8000)  # a band row made all negative
+        largest = 0x7BFF if fmt is FloatFormat.FLOAT16 else 0x7F7F
+        bits[13, ::2], bits[13, 1::2] = largest, largest | 0x8000
     return w
 
 
