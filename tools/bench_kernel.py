@@ -8,9 +8,9 @@ input weight and the ratio compiled / numpy. The figures are the quantizer
 alone (a scheme's whole `quantize`: bounds, scales, codes, int4 packing),
 without reading or writing a file; `tools/bench_convert.py` measures whole
 conversions. As in a conversion, the code arrays are lent by a BufferPool
-and given back after each run, so the kernel's time is not mixed with the
-kernel zeroing fresh pages for them (a third or more of the time on this
-project's 2-core VM).
+and given back after each run, so the figure is the quantizer's, without
+the operating system zeroing fresh pages for those arrays (a fifth to two
+fifths of the time, with fresh arrays, on this project's 2-core VM).
 
     python tools/bench_kernel.py
     python tools/bench_kernel.py --rows 28672 --cols 8192 --dtype bfloat16 --stats
