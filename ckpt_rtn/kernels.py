@@ -356,18 +356,12 @@ def pack_int4_transposed(codes, out, first, pairs):  # pragma: no cover - compil
             for p in range(0, done, 8):
                 w0, w1, w2, w3 = wide[p, c], wide[p + 1, c], wide[p + 2, c], wide[p + 3, c]
                 w4, w5, w6, w7 = wide[p + 4, c], wide[p + 5, c], wide[p + 6, c], wide[p + 7, c]
-                w0, w1 = _swapped(w0, w1, _BYTE_LANES)
-                w2, w3 = _swapped(w2, w3, _BYTE_LANES)
-                w4, w5 = _swapped(w4, w5, _BYTE_LANES)
-                w6, w7 = _swapped(w6, w7, _BYTE_LANES)
-                w0, w2 = _swapped(w0, w2, _SHORT_LANES)
-                w1, w3 = _swapped(w1, w3, _SHORT_LANES)
-                w4, w6 = _swapped(w4, w6, _SHORT_LANES)
-                w5, w7 = _swapped(w5, w7, _SHORT_LANES)
-                w0, w4 = _swapped(w0, w4, _WORD_LANES)
-                w1, w5 = _swapped(w1, w5, _WORD_LANES)
-                w2, w6 = _swapped(w2, w6, _WORD_LANES)
-                w3, w7 = _swapped(w3, w7, _WORD_LANES)
+                w0, w1, w2, w3, w4, w5, w6, w7 = _swapped_pairs(
+                    w0, w1, w2, w3, w4, w5, w6, w7, _BYTE_LANES)
+                w0, w2, w1, w3, w4, w6, w5, w7 = _swapped_pairs(
+                    w0, w2, w1, w3, w4, w6, w5, w7, _SHORT_LANES)
+                w0, w4, w1, w5, w2, w6, w3, w7 = _swapped_pairs(
+                    w0, w4, w1, w5, w2, w6, w3, w7, _WORD_LANES)
                 r, column = 8 * c, (first + p) // 8
                 turned[r, column], turned[r + 1, column] = w0, w1
                 turned[r + 2, column], turned[r + 3, column] = w2, w3
@@ -385,6 +379,13 @@ def _swapped(a, b, lane):  # pragma: no cover - compiled
     mask, shift = lane
     t = ((a >> shift) ^ b) & mask
     return a ^ (t << shift), b ^ t
+
+
+@njit(nogil=True, cache=CACHED, inline="always")
+def _swapped_pairs(a, b, c, d, e, f, g, h, lane):  # pragma: no cover - compiled
+    """One round of the 8 x 8 turn: _swapped on (a, b), (c, d), (e, f) and (g, h)."""
+    return (_swapped(a, b, lane) + _swapped(c, d, lane) + _swapped(e, f, lane)
+            + _swapped(g, h, lane))
 
 
 @njit(nogil=True, cache=CACHED)
