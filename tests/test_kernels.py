@@ -3,7 +3,9 @@
 test_rtn.py checks whichever kernel runs against MindSpore's ops (Golden
 Stick's arithmetic); here the two kernels are run side by side on inputs
 chosen to hit every rounding path: random bit patterns (subnormals, huge
-values, exact ties), constant and zero rows, and slices with given bounds.
+values, exact ties), constant and zero rows, an all-negative row and one of
+the largest magnitudes (the 16-bit bound keys' extremes), and slices with
+given bounds.
 """
 from __future__ import annotations
 
