@@ -199,12 +199,12 @@ class Scheme:
         """The stored arrays for a [out, in] weight of raw `fmt` values (see quantize_rtn);
         the codes' arrays come from `buffers` when given."""
         result = quantize_rtn(weight, fmt, self.spec, pool=pool, stats=stats, bounds=bounds,
-                              buffers=buffers, int4=self.int4_layout)
+                              buffers=buffers, int4=self.int4_layout,
+                              # [in/g, out], as WeightQuantBatchMatmul reads it
+                              groups_first=not self.mcore_int4)
         q, scale, zp_neg = result.q, result.scale, result.zp_neg
         if self.mcore_int4:  # scale [out, in/g], as float32 bits
             return Quantized((q, float32_bits(scale, fmt)), result.stats)
-        if self.spec.group_size:  # [out, in/g] -> [in/g, out], as WeightQuantBatchMatmul reads it
-            scale, zp_neg = np.ascontiguousarray(scale.T), np.ascontiguousarray(zp_neg.T)
         if not self.zero_point:
             return Quantized((q, self._stored_scale(scale, fmt)), result.stats)
         return Quantized((q, scale, zp_neg), result.stats)

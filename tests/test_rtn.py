@@ -163,6 +163,41 @@ def test_threads_and_block_size_do_not_change_the_result(fmt: FloatFormat) -> No
         assert (to_work(ones.scale, fmt) == 1).all()
 
 
+def raw_bytes(array: np.ndarray) -> np.ndarray:
+    """An array's bytes in its logical order: unlike ==, tells -0.0 from +0.0."""
+    return np.ascontiguousarray(array).view(np.uint8)
+
+
+@pytest.mark.parametrize("fmt", list(MS_DTYPE))
+@pytest.mark.parametrize("spec", [RtnSpec(bits=4, group_size=32, float64_scale=True),
+                                  RtnSpec(bits=4, group_size=32, float64_scale=True,
+                                          symmetric=False)], ids=["symmetric", "asymmetric"])
+def test_groups_first_parameters_are_the_transpose_whatever_the_spans(
+        fmt: FloatFormat, spec: RtnSpec) -> None:
+    """[in/g, out] scales and zero points, placed by each thread for its own span of output
+    rows, are the bytes of the [out, in/g] ones transposed: for spans of one or several
+    rows, with int4 packing or without, and after the all-rows-constant second pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckpt_rtn.packing import Int4Layout
+    rng = np.random.default_rng(11)
+    varied = rng.standard_normal((48, 96)).astype(np.float32) * 0.05  # 3 groups a row
+    constant = np.repeat(rng.standard_normal((6, 3)).astype(np.float32), 32, axis=1)
+    for w in (varied, constant):
+        raw = w if fmt is FloatFormat.FLOAT32 else to_storage(w, fmt)
+        serial = quantize_rtn(raw, fmt, spec)
+        assert serial.scale.shape == (w.shape[0], 3)
+        with ThreadPoolExecutor(3) as pool:
+            for block_rows, int4 in ((1, None), (5, None), (64, None), (1, Int4Layout.TRANSPOSED)):
+                placed = quantize_rtn(raw, fmt, spec, pool=pool, block_rows=block_rows,
+                                      int4=int4, groups_first=True)
+                assert placed.scale.shape == (3, w.shape[0])
+                np.testing.assert_array_equal(raw_bytes(placed.scale), raw_bytes(serial.scale.T))
+                np.testing.assert_array_equal(raw_bytes(placed.zp_neg),
+                                              raw_bytes(serial.zp_neg.T))
+    assert (to_work(serial.scale, fmt) == 1).all()  # the constant weight's second pass
+
+
 @pytest.mark.parametrize("fmt", list(MS_DTYPE))
 def test_error_stats_match_a_direct_computation(fmt: FloatFormat) -> None:
     w = adversarial_weights(fmt)["mixed_magnitudes"]
