@@ -251,6 +251,7 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     block_rows = block_rows or _block_rows(cols)
     packs = int4 is not None and compiled_kernels() is not None
     per_channel = rows // max(out_channels, 1)  # rows of one output channel: its groups
+    groups_first = groups_first and bool(spec.group_size)
     if int4 is not None:  # every block holds 16 whole output rows: it packs on its own, by
         # 8 x 8 bytes (kernels.pack_int4_transposed)
         block_rows = -(-block_rows // (16 * per_channel)) * 16 * per_channel
@@ -268,8 +269,7 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
             raise NonFiniteWeightError("weight contains inf or NaN values")
         params.fill(slice(None), low, high, fmt, spec)
     codes = _Codes(q, int4 if packs else None, in_channels)
-    stored = _Stored.empty(out_channels, per_channel, fmt,
-                           groups_first and bool(spec.group_size))
+    stored = _Stored.empty(out_channels, per_channel, fmt, groups_first)
 
     def quantize_span(span: Tuple[int, int], fixed: bool) -> int:
         constant = _quantize_rows(weight, fmt, spec, span, block_rows, codes, params, fixed,
@@ -314,12 +314,12 @@ class _Stored:
         """Store rows [start, stop)'s scales and zero points, rounded to `fmt` (exact: they
         are already values of it)."""
         start, stop = span
-        groups = self.scale.shape[0] if self.groups_first else self.scale.shape[1]
-        channels = slice(start // groups, -(-stop // groups))
         scale = to_storage(params.scale[start:stop], fmt)
         # 0 - zp, not -zp: a symmetric zero point is stored as +0.0, as the legacy class does.
         zp_neg = to_storage(np.subtract(0, params.zp[start:stop]), fmt)
         if self.groups_first:
+            groups = self.scale.shape[0]
+            channels = slice(start // groups, stop // groups)
             self.scale[:, channels] = scale.reshape(-1, groups).T
             self.zp_neg[:, channels] = zp_neg.reshape(-1, groups).T
         else:
