@@ -65,7 +65,7 @@ import sys
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
-from benchkit import counts
+from benchkit import checkout, counts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -124,23 +124,6 @@ def drop_caches() -> None:
             f.write("3\n")
     except OSError as exc:
         sys.exit(f"--cold: cannot drop the page cache ({exc}); run as root")
-
-
-def checkout(rev: str, into: str) -> str:
-    """The package (and the family configs it links to) as at git revision `rev`, extracted
-    under `into`, or `rev` itself where that is a directory holding one (where there is no
-    git history, as on a machine lent a copy of the working tree); returns the directory to
-    run `python -m ckpt_rtn` from."""
-    if os.path.isdir(os.path.join(rev, "ckpt_rtn")):
-        return os.path.abspath(rev)
-    tree = os.path.join(into, rev.replace("/", "_"))
-    os.makedirs(tree)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "ckpt_rtn", "configs"],
-                             capture_output=True)
-    if archive.returncode:
-        sys.exit(f"--rev {rev}: {archive.stderr.decode(errors='replace').strip()}")
-    subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
-    return tree
 
 
 def remove(*paths: str) -> None:
@@ -209,7 +192,7 @@ def main() -> None:
     widest = max(args.workers) if args.workers else len(os.sched_getaffinity(0))
     sweep = args.workers or sorted({1, widest})
     scratch = tempfile.TemporaryDirectory(prefix="bench-revs-")
-    trees = [(rev, checkout(rev, scratch.name)) for rev in args.rev]  # a bad one fails first
+    trees = [(rev, checkout(ROOT, rev, scratch.name)) for rev in args.rev]  # a bad one fails first
     directory = os.path.abspath(args.dir)
     big = os.path.join(directory, f"llama70b_{args.layers}l.ckpt")
     out = os.path.join(directory, "out.ckpt")

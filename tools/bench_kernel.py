@@ -12,24 +12,36 @@ and given back after each run, so the figure is the quantizer's, without
 the operating system zeroing fresh pages for those arrays (a fifth to two
 fifths of the time, with fresh arrays, on this project's 2-core VM).
 
+With --rev, the same measurement also runs on the package as at a git
+revision (or in a directory holding one), each tree in a fresh process, in
+turn, --rounds times, and a last table gives each tree's range of compiled
+GB/s side by side: a kernel change's A/B with one command, measured by the
+same code.
+
     python tools/bench_kernel.py
     python tools/bench_kernel.py --rows 28672 --cols 8192 --dtype bfloat16 --stats
     python tools/bench_kernel.py --threads 1,2,4,8,16
+    python tools/bench_kernel.py --threads 1,16 --rev e202938 --rev HEAD~1
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Set for a run on another tree's package (--rev): the directory to import it from.
+TREE = "CKPT_RTN_BENCH_TREE"
+sys.path.insert(0, os.environ.get(TREE) or ROOT)
 
-from benchkit import counts  # noqa: E402
+from benchkit import checkout, counts  # noqa: E402
 from ckpt_rtn import rtn  # noqa: E402
 from ckpt_rtn.buffers import BufferPool  # noqa: E402
 from ckpt_rtn.numerics import FloatFormat, to_storage  # noqa: E402
@@ -73,7 +85,15 @@ def main() -> None:
     parser.add_argument("--threads", type=counts, metavar="N,N,...",
                         help="thread counts to measure, e.g. 1,2,4,8,16 (default: 1 and "
                              "every core)")
+    parser.add_argument("--rev", action="append", default=[], metavar="REV",
+                        help="also measure the package as at this git revision, or in this "
+                             "directory (repeatable)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="with --rev: how many times each tree is measured, in turn")
     args = parser.parse_args()
+    if args.rev:
+        compare(args)
+        return
     fmt = FloatFormat(args.dtype)
     rng = np.random.default_rng(0)
     weight = to_storage((rng.standard_normal((args.rows, args.cols)) * 0.02).astype(np.float32),
@@ -103,6 +123,50 @@ def main() -> None:
                 pool.shutdown()
             print(f"{label:18s} {threads:7d} {rates['numba']:11.2f} {rates['numpy']:11.2f} "
                   f"{rates['numba'] / rates['numpy']:6.1f}")
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Run this measurement on the working tree and on each --rev, each in a fresh process,
+    in turn, --rounds times; print every run, then each tree's range of compiled GB/s."""
+    forwarded = ["--rows", str(args.rows), "--cols", str(args.cols), "--dtype", args.dtype,
+                 "--repeat", str(args.repeat)]
+    forwarded += ["--stats"] if args.stats else []
+    forwarded += ["--threads", ",".join(map(str, args.threads))] if args.threads else []
+    rates: Dict[Tuple[str, int], Dict[str, List[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-revs-") as scratch:
+        trees = [("working tree", ROOT)]
+        trees += [(rev, checkout(ROOT, rev, scratch)) for rev in args.rev]  # a bad one fails
+        for round_ in range(1, args.rounds + 1):
+            for label, tree in trees:
+                print(f"== {label}, round {round_}", flush=True)
+                run = subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded],
+                                     env={**os.environ, TREE: tree}, check=True,
+                                     capture_output=True, text=True)
+                print(run.stdout, end="", flush=True)
+                for scheme, threads, numba in table_rows(run.stdout):
+                    rates.setdefault((scheme, threads), {}).setdefault(label, []).append(numba)
+    names = [label for label, _ in trees]
+    width = max(14, *(len(name) for name in names))
+    print(f"\ncompiled GB/s, lowest-highest of {args.rounds} rounds")
+    print(f"{'scheme':18s} {'threads':>7s} " + " ".join(f"{name:>{width}s}" for name in names))
+    for (scheme, threads), by_tree in rates.items():
+        cells = [by_tree.get(name, []) for name in names]
+        text = [f"{min(c):.2f}-{max(c):.2f}" if c else "-" for c in cells]
+        print(f"{scheme:18s} {threads:7d} " + " ".join(f"{t:>{width}s}" for t in text))
+
+
+def table_rows(output: str) -> List[Tuple[str, int, float]]:
+    """(scheme, threads, compiled GB/s) of each row of a run's table."""
+    rows = []
+    for line in output.splitlines():
+        words = line.split()
+        if len(words) < 5 or not words[-4].isdigit():
+            continue
+        try:
+            rows.append((" ".join(words[:-4]), int(words[-4]), float(words[-3])))
+        except ValueError:
+            continue
+    return rows
 
 
 if __name__ == "__main__":
