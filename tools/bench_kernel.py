@@ -140,9 +140,11 @@ def compare(args: argparse.Namespace) -> None:
             for label, tree in trees:
                 print(f"== {label}, round {round_}", flush=True)
                 run = subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded],
-                                     env={**os.environ, TREE: tree}, check=True,
-                                     capture_output=True, text=True)
+                                     env={**os.environ, TREE: tree}, stdout=subprocess.PIPE,
+                                     text=True)  # its errors go to our stderr as they come
                 print(run.stdout, end="", flush=True)
+                if run.returncode:
+                    sys.exit(f"bench_kernel.py on {label} ({tree}) failed: exit {run.returncode}")
                 for scheme, threads, numba in table_rows(run.stdout):
                     rates.setdefault((scheme, threads), {}).setdefault(label, []).append(numba)
     names = [label for label, _ in trees]
