@@ -377,7 +377,7 @@ def writer_threads(workers: int) -> int:
     W8A16 1.31 against 1.46. (Through the page cache, before direct writes,
     a second writer's copy competed with quantizing and measured no faster.)
     """
-    return min(4, max(1, workers // 2, min(workers, 2)))
+    return min(4, max(min(workers, 2), workers // 2))
 
 
 def default_workers() -> int:
