@@ -268,6 +268,8 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
         if not (np.isfinite(low).all() and np.isfinite(high).all()):
             raise NonFiniteWeightError("weight contains inf or NaN values")
         params.fill(slice(None), low, high, fmt, spec)
+        if rows and cols and (low == high).all():  # the whole weight's channels: as below
+            params.scale[:], params.zp[:] = 1, 0
     codes = _Codes(q, int4 if packs else None, in_channels)
     stored = _Stored.empty(out_channels, per_channel, fmt, groups_first)
 

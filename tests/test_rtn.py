@@ -328,9 +328,12 @@ def test_legacy_float32_scale_cannot_be_asymmetric() -> None:
         RtnSpec(symmetric=False)
 
 
-def test_bounds_give_the_whole_weights_parameters_to_a_slice() -> None:
+@pytest.mark.parametrize("case", ["random", "every row constant", "zero"])
+def test_bounds_give_the_whole_weights_parameters_to_a_slice(case: str) -> None:
     rng = np.random.default_rng(4)
     whole = (rng.standard_normal((6, 64)) + 0.3).astype(np.float16)
+    if case != "random":  # Golden Stick's scale of 1 when max == min in every channel
+        whole = np.repeat(whole[:, :1] * (case != "zero"), 64, axis=1)
     fmt = FloatFormat.FLOAT16
     for spec in (W8, ASYM8):
         full = quantize_rtn(whole, fmt, spec)
