@@ -237,6 +237,8 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     if weight.dtype != fmt.storage:
         raise ValueError(f"{fmt.value} weight must be stored as {fmt.storage}, got {weight.dtype}")
     out_channels, in_channels = weight.shape
+    if not weight.size:
+        raise ValueError(f"a weight of shape {weight.shape} has nothing to quantize")
     if int4 is not None and (spec.bits != 4 or out_channels % 2):
         raise ValueError(f"{out_channels} output channels of {spec.bits}-bit codes cannot be "
                          "packed two int4 codes per byte")
@@ -250,7 +252,7 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     rows, cols = weight.shape
     block_rows = block_rows or _block_rows(cols)
     packs = int4 is not None and compiled_kernels() is not None
-    per_channel = rows // max(out_channels, 1)  # rows of one output channel: its groups
+    per_channel = rows // out_channels  # rows of one output channel: its groups
     groups_first = groups_first and bool(spec.group_size)
     if int4 is not None:  # every block holds 16 whole output rows: it packs on its own, by
         # 8 x 8 bytes (kernels.pack_int4_transposed)
@@ -268,7 +270,7 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
         if not (np.isfinite(low).all() and np.isfinite(high).all()):
             raise NonFiniteWeightError("weight contains inf or NaN values")
         params.fill(slice(None), low, high, fmt, spec)
-        if rows and cols and (low == high).all():  # the whole weight's channels: as below
+        if (low == high).all():  # the whole weight's channels: as below
             params.scale[:], params.zp[:] = 1, 0
     codes = _Codes(q, int4 if packs else None, in_channels)
     stored = _Stored.empty(out_channels, per_channel, fmt, groups_first)
@@ -281,7 +283,7 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
 
     spans = _spans(rows, block_rows, pool)
     constant = _run(pool, spans, lambda span: quantize_span(span, bounds is not None))
-    if bounds is None and rows and cols and sum(constant) == rows:
+    if bounds is None and sum(constant) == rows:
         # Golden Stick: when max == min in every channel, scale = 1 (and zp = 0) everywhere.
         params.scale[:], params.zp[:] = 1, 0
         _run(pool, spans, lambda span: quantize_span(span, True))
@@ -390,7 +392,7 @@ def _quantize_rows(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec, span: Tu
     recorded there.
     """
     kernels = compiled_kernels()
-    if kernels is not None and weight.shape[1]:
+    if kernels is not None:
         return _quantize_rows_compiled(kernels, weight, fmt, spec, span, block_rows, codes,
                                        params, fixed, errors)
     q = codes.array

@@ -323,6 +323,12 @@ def test_asymmetric_fallbacks() -> None:
     assert result.q.tolist() == [[127, -127, 0, 64]]
 
 
+@pytest.mark.parametrize("shape", [(0, 64), (4, 0)])
+def test_a_weight_without_elements_is_refused(shape: Tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quantize_rtn(np.zeros(shape, np.float16), FloatFormat.FLOAT16, W8)
+
+
 def test_legacy_float32_scale_cannot_be_asymmetric() -> None:
     with pytest.raises(ValueError, match="float64"):
         RtnSpec(symmetric=False)
