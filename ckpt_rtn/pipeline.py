@@ -62,6 +62,30 @@ def _covered(spans: List[Tuple[float, float]]) -> float:
     return total
 
 
+def _join(threads: List[threading.Thread], ended: List[threading.Event],
+          abort: threading.Event) -> None:
+    """Wait until the stages' `threads` have ended their work (each sets its `ended`).
+
+    A Ctrl-C meanwhile aborts them, and is raised once they have ended:
+    the caller closes the file they write as soon as this returns. Their
+    own events are waited on, not Thread.join: once a signal interrupts a
+    join (CPython 3.11), the thread counts as stopped while it still runs,
+    and joining it again returns at once.
+    """
+    interrupted: Optional[BaseException] = None
+    for event in ended:
+        while not event.is_set():
+            try:
+                event.wait()
+            except BaseException as exc:  # KeyboardInterrupt, or a stop signal made one
+                abort.set()
+                interrupted = interrupted or exc
+    for thread in threads:  # ending now: nothing is left to write
+        thread.join()
+    if interrupted is not None:
+        raise interrupted
+
+
 def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[T, A], B],
                  store: Callable[[T, B], None], *, size: Callable[[T], int],
                  depth: int = 1, writers: int = 1) -> StageTimes:
@@ -95,13 +119,15 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
                 continue
         return None
 
-    def guarded(stage: Callable[[], None]) -> Callable[[], None]:
+    def guarded(stage: Callable[[], None], ended: threading.Event) -> Callable[[], None]:
         def run() -> None:
             try:
                 stage()
             except BaseException as exc:  # reported in the caller's thread
                 errors.append(exc)
                 abort.set()
+            finally:
+                ended.set()
         return run
 
     def reader() -> None:
@@ -137,9 +163,11 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
                 store(item, result)
             storing.append((started, time.perf_counter()))
 
-    threads = [threading.Thread(target=guarded(reader), name="ckpt-rtn-read", daemon=True)] + [
-        threading.Thread(target=guarded(writer), name=f"ckpt-rtn-write-{n}", daemon=True)
-        for n in range(writers)]
+    stages = [(reader, "ckpt-rtn-read")] + [(writer, f"ckpt-rtn-write-{n}")
+                                            for n in range(writers)]
+    ended = [threading.Event() for _ in stages]
+    threads = [threading.Thread(target=guarded(stage, event), name=name, daemon=True)
+               for (stage, name), event in zip(stages, ended)]
     for thread in threads:
         thread.start()
     try:
@@ -160,9 +188,8 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
         abort.set()
         raise
     finally:
-        # On success the writer drains the queue up to _DONE; on failure abort stops both.
-        for thread in threads:
-            thread.join()
+        # On success the writers drain the queue up to _DONE; on failure abort stops them.
+        _join(threads, ended, abort)
     if errors:
         raise errors[0]
     times.store = _covered(storing)

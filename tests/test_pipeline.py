@@ -122,3 +122,42 @@ def test_a_failing_storing_thread_stops_the_others() -> None:
         run_pipeline(range(100_000), lambda i: i, lambda i, x: x, store,
                      size=lambda _: 8 * 1024 * 1024, writers=4)
     assert not [t for t in threading.enumerate() if t.name.startswith("ckpt-rtn-")]
+
+
+def test_ctrl_c_while_the_writers_finish_stops_them_before_returning() -> None:
+    """A SIGINT that lands once every item is processed, while the caller's thread waits for
+    the storing threads, must not return to the caller (who then closes the file) while
+    they are still writing: they are stopped and waited for first."""
+    import os
+    import signal
+    import time
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    storing, release = threading.Semaphore(0), threading.Event()
+    stored: List[int] = []
+
+    def store(i: int, _: int) -> None:
+        storing.release()
+        release.wait(5)
+        stored.append(i)
+
+    def interrupt() -> None:
+        storing.acquire()
+        storing.acquire()  # both writers are storing: the caller is now waiting for them
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        release.set()
+
+    helper = threading.Thread(target=interrupt)
+    helper.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(range(2), lambda i: i, lambda i, x: x, store,
+                         size=lambda _: pipeline.BATCH_BYTES, writers=2)
+        assert sorted(stored) == [0, 1]  # both writes ended before the interrupt came out
+        assert not [t for t in threading.enumerate() if t.name.startswith("ckpt-rtn-")]
+    finally:
+        release.set()
+        helper.join()
+        signal.signal(signal.SIGINT, previous)
