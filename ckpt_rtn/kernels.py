@@ -31,6 +31,7 @@ paths bit for bit.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import numpy as np
@@ -187,11 +188,26 @@ def _symmetric_scale(absmax, half_range, kind, float32_scale, scale, i):  # prag
         scale[i] = _stored(np.float64(absmax) / half_range, kind)
 
 
-@functools.lru_cache(maxsize=None)
+_BUILDING = threading.Lock()
+
+
 def span_kernel(kind: int, symmetric: bool, measure: bool, fixed: bool, float32_scale: bool,
                 pack: int) -> Callable[..., int]:
     """The kernel that quantizes a span of rows of `kind` (FP16 or BF16 bit patterns, or
-    FLOAT: float32 or float64 values), compiled for these flags.
+    FLOAT: float32 or float64 values), compiled for these flags (see _span_kernel).
+
+    One per flags: the pool's threads ask for a weight's kernel at once, and each
+    kernel built loads (or compiles) its code on its first call, holding numba's
+    compiler lock; lru_cache alone would let several threads build one each.
+    """
+    with _BUILDING:
+        return _span_kernel(kind, symmetric, measure, fixed, float32_scale, pack)
+
+
+@functools.lru_cache(maxsize=None)
+def _span_kernel(kind: int, symmetric: bool, measure: bool, fixed: bool, float32_scale: bool,
+                 pack: int) -> Callable[..., int]:
+    """The kernel that quantizes a span of rows of `kind`, compiled for these flags.
 
     span(raw, qmin, qmax, scale, zp, codes, packed, first, in_channels, block_rows, stats)
     quantizes rows raw[i] (global row first + i):

@@ -164,6 +164,23 @@ def test_threads_do_not_change_the_codes() -> None:
     np.testing.assert_array_equal(alone.q, shared.q)
 
 
+def test_threads_asking_at_once_get_one_kernel() -> None:
+    """The pool's threads ask for a weight's kernel together; each kernel built loads its
+    code on its first call, so they must share one."""
+    import threading
+    from ckpt_rtn import kernels
+
+    kernels._span_kernel.cache_clear()
+    start = threading.Barrier(8)
+
+    def ask(_: int) -> object:
+        start.wait()
+        return kernels.span_kernel(kernels.BF16, False, True, True, False, kernels.ROWS)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert len({id(kernel) for kernel in pool.map(ask, range(8))}) == 1
+
+
 @pytest.mark.parametrize("layout", list(Int4Layout), ids=[lay.value for lay in Int4Layout])
 @pytest.mark.parametrize("shape", [(2, 1), (16, 64), (18, 300), (300, 18), (4096, 40),
                                    (32, 64), (48, 136), (40, 16)])
