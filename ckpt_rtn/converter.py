@@ -448,7 +448,8 @@ def stream(reader: TensorReader, plan: Plan, sink: Callable[[TensorInfo, np.ndar
     """
     errors: List[LayerError] = []
     total = reader.nbytes
-    # Code arrays in flight are reused (see buffers.py); two of the largest cover a layer's.
+    # Code arrays given back are kept for reuse (see buffers.py), up to twice the largest
+    # weight's bytes: four of its int8 code arrays for a 16-bit weight, eight for float32.
     buffers = BufferPool(2 * max((step.source.nbytes for step in plan.quantized), default=0))
 
     waited = 0.0  # for the kernels, before the first weight

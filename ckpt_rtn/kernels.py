@@ -225,9 +225,9 @@ def _span_kernel(kind: int, symmetric: bool, measure: bool, fixed: bool, float32
       (rtn._quantize_rows' steps, element by element); float32 and float64
       values divide, and add the zero point, in their own precision. Codes go
       to codes[i], or with `pack` (TRANSPOSED, ROWS) to a block of
-      `block_rows` rows (16 whole output rows of `in_channels`, so that its
-      packed columns start at a multiple of 8; the weight's last block may
-      hold fewer pairs) that is packed into `packed` once done.
+      `block_rows` rows (whole output rows of `in_channels`, a multiple of
+      16, so that its packed columns start at a multiple of 8; the weight's
+      last block may hold fewer pairs) that is packed into `packed` once done.
     - with `measure`, stats[i] gets the row's error sums (see _row_errors).
 
     Returns how many rows were constant (max == min), or NON_FINITE as soon as

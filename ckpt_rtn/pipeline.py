@@ -3,8 +3,8 @@
 Reading a tensor, quantizing it and writing it use different resources
 (the disk, the cores, the disk again), so they overlap: while one tensor is
 quantized the next is read and the previous is written. The queues hold
-one item each, which bounds memory to a handful of tensors whatever the
-model's size. Any stage failing (or Ctrl-C in the main thread) stops the
+one batch each (below), which bounds memory to a handful of tensors
+whatever the model's size. Any stage failing (or Ctrl-C in the main thread) stops the
 others and the first error is raised in the caller.
 
 Items travel between the stages in batches of at most `BATCH_BYTES` (as
@@ -88,7 +88,7 @@ def _join(threads: List[threading.Thread], ended: List[threading.Event],
 
 def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[T, A], B],
                  store: Callable[[T, B], None], *, size: Callable[[T], int],
-                 depth: int = 1, writers: int = 1) -> StageTimes:
+                 writers: int = 1) -> StageTimes:
     """load(item) in a thread, process(item, loaded) here, store(item, processed) in
     `writers` threads (a batch each at a time; items of one batch in order).
 
@@ -97,8 +97,8 @@ def run_pipeline(items: Iterable[T], load: Callable[[T], A], process: Callable[[
     long each stage was busy.
     """
     times = StageTimes()
-    loaded: "queue.Queue[object]" = queue.Queue(maxsize=depth)
-    processed: "queue.Queue[object]" = queue.Queue(maxsize=depth)
+    loaded: "queue.Queue[object]" = queue.Queue(maxsize=1)
+    processed: "queue.Queue[object]" = queue.Queue(maxsize=1)
     abort = threading.Event()
     errors: List[BaseException] = []
 

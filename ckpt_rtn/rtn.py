@@ -254,8 +254,8 @@ def quantize_rtn(weight: np.ndarray, fmt: FloatFormat, spec: RtnSpec = W8, *,
     packs = int4 is not None and compiled_kernels() is not None
     per_channel = rows // out_channels  # rows of one output channel: its groups
     groups_first = groups_first and bool(spec.group_size)
-    if int4 is not None:  # every block holds 16 whole output rows: it packs on its own, by
-        # 8 x 8 bytes (kernels.pack_int4_transposed)
+    if int4 is not None:  # every block holds whole output rows, a multiple of 16: it packs
+        # on its own, by 8 x 8 bytes (kernels.pack_int4_transposed)
         block_rows = -(-block_rows // (16 * per_channel)) * 16 * per_channel
     elif groups_first:  # every span holds whole output rows, whose groups it places
         block_rows = -(-block_rows // per_channel) * per_channel
@@ -334,8 +334,8 @@ class _Stored:
 @dataclass(frozen=True)
 class _Codes:
     """Where the codes of a weight's rows go: `array` [rows, cols] itself, or, with
-    `int4`, `array` packed in that layout, a block of 16 whole output rows at a time (by
-    the compiled kernels)."""
+    `int4`, `array` packed in that layout, a block of whole output rows (a multiple of 16)
+    at a time (by the compiled kernels)."""
 
     array: np.ndarray
     int4: Optional[Int4Layout]
