@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__, description, dtypes, formats, fp8, paths
 from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, QuantizationError,
                      UnsupportedError)
-from .buffers import BufferPool
+from .buffers import BufferPool, empty
 from .formats.atomic import remove_dead_temp_files
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
@@ -32,7 +32,7 @@ from .options import ConvertOptions
 from .pipeline import run_pipeline
 from .rtn import NonFiniteWeightError, RowBounds, kernel_name
 from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
-from .packing import transposed
+from .packing import transpose_into, transposed
 from .schemes import Quantized, Scheme, detect_scheme, get_scheme
 from .settings import NAME as SETTINGS_NAME, Settings
 
@@ -560,7 +560,8 @@ def _quantize(path: str, step: Step, data: np.ndarray, scheme: Scheme,
     assert step.selection is not None
     scheme = scheme.for_layer(step.selection.layer)
     in_out = step.selection.layout == IN_OUT
-    weight = np.ascontiguousarray(out_in_view(data, step.selection))
+    # [in, out] turned tile by tile: numpy copying the transposed view took 2.4x as long
+    weight = transposed(data) if in_out else np.ascontiguousarray(data)
     try:
         result = scheme.quantize(weight, float_format(step.dtype), pool=pool,
                                  stats=stats, bounds=bounds, buffers=buffers)
@@ -568,7 +569,8 @@ def _quantize(path: str, step: Step, data: np.ndarray, scheme: Scheme,
         raise QuantizationError(path, f"tensor {step.source.name!r}: {exc}") from None
     if in_out and not scheme.packs_int4:
         q, *rest = result.arrays
-        turned = transposed(q)
+        turned = empty(q.shape[::-1], np.int8, buffers)  # placed for the write, as q was
+        transpose_into(q, turned)
         if buffers is not None:
             buffers.give([q])
         return Quantized((turned, *rest), result.stats)

@@ -203,8 +203,18 @@ def test_data_offset_is_where_a_tensors_bytes_start(tmp_path: Path, fmt: str) ->
         assert data[offsets[name]:offsets[name] + array.nbytes] == array.tobytes(), name
 
 
+LLAMA_LINEARS = [f"model.layers.0.{linear}.weight" for linear in (
+    "attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+    "feed_forward.w2", "feed_forward.w3")]
+#: GPT-2's Conv1D-like Linear layers, stored [in, out]: their codes are turned to be stored.
+GPT2_IN_OUT = [f"backbone.blocks.0.{linear}.weight" for linear in (
+    "attention.projection", "output.mapping", "output.projection")]
+
+
+@pytest.mark.parametrize("family, names", [("llama2", LLAMA_LINEARS), ("gpt2", GPT2_IN_OUT)])
 def test_a_conversion_writes_its_codes_without_staging_them(
-        tmp_path: Path, on_disk: None, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, on_disk: None, monkeypatch: pytest.MonkeyPatch, family: str,
+        names: List[str]) -> None:
     """The codes are made at addresses congruent to their place in the file, so that direct
     writes take them as they are (1.9 GB on 2 cores: 0.74 s, against 1.0-1.4 s staged)."""
     from safetensors.numpy import save_file
@@ -226,15 +236,16 @@ def test_a_conversion_writes_its_codes_without_staging_them(
 
     monkeypatch.setattr(BlockWriter, "_whole_blocks", counted)
     rng = np.random.default_rng(0)
-    linears = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-               "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
     src = tmp_path / "model.safetensors"
-    save_file({f"model.layers.0.{linear}.weight": rng.standard_normal((640, 2048)).astype(
-        np.float16) for linear in linears}, str(src))  # 1.25 MiB of codes each: pooled
+    save_file({name: rng.standard_normal((640, 2048)).astype(np.float16) for name in names},
+              str(src))  # 1.25 MiB of codes each: pooled
+    out_channels = 2048 if family == "gpt2" else 640
+    # Each weight's scale and zp_neg: `out_channels` fp16 values each, in whole blocks or not.
+    scale_blocks = len(names) * 2 * (out_channels * 2 // BLOCK + 2)
     for fmt in ("ckpt", "safetensors"):
         staged.clear(), placed.clear()
         converter.convert(src, tmp_path / f"out.{fmt}",
-                          ConvertOptions(rules=RuleChoice(config="llama2"), workers=2))
-        codes = 7 * 640 * 2048
-        assert sum(placed) >= codes - 7 * 2 * BLOCK, fmt  # all but their partial end blocks
-        assert sum(staged) < 7 * 2 * BLOCK, fmt  # only their scales' blocks, if any
+                          ConvertOptions(rules=RuleChoice(config=family), workers=2))
+        codes, ends = len(names) * 640 * 2048, len(names) * 2 * BLOCK
+        assert sum(placed) >= codes - ends, fmt  # all but their partial end blocks
+        assert sum(staged) <= scale_blocks * BLOCK, fmt  # only their scales' blocks, if any
