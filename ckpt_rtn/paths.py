@@ -265,9 +265,14 @@ def _acquire(shown: str, lock: str, shared: bool = False) -> int:
         if _same_file(fd, lock):
             # Sharers write over each other, never truncating under a sharer that reads.
             record = f"{os.getpid()}\n".ljust(_PID_WIDTH) if shared else f"{os.getpid()}\n"
-            if not shared:
-                os.ftruncate(fd, 0)
-            os.pwrite(fd, record.encode(), 0)
+            try:
+                if not shared:
+                    os.ftruncate(fd, 0)
+                os.pwrite(fd, record.encode(), 0)
+            except OSError as exc:  # a full filesystem, most likely: nothing else fits either
+                _release(lock, fd, shared)
+                raise OutputError(shown, f"cannot write the lock file {lock}: "
+                                  f"{exc.strerror}") from None
             return fd
         os.close(fd)  # its holder deleted it after we opened it: lock the new one
     raise OutputError(shown, f"cannot lock {lock}: it keeps being replaced")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -386,6 +387,28 @@ def test_os_error_renaming_a_single_output(tmp_path: Path, src: Path,
     dst = tmp_path / "out.ckpt"
     assert_refused(cli("convert", src, dst), dst, r"cannot write: Invalid cross-device link",
                    leaves=[dst], directory=tmp_path)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["file", "directory", "directory_part"])
+def test_a_full_filesystem_refusing_the_lock_file_is_one_line(
+        tmp_path: Path, src: Path, shards: Path, monkeypatch: pytest.MonkeyPatch,
+        case: str) -> None:
+    """The lock file is the first thing a run writes: on a full filesystem its PID record
+    fails, which once came out as a traceback and left the lock file behind."""
+    patch_os(monkeypatch, "pwrite", lambda fd, *_: fd_path(fd).endswith(
+        (".ckpt-rtn.lock", LOCK_NAME)), errno.ENOSPC)
+    if case == "file":
+        dst, args, lock = tmp_path / "out.ckpt", (src,), tmp_path / ".out.ckpt.ckpt-rtn.lock"
+    else:
+        dst = tmp_path / "out"
+        args, lock = (*LLAMA2, shards), dst / LOCK_NAME
+        if case == "directory_part":
+            args = (*args, "--part", "0/2")
+    result = cli("convert", *args, dst)
+    assert_refused(result, dst, re.escape(f"cannot write the lock file {lock}: No space left "
+                                          "on device"),
+                   leaves=[dst] if case == "file" else [])
     assert leftovers(tmp_path) == []
 
 
