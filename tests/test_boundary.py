@@ -16,7 +16,7 @@ FRAMEWORK_IMPORT = re.compile(r"^\s*(from|import)\s+(mindspore|mindformers)\b", 
 
 def _modules_outside_runtime() -> list:
     return sorted(info.name for info in pkgutil.walk_packages([str(PACKAGE)], "ckpt_rtn.")
-                  if not info.name.startswith("ckpt_rtn.runtime") and info.name != "ckpt_rtn.__main__")
+                  if not info.name.startswith("ckpt_rtn.runtime"))
 
 
 def test_only_the_runtime_package_names_the_frameworks():

@@ -469,6 +469,40 @@ def test_stop_signal_mid_write_is_like_ctrl_c(tmp_path: Path, src: Path, signum:
     assert list(out_dir.iterdir()) == []
 
 
+#: `ckpt-rtn convert` whose import of the command line waits (it prints "importing" first):
+#: a stop signal then lands before any command's handlers, as in the first tenths of a second.
+SLOW_START = """
+import importlib.abc, sys, time
+class Slow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "ckpt_rtn.cli":
+            print("importing", flush=True)
+            time.sleep(30)
+sys.meta_path.insert(0, Slow())
+from ckpt_rtn.__main__ import main
+sys.argv[0] = "ckpt-rtn"
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
+                         ids=["SIGTERM", "SIGHUP", "SIGINT"])
+def test_stop_signal_while_starting_is_one_line(tmp_path: Path, src: Path, signum: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_START, "convert", str(src),
+                             str(tmp_path / "out.ckpt")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "importing\n"
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, stderr
+    name = signal.Signals(signum).name
+    assert stderr.splitlines() == [f"error: interrupted by {name}; no output was written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ckpt"]
+
+
 def test_interrupt_before_a_temporary_file_is_guarded(tmp_path: Path, src: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A signal just after a writer made its temporary file, before the `with` that would
