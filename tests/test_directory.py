@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -73,18 +73,28 @@ def test_rank_layout_row_split_equals_quantizing_the_whole(tmp_path: Path) -> No
             "shape": [32, 64], "nbytes": 2048} in entry["tensors"]
 
 
-def test_sharded_safetensors_index_is_rewritten(tmp_path: Path) -> None:
-    weights = {k: v.astype(np.float16) for k, v in llama_weights(layers=2).items()}
+def write_two_shards(src: Path, weights: Dict[str, np.ndarray],
+                     save: Callable[[Path, Dict[str, np.ndarray]], None],
+                     metadata: Dict[str, object]) -> Dict[str, List[str]]:
+    """A new directory `src` of `weights` in two safetensors shards (half the names each,
+    written by `save`) and their index (with `metadata`); returns each shard's names."""
     names = list(weights)
-    src = tmp_path / "hf"
     src.mkdir()
     shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}
     for shard, keys in shards.items():
-        ms_save(src / shard, {k: weights[k] for k in keys})
-    index = {"metadata": {"total_size": sum(w.nbytes for w in weights.values()), "note": "x"},
+        save(src / shard, {k: weights[k] for k in keys})
+    index = {"metadata": metadata,
              "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return shards
+
+
+def test_sharded_safetensors_index_is_rewritten(tmp_path: Path) -> None:
+    weights = {k: v.astype(np.float16) for k, v in llama_weights(layers=2).items()}
+    src = tmp_path / "hf"
+    shards = write_two_shards(src, weights, ms_save, {
+        "total_size": sum(w.nbytes for w in weights.values()), "note": "x"})
     (src / "config.json").write_text('{"hidden_size": 64}')
     result = cli("convert", src, tmp_path / "out")
     assert result.exit_code == 0, result.stderr

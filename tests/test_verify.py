@@ -21,7 +21,7 @@ from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
 from ckpt_rtn.settings import NAME, Settings
 
 from conftest import cli, llama_weights
-from test_directory import write_ckpt, write_tp2
+from test_directory import write_ckpt, write_tp2, write_two_shards
 
 DIMS = dict(layers=1, hidden=128, kv=64, ffn=256, vocab=32)  # two groups of 64 per row
 SCHEMES = {
@@ -366,21 +366,15 @@ def test_sharded_directory_verifies(sharded, tmp_path: Path) -> None:
 
 
 def test_sharded_safetensors_with_index_verifies(tmp_path: Path) -> None:
-    weights = fp16_weights()
-    names = list(weights)
-    src = tmp_path / "hf"
-    src.mkdir()
-    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for shard, keys in shards.items():
-        with open_writer(src / shard, [TensorInfo.of(k, dtypes.FLOAT16, weights[k].shape)
-                                       for k in keys], format="safetensors",
+    def save(path: Path, arrays: Dict[str, np.ndarray]) -> None:  # MindSpore-free
+        with open_writer(path, [TensorInfo.of(k, dtypes.FLOAT16, v.shape)
+                                for k, v in arrays.items()], format="safetensors",
                          metadata={"format": "pt"}) as writer:
-            for k in keys:
-                writer.write(k, weights[k])
-    index = {"metadata": {"total_size": 1}, "weight_map": {k: s for s, ks in shards.items()
-                                                           for k in ks}}
-    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+            for k, v in arrays.items():
+                writer.write(k, v)
+
+    src = tmp_path / "hf"
+    write_two_shards(src, fp16_weights(), save, {"total_size": 1})
     out = tmp_path / "out"
     assert cli("convert", src, out, "-q", "--scheme", "w4a16", "--group-size", "64",
                "--config", "llama2").exit_code == 0
