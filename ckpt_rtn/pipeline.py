@@ -4,8 +4,8 @@ Reading a tensor, quantizing it and writing it use different resources
 (the disk, the cores, the disk again), so they overlap: while one tensor is
 quantized the next is read and the previous is written. The queues hold
 one batch each (below), which bounds memory to a handful of tensors
-whatever the model's size. Any stage failing (or Ctrl-C in the main thread) stops the
-others and the first error is raised in the caller.
+whatever the model's size. Any stage failing (or Ctrl-C in the main
+thread) stops the others and the first error is raised in the caller.
 
 Items travel between the stages in batches of at most `BATCH_BYTES` (as
 `size` counts them) and `BATCH_ITEMS` items: a thread hand-off costs tens of
