@@ -121,7 +121,37 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: click 8.2+ raises it for a group called without a command (older ones print the help).
+_HELP_FOR_NO_ARGUMENTS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _CommandLine(click.Group):
+    """click's group, with a usage error in one line like any other error (exit 2), instead
+    of the usage, a hint and the error on four; and a Ctrl-C while the arguments are parsed,
+    before a command's own handlers, as one line too."""
+
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             **extra: object) -> object:
+        extra.pop("standalone_mode", None)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except _HELP_FOR_NO_ARGUMENTS as exc:  # `ckpt-rtn` alone: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "ckpt-rtn"
+            message = exc.format_message().rstrip(".")
+            click.echo(f"error: {message} (see '{where} --help')", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # click's word for a KeyboardInterrupt outside the commands
+            click.echo(Interrupted(signal.SIGINT).line(), err=True)
+            sys.exit(128 + signal.SIGINT)
+
+
+@click.group(cls=_CommandLine, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-rtn")
 def main() -> None:
     """Quantize LLM checkpoints to Golden Stick W8A16 with Round-To-Nearest, on a CPU.

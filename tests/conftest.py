@@ -86,7 +86,8 @@ def cli(*args: object):
         runner = CliRunner(mix_stderr=False)  # type: ignore[call-arg]
     except TypeError:
         runner = CliRunner()
-    return runner.invoke(main, [os.fspath(a) if isinstance(a, Path) else a for a in args])
+    return runner.invoke(main, [os.fspath(a) if isinstance(a, Path) else a for a in args],
+                         prog_name="ckpt-rtn")
 
 
 def ms_save(path: "os.PathLike[str] | str", arrays: Dict[str, np.ndarray], ms_dtype=None,

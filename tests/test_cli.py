@@ -129,6 +129,20 @@ def test_convert_help() -> None:
         assert option in out, option
 
 
+@pytest.mark.parametrize("args, says", [
+    (["convert", "a", "b", "--workers", "0"],
+     "Invalid value for '--workers': 0 is not in the range x>=1 (see 'ckpt-rtn convert --help')"),
+    (["convert"], "Missing argument 'SRC' (see 'ckpt-rtn convert --help')"),
+    (["convert", "a", "b", "--bogus"], "No such option '--bogus' (see 'ckpt-rtn convert --help')"),
+    (["convrt"], "No such command 'convrt'. Did you mean 'convert'? (see 'ckpt-rtn --help')"),
+])
+def test_a_usage_error_is_one_line_and_exit_2(args: List[str], says: str) -> None:
+    """As every other refusal, not click's usage, hint and error on four lines."""
+    result = run(*args)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"error: {says}"]
+
+
 def test_inspect_help() -> None:
     out = ok(run("inspect", "--help")).stdout
     assert "--no-verify-crc" in out and "PATH" in out
