@@ -18,7 +18,10 @@ whole weight would, as Golden Stick's replicated scale is.
 Every output file is written under a temporary name and renamed once
 complete; after each file `ckpt-rtn-manifest.json` records it (size, sha256,
 tensors), so an interrupted run restarted with `resume=True` skips what is
-already done and verified. A run holds DST's lock (`DST/.ckpt-rtn.lock`,
+already done and verified (its tensors too, read back from its header). A
+manifest also records each input file's size and modification time: a run
+over a SRC changed since (a file edited, added or removed) is refused, since
+what DST holds came from the old one. A run holds DST's lock (`DST/.ckpt-rtn.lock`,
 paths.destination_lock) throughout, so it never races another run, and it
 removes only dead runs' temporary files.
 
@@ -36,7 +39,8 @@ start while a part runs (nor a part while it runs); it merges the part
 manifests (refusing one made with other settings), skips every shard whose
 file still has the size and sha256 recorded, converts what is missing,
 copies, rewrites the indexes, writes the one manifest, in the layout's
-order, and removes the part manifests. Under --scheme w8a8-dynamic that run
+order (and only the files it writes), and removes the part manifests and
+the lock files of parts that were killed. Under --scheme w8a8-dynamic that run
 also writes DST/quant_model_description.json (description.py), from every
 shard's tensors as the manifest lists them; parts never do. A part's scales are a whole run's:
 the input-split weights' bounds are read from every rank's shard.
@@ -81,6 +85,8 @@ from .settings import NAME as SETTINGS_NAME, Settings
 MANIFEST = "ckpt-rtn-manifest.json"
 #: What each `--part I/N` records; the whole run merges and removes them.
 PART_MANIFEST = re.compile(r"ckpt-rtn-manifest\.part-\d+-of-\d+\.json")
+#: A part manifest's lock file (paths.lock_path).
+_PART_LOCK = re.compile(r"\." + PART_MANIFEST.pattern + r"\.ckpt-rtn\.lock")
 #: An index JSON takes some 100 bytes per tensor; a larger .json is not read as one.
 _MAX_INDEX_SIZE = 256 * 1024 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -113,6 +119,9 @@ class _Layout:
     sizes: Dict[str, int]
     #: Symlinked directories followed (their targets are inputs too).
     linked: List[str]
+    #: Each file's [size, modification time in ns], by relative path: every manifest records
+    #: them, and a run over a SRC changed since one was written is refused (_check_sources).
+    stamps: Dict[str, List[int]] = field(default_factory=dict)
 
 
 def convert_directory(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *,
@@ -186,12 +195,13 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
     links = fp8_links(src, layout.shards)
     if part is None:
         shards = layout.shards
-        manifest = _merged_manifest(dst, settings) if options.resume else _new_manifest(settings)
+        manifest = (_merged_manifest(dst, settings, layout.stamps) if options.resume
+                    else _new_manifest(settings, layout.stamps))
         done = manifest
         _remove_dead_temp_files(dst)
     else:
         shards = part.shards({rel: layout.sizes[rel] for rel in layout.shards})
-        manifest, done = _part_manifests(dst, settings, manifest_name)
+        manifest, done = _part_manifests(dst, settings, layout.stamps, manifest_name)
         for rel in shards + [manifest_name]:  # only this part's: the others' may be alive
             directory, name = os.path.split(os.path.join(dst, rel))
             if os.path.isdir(directory):
@@ -259,9 +269,11 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
     files = manifest["files"]
     order = [rel for rel in layout.shards + layout.others + layout.indexes + [description.NAME]
              if rel in files]
-    manifest["files"] = {**{rel: files[rel] for rel in order}, **files}
+    manifest["files"] = {rel: files[rel] for rel in order}  # and nothing a manifest made up
     _save(dst, MANIFEST, manifest)
     for name in _part_manifest_names(dst):  # merged (or, after --overwrite, stale)
+        _remove(os.path.join(dst, name))
+    for name in _dead_part_locks(dst):  # no part runs while this run holds DST's lock
         _remove(os.path.join(dst, name))
     result.output_size = sum(entry["size"] for entry in manifest["files"].values())
     result.seconds = time.perf_counter() - started
@@ -508,6 +520,7 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
         else:
             continue
         layout.sizes[rel] = st.st_size
+        layout.stamps[rel] = [st.st_size, st.st_mtime_ns]
     for subdirectory in subdirectories:
         _walk(src, subdirectory, layout, ancestors)
 
@@ -587,24 +600,51 @@ def _is_index(path: str) -> bool:
 
 def manifest_tensors(plan: converter.Plan) -> List[Dict[str, object]]:
     """A converted shard's tensors as its manifest entry lists them."""
+    return _tensor_entries(plan.outputs)
+
+
+def _tensor_entries(tensors: List[TensorInfo]) -> List[Dict[str, object]]:
     return [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "nbytes": t.nbytes}
-            for t in plan.outputs]
+            for t in tensors]
 
 
-def _new_manifest(settings: Settings) -> Dict[str, object]:
+def _new_manifest(settings: Settings, sources: Dict[str, List[int]]) -> Dict[str, object]:
     return {"tool": "ckpt-rtn", "version": __version__, "settings": settings.to_dict(),
-            "files": {}}
+            "sources": sources, "files": {}}
 
 
-def _load_manifest(dst: str, settings: Settings, name: str = MANIFEST) -> Dict[str, object]:
+def _load_manifest(dst: str, settings: Settings, sources: Dict[str, List[int]],
+                   name: str = MANIFEST) -> Dict[str, object]:
     """The manifest `name` in `dst` (new if there is none), refused if made with other
-    settings."""
+    settings or from another SRC (`sources`: its files' stamps, _Layout.stamps)."""
     path = os.path.join(dst, name)
     if not os.path.exists(path):
-        return _new_manifest(settings)
+        return _new_manifest(settings, sources)
     manifest = read_manifest(path, ConfigError, "; remove it (and the output) to start over")
     _check_settings(path, manifest, settings)
+    _check_sources(path, manifest, sources)
+    manifest["sources"] = sources  # where a version that did not record them wrote it
     return manifest
+
+
+def _check_sources(path: str, manifest: Dict[str, object],
+                   sources: Dict[str, List[int]]) -> None:
+    """Refuse a manifest written while SRC was otherwise: a file changed (size or
+    modification time), added or removed since. Its outputs would be kept beside ones
+    made from the new files, and a weight split across ranks takes its scales from all
+    of them, so no file of it can be trusted."""
+    recorded = manifest.get("sources")
+    if recorded is None or recorded == sources:  # None: a version that did not record them
+        return
+    if not isinstance(recorded, dict):
+        raise ConfigError(path, 'unreadable manifest ("sources" is not an object); remove it '
+                          "(and the output) to start over")
+    rel = min(name for name in set(recorded) | set(sources)
+              if recorded.get(name) != sources.get(name))
+    how = ("is gone" if rel not in sources else "is new" if rel not in recorded
+           else "has changed (its size or modification time)")
+    raise ConfigError(path, f"the input's {rel} {how} since this manifest was written; "
+                      "start over in a new directory, or with --overwrite")
 
 
 def _check_settings(path: str, manifest: Dict[str, object], settings: Settings) -> None:
@@ -623,6 +663,14 @@ def part_manifest(part: Part) -> str:
     return f"ckpt-rtn-manifest.{part.label}.json"
 
 
+def _dead_part_locks(dst: str) -> List[str]:
+    """The lock files of parts' manifests in `dst`: SIGKILLed parts leave theirs."""
+    try:
+        return sorted(name for name in os.listdir(dst) if _PART_LOCK.fullmatch(name))
+    except OSError as exc:
+        raise OutputError(dst, f"cannot list: {exc.strerror}") from None
+
+
 def _part_manifest_names(dst: str) -> List[str]:
     try:
         return sorted(name for name in os.listdir(dst) if PART_MANIFEST.fullmatch(name))
@@ -630,27 +678,29 @@ def _part_manifest_names(dst: str) -> List[str]:
         raise OutputError(dst, f"cannot list: {exc.strerror}") from None
 
 
-def _part_manifests(dst: str, settings: Settings,
+def _part_manifests(dst: str, settings: Settings, sources: Dict[str, List[int]],
                     own: str) -> Tuple[Dict[str, object], Dict[str, object]]:
     """A part's own manifest, and what it may skip: the shards its own manifest or the
     directory's shows done. Every manifest already in `dst` is checked first, so a part
-    started with other options than the others fails at once, not at the merge."""
-    mine = _new_manifest(settings)
-    done = _load_manifest(dst, settings)
+    started with other options than the others (or over a changed SRC) fails at once, not
+    at the merge."""
+    mine = _new_manifest(settings, sources)
+    done = _load_manifest(dst, settings, sources)
     for name in _part_manifest_names(dst):
-        manifest = _load_manifest(dst, settings, name)
+        manifest = _load_manifest(dst, settings, sources, name)
         if name == own:
             mine = manifest
     done["files"] = {**done["files"], **mine["files"]}  # type: ignore[dict-item]
     return mine, done
 
 
-def _merged_manifest(dst: str, settings: Settings) -> Dict[str, object]:
+def _merged_manifest(dst: str, settings: Settings,
+                     sources: Dict[str, List[int]]) -> Dict[str, object]:
     """The directory's manifest with every part's entries added (a part's is the newer);
     each entry is still checked against its file before it is trusted (_is_done)."""
-    manifest = _load_manifest(dst, settings)
+    manifest = _load_manifest(dst, settings, sources)
     for name in _part_manifest_names(dst):
-        part = _load_manifest(dst, settings, name)
+        part = _load_manifest(dst, settings, sources, name)
         manifest["files"].update(part["files"])  # type: ignore[union-attr]
     return manifest
 
@@ -693,11 +743,25 @@ def _manifest_problem(manifest: object) -> Optional[str]:
 
 
 def _is_done(manifest: Dict[str, object], rel: str, out: str) -> bool:
-    """The output exists and is byte for byte what the manifest recorded."""
+    """The output exists and is byte for byte what the manifest recorded, and holds the
+    tensors it lists (the indexes and the description are written from those lists)."""
     entry = manifest["files"].get(rel)  # type: ignore[union-attr]
     if entry is None or not os.path.isfile(out) or _size(out) != entry["size"]:
         return False
-    return sha256_of(out) == entry["sha256"]
+    if sha256_of(out) != entry["sha256"]:
+        return False
+    if "tensors" not in entry:
+        return True
+    try:
+        with open_reader(out, verify_crc=False) as reader:  # in the file's order, not the plan's
+            held = _tensor_entries(reader.tensors)
+    except CkptRtnError:  # a manifest that records a file as a shard it is not
+        return False
+    return _by_name(held) == _by_name(entry["tensors"])  # type: ignore[arg-type]
+
+
+def _by_name(tensors: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    return sorted(tensors, key=lambda tensor: str(tensor["name"]))
 
 
 def _size(path: str) -> int:

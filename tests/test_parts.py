@@ -194,3 +194,70 @@ def test_ray_without_the_extra_is_one_line(source, tmp_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "pip install 'ckpt-rtn[ray]'" in done.stderr
+
+
+def copy_source(src: Path, to: Path) -> Path:
+    import shutil
+    return Path(shutil.copytree(src, to))  # copies the modification times too
+
+
+@pytest.mark.parametrize("change", ["edited", "removed", "added"])
+@pytest.mark.parametrize("how", ["resume", "part"])
+def test_a_source_changed_since_the_manifest_is_refused(source, tmp_path: Path, change: str,
+                                                        how: str) -> None:
+    """Shards made from the old SRC would be kept beside new ones (and a row-parallel
+    weight's scales come from every rank): once SRC changed, nothing in DST is trusted."""
+    src = copy_source(source[0], tmp_path / "src")
+    dst = tmp_path / "out"
+    assert cli("convert", src, dst, "--part", "0/2", "-q", *LLAMA2).exit_code == 0
+    shard = src / "rank_0" / "net.ckpt"
+    if change == "edited":  # the same names and shapes, other values
+        weights = {k: v.astype(np.float16) for k, v in llama_weights(seed=9, layers=1).items()}
+        write_ckpt(shard, {k: np.array_split(v, 4, axis=1)[0] if k in COLUMN_SPLIT else v
+                           for k, v in weights.items()})
+    elif change == "removed":
+        shard.unlink()
+    else:
+        (src / "hf" / "notes.txt").write_text("new\n")
+    args = ("--resume",) if how == "resume" else ("--part", "1/2")
+    result = cli("convert", src, dst, *args, *LLAMA2)
+    assert result.exit_code == 2, result.stdout
+    rel = "hf/notes.txt" if change == "added" else "rank_0/net.ckpt"
+    how_now = {"edited": "has changed (its size or modification time)", "removed": "is gone",
+               "added": "is new"}[change]
+    assert result.stderr.splitlines() == [
+        f"error: {dst / 'ckpt-rtn-manifest.part-0-of-2.json'}: the input's {rel} {how_now} "
+        "since this manifest was written; start over in a new directory, or with --overwrite"]
+    assert cli("convert", src, dst, "--overwrite", "-q", *LLAMA2).exit_code == 0
+
+
+def test_resume_checks_the_tensors_a_manifest_lists_and_keeps_only_its_files(
+        source, tmp_path: Path) -> None:
+    """The indexes are written from the manifest's tensor lists: a list that does not match
+    its file (edited by hand) must not make a wrong index, nor an entry for a file this run
+    does not write survive."""
+    src, reference = source
+    dst = tmp_path / "out"
+    assert cli("convert", src, dst, "-q", *LLAMA2).exit_code == 0
+    (dst / "hf" / "model.safetensors.index.json").unlink()
+    manifest = json.loads((dst / MANIFEST).read_text())
+    listed = manifest["files"]["hf/model-00002-of-00002.safetensors"]["tensors"]
+    listed[0]["name"] = "bogus.weight"
+    manifest["files"]["../../etc/passwd"] = dict(manifest["files"]["hf/README.txt"])
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    result = cli("convert", src, dst, "--resume", *LLAMA2)
+    assert result.exit_code == 0, result.stderr
+    assert "converted 1 shards" in result.stdout
+    assert files(dst) == files(reference)
+
+
+def test_the_final_resume_removes_dead_parts_lock_files(source, tmp_path: Path) -> None:
+    src, reference = source
+    dst = tmp_path / "out"
+    for index in range(2):
+        assert cli("convert", src, dst, "--part", f"{index}/2", "-q", *LLAMA2).exit_code == 0
+    dead = dst / ".ckpt-rtn-manifest.part-1-of-2.json.ckpt-rtn.lock"
+    dead.write_text("4194304\n")  # as a SIGKILLed part leaves it
+    assert cli("convert", src, dst, "--resume", "-q", *LLAMA2).exit_code == 0
+    assert not [p.name for p in dst.iterdir() if paths.LOCK_PATTERN.fullmatch(p.name)]
+    assert files(dst) == files(reference)
