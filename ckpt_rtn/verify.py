@@ -216,7 +216,7 @@ def _verify_shard(src: str, dst: str, present: bool, settings: Settings,
         return _plan_of(src, settings, others), []
     try:
         out = formats.open_reader(dst, verify_crc=False)
-    except FormatError as exc:
+    except (FormatError, UnsupportedError) as exc:  # damaged: an unknown dtype is damage too
         return _plan_of(src, settings, others), [Difference("file", "not a readable "
                                                                     f"checkpoint: {exc.reason}")]
     with out:
@@ -435,13 +435,15 @@ def _files_under(root: str) -> Tuple[Set[str], Dict[str, str]]:
     irregular: Dict[str, str] = {}
     for base, dirs, names in os.walk(root):
         dirs.sort()
+        for name in [d for d in dirs if os.path.islink(os.path.join(base, d))]:
+            irregular[os.path.relpath(os.path.join(base, name), root)] = "a symbolic link"
         for name in names:
             if paths.TEMP_PATTERN.fullmatch(name) or paths.LOCK_PATTERN.fullmatch(name):
                 continue
             path = os.path.join(base, name)
             rel = os.path.relpath(path, root)
-            try:
-                mode = os.stat(path).st_mode
+            try:  # a link is not what convert writes, whatever it points to
+                mode = os.stat(path, follow_symlinks=False).st_mode
             except OSError as exc:
                 irregular[rel] = f"a file that cannot be read ({exc.strerror})"
                 continue

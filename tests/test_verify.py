@@ -419,6 +419,40 @@ def test_manifest_sha_mismatch_and_copied_files(sharded, out_copy: Path) -> None
         "strategy/ckpt_strategy.ckpt: missing"]
 
 
+def test_a_symlinked_shard_or_rank_is_reported_not_followed(sharded, out_copy: Path,
+                                                             tmp_path: Path) -> None:
+    """convert writes regular files: a link to the right bytes is still not its output."""
+    src, _ = sharded
+    moved = Path(shutil.move(str(out_copy / "rank_1" / "net.ckpt"), tmp_path / "net.ckpt"))
+    os.symlink(moved, out_copy / "rank_1" / "net.ckpt")
+    os.symlink(out_copy / "rank_0", out_copy / "rank_9")
+    assert differences(verify(src, out_copy)) == [
+        "rank_1/net.ckpt: is a symbolic link, not a file convert writes",
+        "rank_9: is a symbolic link, not a file convert writes"]
+
+
+def test_a_shard_with_an_unknown_dtype_is_a_difference_not_a_refusal(tmp_path: Path) -> None:
+    """A damaged output is reported (exit 1), whatever its damage: an unknown dtype made
+    verify refuse the whole directory (exit 2) instead."""
+    from safetensors.numpy import save_file
+    src, out = tmp_path / "hf", tmp_path / "out"
+    write_two_shards(src, fp16_weights(), lambda path, arrays: save_file(arrays, str(path)),
+                     {"total_size": 1})
+    assert cli("convert", src, out, "-q", "--config", "llama2").exit_code == 0
+    shard = out / "model-00001-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    at = data.index(b'"I8"')
+    data[at:at + 4] = b'"I9"'  # the same length: the header still parses
+    shard.write_bytes(bytes(data))
+    result = verify(src, out)
+    assert result.exit_code == 1, result.stderr
+    found = differences(result)
+    assert found[0].startswith("model-00001-of-00002.safetensors: sha256 ")
+    assert found[1].startswith("model-00001-of-00002.safetensors: file: not a readable "
+                               "checkpoint: ")
+    assert "unknown dtype 'I9'" in found[1]
+
+
 def test_directory_without_manifest_is_refused(sharded, out_copy: Path) -> None:
     src, _ = sharded
     (out_copy / MANIFEST).write_text('{"files": []}')
