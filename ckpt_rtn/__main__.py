@@ -13,8 +13,8 @@ import os
 import signal
 import sys
 
-#: cli.STOP_SIGNALS (not imported from there: importing cli is what takes the time).
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+from .errors import STOP_SIGNALS  # a small module: not the command line's imports
+
 
 
 def _stopped_while_starting(signum: int, _frame: object) -> None:
@@ -26,7 +26,7 @@ def _stopped_while_starting(signum: int, _frame: object) -> None:
 
 def main() -> None:
     previous = {signum: signal.signal(signum, _stopped_while_starting)
-                for signum in _STOP_SIGNALS}
+                for signum in STOP_SIGNALS}
     from .cli import main as command_line
     for signum, handler in previous.items():  # the commands take over
         signal.signal(signum, handler)

@@ -17,7 +17,8 @@ import click
 import numpy as np
 
 from . import __version__, converter, description, directory, formats, paths, rtn
-from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
+from .errors import (STOP_SIGNALS, CkptRtnError, ConfigError, FormatError, OutputError,
+                     UnsupportedError)
 from .formats import atomic
 from .formats.atomic import AtomicFile
 from .numerics import to_work
@@ -39,8 +40,6 @@ F = TypeVar("F", bound=Callable[..., None])
 atexit.register(gc.freeze)
 
 
-#: Signals that stop a run as Ctrl-C does: temporary files removed, one line, exit 128 + signum.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: Top-level modules of the optional extras, and the extra that installs each (None: both do).
 _EXTRAS = {"mindspore": "mindspore", "mindformers": "mindspore", "sentencepiece": "mindspore",
            "gguf": "gguf", "tokenizers": None}
@@ -62,17 +61,29 @@ class Interrupted(KeyboardInterrupt):
         where = f"{self.path}: " if self.path else ""
         return f"error: {where}interrupted by {signal.Signals(self.signum).name}; {self.outcome}"
 
+    @classmethod
+    def of(cls, exc: KeyboardInterrupt) -> "Interrupted":
+        """`exc` as a stop signal: a plain KeyboardInterrupt is the one the command received
+        (a library may catch ours and raise its own: Ray's ray.get does), else Ctrl-C."""
+        if isinstance(exc, Interrupted):
+            return exc
+        return cls(_received[0] if _received else signal.SIGINT)
+
+
+#: The stop signal the running command received, if any (see Interrupted.of).
+_received: List[int] = []
+
 
 @contextlib.contextmanager
 def _stop_signals_interrupt() -> Iterator[None]:
     """Raise Interrupted in the main thread on SIGINT, SIGTERM or SIGHUP (once: a second
     signal during the cleanup is ignored, so the cleanup finishes). However the command
     ends, no temporary file of this process outlives it."""
-    stopping: List[int] = []
+    _received.clear()
 
     def handler(signum: int, _frame: object) -> None:
-        if not stopping:
-            stopping.append(signum)
+        if not _received:
+            _received.append(signum)
             raise Interrupted(signum)
 
     main = threading.current_thread() is threading.main_thread()  # only it can set handlers
@@ -97,7 +108,7 @@ def _reported(command: F) -> F:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
-            stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            stop = Interrupted.of(exc)
             click.echo(stop.line(), err=True)
             sys.exit(128 + stop.signum)
         except ModuleNotFoundError as exc:
@@ -355,7 +366,7 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address:
                 result = convert_on_ray(src, dst, options, ray_address, progress=progress,
                                         report=report_path)
     except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        signum = Interrupted.of(exc).signum
         raise Interrupted(signum, dst, "finished files are kept, run again with --resume to "
                           "complete") from None
     for shard in result.converted:

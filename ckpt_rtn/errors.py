@@ -7,7 +7,11 @@ instead of a traceback. Anything else escaping is a bug.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Optional
+
+#: Signals that stop a run as Ctrl-C does: temporary files removed, one line, exit 128 + signum.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class CkptRtnError(Exception):

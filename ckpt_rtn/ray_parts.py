@@ -17,19 +17,24 @@ local run.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
+import threading
 import time
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from . import converter, directory, paths
-from .errors import CkptRtnError, ConfigError, OutputError
+from .errors import STOP_SIGNALS, CkptRtnError, ConfigError, OutputError
 from .options import ConvertOptions, Part
 
 #: Re-runs of a part whose worker process died (killed, out of memory, node lost).
 MAX_RETRIES = 3
+#: Seconds to wait for a cluster's address to answer before refusing it.
+REACH_TIMEOUT = 10
 #: Ray's object store holds only the parts' small results.
 LOCAL_OBJECT_STORE = 100 * 1024 * 1024
 #: Fault injection for tests/test_ray.py: a path; the first part task to run creates that file
@@ -115,11 +120,47 @@ def _start(address: str) -> Any:
         raise ConfigError(None, "--ray needs the ray extra (ray is not installed): "
                           "pip install 'ckpt-rtn[ray]'") from None
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
-    if address == "local":
-        ray.init(object_store_memory=LOCAL_OBJECT_STORE, include_dashboard=False, **quiet)
-        return ray
-    try:
-        ray.init(address=address, **quiet)
-    except (ConnectionError, ValueError) as exc:
-        raise ConfigError(None, f"--ray {address}: cannot connect: {exc}") from None
+    if address != "local":
+        _check_reachable(address)
+    with _stop_signals_kept():
+        if address == "local":
+            ray.init(object_store_memory=LOCAL_OBJECT_STORE, include_dashboard=False, **quiet)
+            return ray
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, ValueError) as exc:
+            raise ConfigError(None, f"--ray {address}: cannot connect: {exc}") from None
     return ray
+
+
+@contextlib.contextmanager
+def _stop_signals_kept() -> Iterator[None]:
+    """Put back the stop signals' handlers that ray.init replaces in the driver (SIGTERM
+    printed Ray's stack dump and exited 15, SIGHUP was reported as SIGINT, each leaving lock
+    files): the command's own report them in one line and clean up."""
+    if threading.current_thread() is not threading.main_thread():  # no handlers to keep
+        yield
+        return
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a cluster address nothing listens at, in seconds: ray.init retries one for
+    as long as the cluster may take to start, minutes, printing warnings meanwhile."""
+    if address == "auto":  # Ray finds it (RAY_ADDRESS, or this node's running cluster)
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # left to ray.init, which refuses what it cannot parse
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(None, f"--ray {address}: cannot connect: nothing answers at "
+                          f"{host}:{port} ({reason})") from None

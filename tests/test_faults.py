@@ -503,6 +503,28 @@ def test_stop_signal_while_starting_is_one_line(tmp_path: Path, src: Path, signu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.ckpt"]
 
 
+def test_a_stop_signal_a_library_turned_into_its_own_interrupt_keeps_its_name(
+        tmp_path: Path, src: Path) -> None:
+    """Ray's ray.get catches the interrupt our handler raises and raises a plain
+    KeyboardInterrupt: the run must still report the signal it received, not Ctrl-C."""
+    prelude = """
+import os, signal, time
+from ckpt_rtn import converter
+real = converter.convert
+def convert(*args, **kwargs):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt() from None
+    return real(*args, **kwargs)
+converter.convert = convert
+"""
+    result = run_cli("convert", src, tmp_path / "out.ckpt", prelude=prelude)
+    assert result.exit_code == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr.splitlines() == ["error: interrupted by SIGTERM; no output was written"]
+
+
 def test_interrupt_before_a_temporary_file_is_guarded(tmp_path: Path, src: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A signal just after a writer made its temporary file, before the `with` that would

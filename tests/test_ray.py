@@ -61,3 +61,41 @@ def test_ray_refuses_what_it_cannot_do(source, tmp_path: Path) -> None:  # noqa:
         result = cli("convert", target, tmp_path / "out", "--ray", *LLAMA2, *extra)
         assert result.exit_code == 2 and reason in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1
+
+
+def test_an_address_nothing_answers_at_is_refused_at_once(source, tmp_path: Path) -> None:  # noqa: F811
+    """ray.init retries such an address for minutes, printing warnings; a port nothing
+    listens on is refused in one line instead."""
+    src, _ = source
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "ckpt_rtn", "convert", str(src),
+                           str(tmp_path / "out"), "--ray", "127.0.0.1:1", *LLAMA2],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == ["error: --ray 127.0.0.1:1: cannot connect: nothing "
+                                        "answers at 127.0.0.1:1 (Connection refused)"]
+    assert time.perf_counter() - started < 60
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_stop_signals_handlers_outlive_ray_init() -> None:
+    """ray.init sets its own SIGTERM handler in the driver (a stack dump, exit 15, lock files
+    left): the command's handlers must be back once it returns. A stand-in for ray.init
+    changes them as Ray does; the real one is too slow to start here."""
+    script = """
+import signal, ray
+from ckpt_rtn import ray_parts
+def ours(signum, frame): pass
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, ours)
+def init(**kwargs):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
+ray.init = init
+ray_parts._start("local")
+print(all(signal.getsignal(s) is ours for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.stdout == "True\n", done.stderr
