@@ -192,6 +192,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
     for rel in layout.others:  # refused before anything is written
         copied_config(os.path.join(src, rel))
+    _check_indexes(src, layout)
     links = fp8_links(src, layout.shards)
     if part is None:
         shards = layout.shards
@@ -805,15 +806,7 @@ def rewritten_index(src: str, rel: str, files: Dict[str, Dict[str, object]]) -> 
     `files`' tensor lists); total_size becomes the output's tensor bytes. A `.ckpt` shard's
     settings record is not a tensor to look up: it is left out."""
     path = os.path.join(src, rel)
-    index = untrusted_json.load_file(path, "index", max_size=_MAX_INDEX_SIZE)
-    old_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(old_map, dict):
-        raise FormatError(path, "weight_map is not a JSON object (tensor name -> shard file)")
-    for name, shard in old_map.items():
-        if not isinstance(shard, str):
-            raise FormatError(path, f"weight_map gives tensor {untrusted_json.brief(name)} the "
-                              f"shard {untrusted_json.brief(shard)}, which is not a file name")
-    assert isinstance(index, dict)
+    index, old_map = _read_index(path)
     weight_map: Dict[str, str] = {}
     total = 0
     for shard in sorted(set(old_map.values())):
@@ -829,6 +822,32 @@ def rewritten_index(src: str, rel: str, files: Dict[str, Dict[str, object]]) -> 
     metadata = index.get("metadata")
     index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "total_size": total}
     return json.dumps(index, indent=2).encode() + b"\n"
+
+
+def _read_index(path: str) -> Tuple[Dict[str, object], Dict[str, str]]:
+    """An index JSON and its weight_map (tensor name -> shard file), checked."""
+    index = untrusted_json.load_file(path, "index", max_size=_MAX_INDEX_SIZE)
+    old_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(old_map, dict):
+        raise FormatError(path, "weight_map is not a JSON object (tensor name -> shard file)")
+    for name, shard in old_map.items():
+        if not isinstance(shard, str):
+            raise FormatError(path, f"weight_map gives tensor {untrusted_json.brief(name)} the "
+                              f"shard {untrusted_json.brief(shard)}, which is not a file name")
+    assert isinstance(index, dict)
+    return index, old_map
+
+
+def _check_indexes(src: str, layout: _Layout) -> None:
+    """Refuse an index naming a shard that SRC does not hold before anything is written: its
+    rewrite, after every shard is converted, would fail, and so would every --resume."""
+    shards = set(layout.shards)
+    for rel in layout.indexes:
+        path = os.path.join(src, rel)
+        for shard in sorted(set(_read_index(path)[1].values())):
+            if os.path.normpath(os.path.join(os.path.dirname(rel), shard)) not in shards:
+                raise FormatError(path, f"weight_map names {shard!r}, which is not a "
+                                  ".safetensors or .ckpt file of this directory")
 
 
 def _remove_dead_temp_files(dst: str) -> None:

@@ -576,14 +576,19 @@ def _source_with_index(tmp_path: Path, sharded_src: Path, index_text: str) -> Pa
     ([SHARD], r"weight_map is not a JSON object"),
     (None, r"weight_map is not a JSON object"),
     (SHARD, r"weight_map is not a JSON object"),
+    ({"model.norm_out.weight": "model-00002-of-00002.safetensors"},
+     r"weight_map names 'model-00002-of-00002.safetensors', which is not a \.safetensors or "
+     r"\.ckpt file of this directory"),
 ])
 def test_malformed_index_weight_map(tmp_path: Path, sharded_src: Path, weight_map: object,
                                     reason: str) -> None:
+    """Refused before anything is written: once, the shards were converted first, and then
+    no --resume could ever complete DST."""
     src = _source_with_index(tmp_path, sharded_src, json.dumps({"weight_map": weight_map}))
     dst = tmp_path / "out"
     result = run("convert", "-q", "--config", "llama2", src, dst)
     assert_refused(result, src / INDEX, reason)
-    assert not (dst / INDEX).exists()
+    assert not dst.exists()
 
 
 @pytest.mark.parametrize("text", ["{", '{"weight_map": ' + "[" * 100_000,

@@ -287,8 +287,13 @@ TENSORS = [{"name": "a.weight", "dtype": "Float16", "shape": [2, 2], "nbytes": 8
 SETTINGS = Settings.of(load_rules("llama2"), get_scheme(), crc=False, out_format=None)
 
 
+#: The input files' stamps a manifest_document records ([size, modification time]).
+SOURCES = {SHARD: [9, 1_700_000_000_000_000_000], "config.json": [2, 1_700_000_000_000_000_000]}
+
+
 def manifest_document() -> Dict[str, object]:
     return {"tool": "ckpt-rtn", "version": "0", "settings": SETTINGS.to_dict(),
+            "sources": copy.deepcopy(SOURCES),
             "files": {SHARD: {"size": 9, "sha256": "0" * 64, "tensor_count": 2,
                               "tensors": copy.deepcopy(TENSORS)},
                       "config.json": {"size": 2, "sha256": "f" * 64}}}
@@ -327,7 +332,7 @@ def test_manifest_loading(tmp_path_factory: pytest.TempPathFactory, text: bytes)
     (root / SHARD).write_bytes(bytes(9))
 
     def load_and_use() -> None:
-        manifest = directory._load_manifest(str(root), SETTINGS)
+        manifest = directory._load_manifest(str(root), SETTINGS, SOURCES)
         for rel in list(manifest["files"]):  # type: ignore[arg-type]
             directory._is_done(manifest, rel, str(root / SHARD))
         directory._record(str(root), manifest, "new.bin", str(root / SHARD), TENSORS)
