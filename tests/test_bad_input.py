@@ -22,7 +22,6 @@ import pytest
 from click.testing import Result
 
 from ckpt_rtn import converter, dtypes, formats, schemes
-from ckpt_rtn.cli import main
 from ckpt_rtn.errors import QuantizationError
 from ckpt_rtn.formats import TensorInfo
 from ckpt_rtn.options import ConvertOptions
