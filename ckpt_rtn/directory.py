@@ -641,7 +641,7 @@ def _check_sources(path: str, manifest: Dict[str, object],
         raise ConfigError(path, 'unreadable manifest ("sources" is not an object); remove it '
                           "(and the output) to start over")
     rel = min(name for name in set(recorded) | set(sources)
-              if recorded.get(name) != sources.get(name))
+              if name not in recorded or name not in sources or recorded[name] != sources[name])
     how = ("is gone" if rel not in sources else "is new" if rel not in recorded
            else "has changed (its size or modification time)")
     raise ConfigError(path, f"the input's {rel} {how} since this manifest was written; "
