@@ -16,7 +16,6 @@ import sys
 from .errors import STOP_SIGNALS  # a small module: not the command line's imports
 
 
-
 def _stopped_while_starting(signum: int, _frame: object) -> None:
     sys.stderr.write(f"error: interrupted by {signal.Signals(signum).name}; "
                      "no output was written\n")

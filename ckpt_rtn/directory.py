@@ -119,9 +119,13 @@ class _Layout:
     sizes: Dict[str, int]
     #: Symlinked directories followed (their targets are inputs too).
     linked: List[str]
-    #: Each file's [size, modification time in ns], by relative path: every manifest records
-    #: them, and a run over a SRC changed since one was written is refused (_check_sources).
-    stamps: Dict[str, List[int]] = field(default_factory=dict)
+    #: Each file's modification time (ns), by relative path.
+    mtimes: Dict[str, int] = field(default_factory=dict)
+
+    def stamps(self) -> Dict[str, List[int]]:
+        """Each file's [size, modification time]: every manifest records them, and a run
+        over a SRC changed since one was written is refused (_check_sources)."""
+        return {rel: [size, self.mtimes[rel]] for rel, size in self.sizes.items()}
 
 
 def convert_directory(src: str, dst: str, options: ConvertOptions = ConvertOptions(), *,
@@ -196,13 +200,13 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
     links = fp8_links(src, layout.shards)
     if part is None:
         shards = layout.shards
-        manifest = (_merged_manifest(dst, settings, layout.stamps) if options.resume
-                    else _new_manifest(settings, layout.stamps))
+        manifest = (_merged_manifest(dst, settings, layout.stamps()) if options.resume
+                    else _new_manifest(settings, layout.stamps()))
         done = manifest
         _remove_dead_temp_files(dst)
     else:
         shards = part.shards({rel: layout.sizes[rel] for rel in layout.shards})
-        manifest, done = _part_manifests(dst, settings, layout.stamps, manifest_name)
+        manifest, done = _part_manifests(dst, settings, layout.stamps(), manifest_name)
         for rel in shards + [manifest_name]:  # only this part's: the others' may be alive
             directory, name = os.path.split(os.path.join(dst, rel))
             if os.path.isdir(directory):
@@ -521,7 +525,7 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
         else:
             continue
         layout.sizes[rel] = st.st_size
-        layout.stamps[rel] = [st.st_size, st.st_mtime_ns]
+        layout.mtimes[rel] = st.st_mtime_ns
     for subdirectory in subdirectories:
         _walk(src, subdirectory, layout, ancestors)
 
@@ -617,7 +621,7 @@ def _new_manifest(settings: Settings, sources: Dict[str, List[int]]) -> Dict[str
 def _load_manifest(dst: str, settings: Settings, sources: Dict[str, List[int]],
                    name: str = MANIFEST) -> Dict[str, object]:
     """The manifest `name` in `dst` (new if there is none), refused if made with other
-    settings or from another SRC (`sources`: its files' stamps, _Layout.stamps)."""
+    settings or from another SRC (`sources`: its files' stamps, _Layout.stamps())."""
     path = os.path.join(dst, name)
     if not os.path.exists(path):
         return _new_manifest(settings, sources)
