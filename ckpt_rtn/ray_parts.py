@@ -136,8 +136,8 @@ def _start(address: str) -> Any:
 @contextlib.contextmanager
 def _stop_signals_kept() -> Iterator[None]:
     """Put back the stop signals' handlers that ray.init replaces in the driver (SIGTERM
-    printed Ray's stack dump and exited 15, SIGHUP was reported as SIGINT, each leaving lock
-    files): the command's own report them in one line and clean up."""
+    printed Ray's stack dump and exited 15, SIGHUP was reported as SIGINT): the command's
+    own report them in one line and clean up."""
     if threading.current_thread() is not threading.main_thread():  # no handlers to keep
         yield
         return
