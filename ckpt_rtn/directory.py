@@ -520,8 +520,9 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
             layout.shards.append(rel)
         elif entry.name.endswith(".json") and _is_index(entry.path):
             layout.indexes.append(rel)
-        elif entry.name != MANIFEST and not PART_MANIFEST.fullmatch(entry.name):
-            layout.others.append(rel)
+        elif directory != src or not (entry.name == MANIFEST
+                                      or PART_MANIFEST.fullmatch(entry.name)):
+            layout.others.append(rel)  # a manifest's name deeper down is copied as any file
         else:
             continue
         layout.sizes[rel] = st.st_size

@@ -90,6 +90,23 @@ def write_two_shards(src: Path, weights: Dict[str, np.ndarray],
     return shards
 
 
+def test_a_file_named_like_a_manifest_is_copied_below_the_top(tmp_path: Path) -> None:
+    """Only DST's own manifests are left out of the copy: in a subdirectory, where nothing
+    of ours lands, such a file was dropped without a word."""
+    src, dst = tmp_path / "src", tmp_path / "out"
+    (src / "notes").mkdir(parents=True)
+    write_ckpt(src / "net.ckpt", {k: v.astype(np.float16) for k, v in llama_weights().items()})
+    for name in (MANIFEST, "ckpt-rtn-manifest.part-0-of-1.json"):
+        (src / "notes" / name).write_text('{"theirs": 1}')
+    (src / MANIFEST).write_text('{"theirs": 1}')  # where ours goes: not copied
+    assert cli("convert", src, dst, "-q", "--config", "llama2").exit_code == 0
+    for name in (MANIFEST, "ckpt-rtn-manifest.part-0-of-1.json"):
+        assert (dst / "notes" / name).read_text() == '{"theirs": 1}'
+    assert "theirs" not in (dst / MANIFEST).read_text()
+    result = cli("verify", src, dst)
+    assert result.exit_code == 0, result.stdout
+
+
 def test_sharded_safetensors_index_is_rewritten(tmp_path: Path) -> None:
     weights = {k: v.astype(np.float16) for k, v in llama_weights(layers=2).items()}
     src = tmp_path / "hf"
