@@ -13,12 +13,11 @@ import os
 import signal
 import sys
 
-from .errors import STOP_SIGNALS  # a small module: not the command line's imports
+from .errors import STOP_SIGNALS, Interrupted  # a small module, not the command line's
 
 
 def _stopped_while_starting(signum: int, _frame: object) -> None:
-    sys.stderr.write(f"error: interrupted by {signal.Signals(signum).name}; "
-                     "no output was written\n")
+    sys.stderr.write(Interrupted(signum).line() + "\n")
     sys.stderr.flush()
     os._exit(128 + signum)  # no unwinding through half-done imports
 

@@ -17,8 +17,8 @@ import click
 import numpy as np
 
 from . import __version__, converter, description, directory, formats, paths, rtn
-from .errors import (STOP_SIGNALS, CkptRtnError, ConfigError, FormatError, OutputError,
-                     UnsupportedError)
+from .errors import (STOP_SIGNALS, CkptRtnError, ConfigError, FormatError, Interrupted,
+                     OutputError, UnsupportedError)
 from .formats import atomic
 from .formats.atomic import AtomicFile
 from .numerics import to_work
@@ -45,32 +45,15 @@ _EXTRAS = {"mindspore": "mindspore", "mindformers": "mindspore", "sentencepiece"
            "gguf": "gguf", "tokenizers": None}
 
 
-class Interrupted(KeyboardInterrupt):
-    """A stop signal (SIGINT, SIGTERM, SIGHUP) received during a command.
-
-    A KeyboardInterrupt, so every `finally` and context manager on the way
-    out (temporary files, locks, worker threads) runs as for Ctrl-C.
-    """
-
-    def __init__(self, signum: int, path: Optional[str] = None,
-                 outcome: str = "no output was written") -> None:
-        super().__init__(signum, path, outcome)
-        self.signum, self.path, self.outcome = signum, path, outcome
-
-    def line(self) -> str:
-        where = f"{self.path}: " if self.path else ""
-        return f"error: {where}interrupted by {signal.Signals(self.signum).name}; {self.outcome}"
-
-    @classmethod
-    def of(cls, exc: KeyboardInterrupt) -> "Interrupted":
-        """`exc` as a stop signal: a plain KeyboardInterrupt is the one the command received
-        (a library may catch ours and raise its own: Ray's ray.get does), else Ctrl-C."""
-        if isinstance(exc, Interrupted):
-            return exc
-        return cls(_received[0] if _received else signal.SIGINT)
+def _interrupted(exc: KeyboardInterrupt) -> Interrupted:
+    """`exc` as a stop signal: a plain KeyboardInterrupt is the one the command received
+    (a library may catch ours and raise its own: Ray's ray.get does), else Ctrl-C."""
+    if isinstance(exc, Interrupted):
+        return exc
+    return Interrupted(_received[0] if _received else signal.SIGINT)
 
 
-#: The stop signal the running command received, if any (see Interrupted.of).
+#: The stop signal the running command received, if any (see _interrupted).
 _received: List[int] = []
 
 
@@ -108,7 +91,7 @@ def _reported(command: F) -> F:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as exc:
-            stop = Interrupted.of(exc)
+            stop = _interrupted(exc)
             click.echo(stop.line(), err=True)
             sys.exit(128 + stop.signum)
         except ModuleNotFoundError as exc:
@@ -366,7 +349,7 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address:
                 result = convert_on_ray(src, dst, options, ray_address, progress=progress,
                                         report=report_path)
     except KeyboardInterrupt as exc:
-        signum = Interrupted.of(exc).signum
+        signum = _interrupted(exc).signum
         raise Interrupted(signum, dst, "finished files are kept, run again with --resume to "
                           "complete") from None
     for shard in result.converted:

@@ -61,3 +61,20 @@ class ConfigError(CkptRtnError):
 
 class QuantizationError(CkptRtnError):
     """A selected tensor cannot be quantized (non-finite values, bad shape)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) received during a command.
+
+    A KeyboardInterrupt, so every `finally` and context manager on the way
+    out (temporary files, locks, worker threads) runs as for Ctrl-C.
+    """
+
+    def __init__(self, signum: int, path: Optional[str] = None,
+                 outcome: str = "no output was written") -> None:
+        super().__init__(signum, path, outcome)
+        self.signum, self.path, self.outcome = signum, path, outcome
+
+    def line(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"error: {where}interrupted by {signal.Signals(self.signum).name}; {self.outcome}"
