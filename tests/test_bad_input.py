@@ -312,7 +312,8 @@ def test_safetensors_crc_mismatch(tmp_path: Path, st_crc_damaged: Path, command:
 
 @pytest.mark.parametrize("src_name", ["in.ckpt", "in.safetensors"])
 def test_crc_with_safetensors_output(tmp_path: Path, src_name: str) -> None:
-    """--crc writes MindSpore's crc_num; --dry-run's size is the written size."""
+    """--crc writes MindSpore's crc_num; the plan's size is the written size, every byte of
+    it parsed back (inspect refuses bytes that the header does not describe)."""
     src = write_llama_ckpt(tmp_path / src_name, crc=True)
     dst = tmp_path / "out.safetensors"
     plan = converter.plan_conversion(src, dst, ConvertOptions(load_rules("llama2"), crc=True))
