@@ -54,6 +54,17 @@ def test_nll_is_the_log_softmax_of_the_next_token() -> None:
                                [-math.log(0.25), -math.log(0.1)], rtol=1e-6)
 
 
+def test_golden_stick_scores_are_emf1metrics_f1_then_em() -> None:
+    """Scores worked out by hand from EmF1Metric's rules: EM compares whole lowercased
+    strings; F1 is the longest common run of jieba's segments (spaces are segments)."""
+    samples = [squad.Sample(id=f"q{i}", context="", question="", answer=answer,
+                            answers=(answer,))
+               for i, answer in enumerate(["Denver Broncos", "Carolina Panthers"])]
+    # "the panthers" against "carolina panthers": [" ", "panthers"] of 3 segments each.
+    f1, em = golden_stick_scores(["denver broncos", "the Panthers"], samples)
+    assert f1 == pytest.approx(100 * (1 + 2 / 3) / 2) and em == 50.0
+
+
 def test_real_model_predicts_text_far_better_than_chance(fp_evaluator, slice_windows) -> None:
     result = fp_evaluator.perplexity(slice_windows)
     assert result.tokens == 4 * (SEQ - 1) and result.windows == 4
