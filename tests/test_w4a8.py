@@ -183,7 +183,7 @@ def test_mindformers_mcore_deepseek_v3_loads_it(tmp_path: Path) -> None:
     description and loads the directory: each expert's codes land transposed in its slice of
     the stacked qint4x2 weight1 (gate, then up) / weight2, its scale bits in the uint64
     w_scale, within half a step of the FP weights; every other parameter holds what was
-    written. gmm_bias is the one parameter not loaded: process_weights_after_loading
+    written (kv_b_proj's rows regrouped as the loader does). gmm_bias is the one parameter not loaded: process_weights_after_loading
     computes it, which needs Ascend (its RepeatInterleaveInt has no CPU kernel); here it is
     computed as a8dynw4.py does. Running the network needs Ascend (GroupedMatmulV4,
     DynamicQuantExt)."""
@@ -219,9 +219,25 @@ def test_mindformers_mcore_deepseek_v3_loads_it(tmp_path: Path) -> None:
         return bf16_to_float32(written[name]) if written[name].dtype == np.uint16 \
             else written[name].astype(np.float32)
 
-    expected: Dict[str, np.ndarray] = {}
+    expected: Dict[str, np.ndarray] = {
+        "model.embedding.word_embeddings.weight": fp("model.embed_tokens.weight"),
+        "model.decoder.final_layernorm.weight": fp("model.norm.weight"),
+        "model.output_layer.weight": fp("lm_head.weight"),
+        "model.decoder.layers.1.mlp.router.weight": fp("model.layers.1.mlp.gate.weight"),
+        "model.decoder.layers.1.mlp.router.expert_bias":
+            fp("model.layers.1.mlp.gate.e_score_correction_bias")}
     for i in range(2):
         h, m = f"model.layers.{i}.", f"model.decoder.layers.{i}."
+        for mf_name, hf_name in [("input_layernorm", "input_layernorm"),
+                                 ("pre_mlp_layernorm", "post_attention_layernorm"),
+                                 ("self_attention.q_layernorm", "self_attn.q_a_layernorm"),
+                                 ("self_attention.kv_layernorm", "self_attn.kv_a_layernorm")]:
+            expected[f"{m}{mf_name}.weight"] = fp(f"{h}{hf_name}.weight")
+        # MindFormers' loader regroups kv_b_proj's rows: each of the 4 heads' 16 k_nope rows
+        # and 16 v rows become every head's k_nope rows, then every head's v rows.
+        kv_up = fp(f"{h}self_attn.kv_b_proj.weight")
+        expected[f"{m}self_attention.linear_kv_up_proj.weight"] = \
+            kv_up.reshape(4, 2, 16, -1).swapaxes(0, 1).reshape(kv_up.shape)
         att, mlp = h + "self_attn.", h + ("mlp." if i == 0 else "mlp.shared_experts.")
         fused = {"self_attention.linear_qkv_down_proj": [att + "kv_a_proj_with_mqa",  # kv first
                                                          att + "q_a_proj"],
@@ -236,13 +252,8 @@ def test_mindformers_mcore_deepseek_v3_loads_it(tmp_path: Path) -> None:
                                                              for p in parts])
             expected[f"{m}{layer}.w_scale"] = np.concatenate([fp(p + ".weight_scale")
                                                               for p in parts])
-    for name, value in expected.items():
-        if name not in loaded:
-            continue  # compared below: every loaded name is accounted for
+    assert sorted(n for n in loaded if ".mlp.experts." not in n) == sorted(expected)
+    for name, value in expected.items():  # float tensors as the network's dtype holds them
         got = loaded[name]
         assert got.dtype == np.int8 if value.dtype == np.int8 else got.dtype.kind == "f", name
         assert np.array_equal(got, value.astype(got.dtype)), name
-    missing = sorted(set(expected) - set(loaded))
-    assert not missing, missing
-    unquantized = {n for n in loaded if n not in expected and "experts." not in n}
-    assert unquantized and all(loaded[n].dtype.kind == "f" for n in unquantized)
