@@ -250,7 +250,8 @@ def test_weight_memory_counts_what_each_network_holds_by_dtype(networks, checkpo
     assert set(fp_memory.by_dtype) == {"float32"}
     # Quantized layers: int8 codes, and a float32 scale and zp_neg per output channel;
     # lm_head (blacklisted) is a Linear kept in float32 in both networks.
-    head = fp_memory.linear_bytes - 4 * linear_elements
+    head = 4 * CONFIG["vocab_size"] * CONFIG["hidden_size"]
+    assert fp_memory.linear_by_dtype == {"float32": 4 * linear_elements + head}
     assert q_memory.linear_by_dtype == {"int8": linear_elements,
                                         "float32": head + 2 * 4 * channels}
     assert q_memory.total_bytes - q_memory.linear_bytes == \
