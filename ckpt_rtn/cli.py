@@ -219,8 +219,8 @@ def main() -> None:
                    "task, and Ray gives each task N CPUs). The output is identical for any N.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str),
               help="Write a JSON report: sizes, counts, time, throughput and each layer's "
-                   "dequantization error (measured while quantizing; ~30% slower). For a "
-                   "file, the report and DST appear together or neither does.")
+                   "dequantization error (measured while quantizing, which it slows by "
+                   "~40%). For a file, the report and DST appear together or neither does.")
 @click.option("--dry-run", is_flag=True,
               help="List what would be quantized and the exact output size; write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
