@@ -15,7 +15,7 @@ from ckpt_rtn.tasks import squad, wikitext
 from ckpt_rtn.tasks.corpora import wiki_text
 from ckpt_rtn.errors import ConfigError, FormatError
 from ckpt_rtn.runtime.evaluate import Evaluator, in_fresh_process, next_token_nll, tokenize, windows
-from ckpt_rtn.models import load_model_config, load_tokenizer
+from ckpt_rtn.models import load_model_config, load_text_codec, load_tokenizer
 
 from conftest import FIXTURES, cli
 
@@ -130,17 +130,29 @@ RECORD_KEYS = {"path", "size_bytes", "wikitext2_ppl", "squad_f1", "squad_em", "s
                "decode_uses_kv_cache", "weight_memory_bytes", "peak_rss_bytes", "mode"}
 
 
-def test_eval_measures_the_whole_row_and_writes_it_as_json(model, wiki_valid,
-                                                            tmp_path: Path) -> None:
+#: eval's settings for the text: two windows of SEQ - 1 tokens.
+TEXT_SETTINGS = ("--seq-len", str(SEQ), "--max-tokens", str(2 * (SEQ - 1)))
+
+
+@pytest.fixture(scope="module")
+def w8_eval(model, wiki_valid, tmp_path_factory: pytest.TempPathFactory):
+    """`eval` of the W8A16 checkpoint in graph mode with every measurement asked: its result,
+    JSON record and SQuAD file."""
     config_path, w8, text = model
-    squad_path = tmp_path / "squad.json"
+    root = tmp_path_factory.mktemp("w8-eval")
+    squad_path = root / "squad.json"
     squad_path.write_text(json.dumps(TINY_SQUAD), encoding="utf-8")
-    out = tmp_path / "w8.json"
+    out = root / "w8.json"
     result = cli("eval", "--config", config_path, "--ckpt", w8, "--text", text, "--wikitext",
-                 wiki_valid, "--squad", squad_path, "--max-new-tokens", "8", "--seq-len", str(SEQ),
-                 "--max-tokens", str(2 * (SEQ - 1)), "-q", "--json", out)
+                 wiki_valid, "--squad", squad_path, "--max-new-tokens", "8", *TEXT_SETTINGS,
+                 "-q", "--json", out)
     assert result.exit_code == 0, result.stderr
-    record = json.loads(out.read_text())
+    return result, json.loads(out.read_text()), squad_path
+
+
+def test_eval_measures_the_whole_row_and_writes_it_as_json(model, w8_eval) -> None:
+    w8 = model[1]
+    result, record, squad_path = w8_eval
     assert RECORD_KEYS <= set(record) and record["path"] == str(w8)
     assert record["mode"] == "graph" and record["size_bytes"] == w8.stat().st_size
     # Two chunks of SEQ - 1 tokens and a pad: SEQ - 2 predicted tokens each.
@@ -168,18 +180,16 @@ def test_eval_measures_the_whole_row_and_writes_it_as_json(model, wiki_valid,
     assert "mode graph" in lines[-1] and "KV cache needs Ascend" in lines[-1]
 
 
-def test_pynative_mode_gives_the_graph_modes_perplexity(model, tmp_path: Path) -> None:
+def test_pynative_mode_gives_the_graph_modes_perplexity(model, w8_eval, tmp_path: Path) -> None:
     config_path, w8, text = model
-    ppl = {}
-    for mode in ("graph", "pynative"):
-        out = tmp_path / f"{mode}.json"
-        result = cli("eval", "--config", config_path, "--ckpt", w8, "--text", text, "--seq-len",
-                     str(SEQ), "--max-tokens", str(2 * SEQ), "--mode", mode, "-q", "--json", out)
-        assert result.exit_code == 0, result.stderr
-        record = json.loads(out.read_text())
-        assert record["mode"] == mode
-        ppl[mode] = record["text_ppl"]["wiki.txt"]
-    assert ppl["pynative"] == pytest.approx(ppl["graph"], rel=1e-5)
+    out = tmp_path / "pynative.json"
+    result = cli("eval", "--config", config_path, "--ckpt", w8, "--text", text, *TEXT_SETTINGS,
+                 "--mode", "pynative", "-q", "--json", out)
+    assert result.exit_code == 0, result.stderr
+    pynative, graph = json.loads(out.read_text()), w8_eval[1]
+    assert (pynative["mode"], graph["mode"]) == ("pynative", "graph")
+    assert pynative["text_ppl"]["wiki.txt"] == pytest.approx(graph["text_ppl"]["wiki.txt"],
+                                                             rel=1e-5)
 
 
 def test_bad_measurement_input_is_one_line_before_any_network(model, tmp_path: Path) -> None:
@@ -237,10 +247,10 @@ def test_generate_takes_another_tokenizer(model, tmp_path: Path) -> None:
     import sentencepiece
 
     config_path, w8, _ = model
-    same = cli("generate", "--config", config_path, "--ckpt", w8, "--seq-len", "32",
-               "--max-new-tokens", "4", "--tokenizer", config_path.parent / "tokenizer.json",
-               "The capital of France is")
-    assert same.exit_code == 0 and "Paris" in same.stdout, same.stderr
+    config = load_model_config(config_path)
+    encode, decode = load_text_codec(config, config_path.parent / "tokenizer.json")
+    ids = load_tokenizer(config).encode("The capital of France is").ids
+    assert encode("The capital of France is") == ids and decode(ids) == "The capital of France is"
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The capital of France is Paris.\\n" * 50 + wiki_text()[:5000])
     sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
