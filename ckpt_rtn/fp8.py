@@ -28,7 +28,7 @@ before the shard is converted: a few kilobytes per weight).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AbstractSet, Dict, Mapping, Sequence, Set, Tuple
+from typing import AbstractSet, Dict, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -41,6 +41,12 @@ from .numerics import round_float32_to_bf16_inplace
 BLOCK = 128
 #: `<p>.weight`'s block scales are `<p>.weight_scale_inv` (fp8_cast_bf16.py's naming).
 SCALE_SUFFIX = "_scale_inv"
+#: `<p>.weight`'s one scale in NVIDIA's per-tensor FP8 layout, which is not read.
+TENSOR_SCALE_SUFFIX = "_scale"
+#: The largest E4M3 magnitude, and the largest block scale whose weights all stay finite
+#: in bfloat16 (its largest finite value, 3.39e38, over 448).
+E4M3_MAX = 448.0
+_LARGEST_SCALE = float(np.float32(3.3895313892515355e38 / E4M3_MAX))
 
 
 def _e4m3_table() -> np.ndarray:
@@ -66,6 +72,18 @@ def scale_shape(shape: Tuple[int, ...]) -> Tuple[int, int]:
     """The shape of the block scales of an FP8 weight of `shape` [out, in]."""
     out, inner = shape
     return -(-out // BLOCK), -(-inner // BLOCK)
+
+
+def scale_problem(scale_inv: np.ndarray) -> Optional[str]:
+    """Why block scales would make some of their weight's values infinite or NaN (None if
+    they do not): an FP8 weight that is not quantized is written as those values, with
+    nothing after to refuse them, as the RTN kernel refuses a weight that holds them."""
+    bad = ~(np.abs(scale_inv) <= _LARGEST_SCALE)  # NaN compares false
+    if not bad.any():
+        return None
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    return (f"the scale of block ({row}, {col}) is {scale_inv[row, col]!s}: its weights "
+            f"could be infinite or NaN in bfloat16 (a scale is at most {_LARGEST_SCALE:.4g})")
 
 
 def dequantize_bf16(codes: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
@@ -112,6 +130,11 @@ def pair_scales(tensors: Sequence[TensorInfo], path: str,
     for info in tensors:
         if info.dtype is not dtypes.FLOAT8_E4M3:
             continue
+        if info.name + TENSOR_SCALE_SUFFIX in by_name:
+            raise FormatError(path, f"tensor {info.name!r} is FP8 with a per-tensor scale "
+                              f"{info.name + TENSOR_SCALE_SUFFIX!r} (NVIDIA's layout), which "
+                              "ckpt-rtn does not read: it reads DeepSeek-V3-style FP8 with "
+                              "128x128 weight_scale_inv blocks")
         name = info.name + SCALE_SUFFIX
         scale = by_name.get(name) or (others.scales[name][0] if name in others.scales else None)
         if scale is None:

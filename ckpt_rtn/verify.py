@@ -112,7 +112,7 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
         config = directory.copied_config(os.path.join(src, rel))
         if config is not None:
             with open(os.path.join(dst, rel), "rb") as f:
-                if f.read() != config:
+                if f.read(len(config) + 1) != config:
                     verdict.differences.append(Difference(rel, "is not the config.json convert "
                                                           "writes (without the FP8 "
                                                           "quantization_config)"))
@@ -121,8 +121,9 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
                                                   f"at byte {at}"))
         verdict.copied += 1
     for rel in (rel for rel in layout.indexes if rel in present):
+        index = directory.rewritten_index(src, rel, planned)
         with open(os.path.join(dst, rel), "rb") as f:
-            if f.read() != directory.rewritten_index(src, rel, planned):
+            if f.read(len(index) + 1) != index:
                 verdict.differences.append(Difference(rel, "is not the index convert writes "
                                                       "(weight_map or total_size)"))
         verdict.indexes += 1
@@ -133,10 +134,16 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
 
 
 def _check_description(path: str, expected: bytes) -> List[Difference]:
-    """A quant_model_description.json against the one convert writes."""
+    """A quant_model_description.json against the one convert writes: only a regular file
+    is opened (a FIFO would block, a link lead anywhere), and no more of it read than the
+    expected bytes and one."""
     try:
+        mode = os.stat(path, follow_symlinks=False).st_mode
+        if not stat.S_ISREG(mode):
+            return [Difference(description.NAME, f"is {paths.kind(mode)}, not a file convert "
+                                                  "writes")]
         with open(path, "rb") as f:
-            found = f.read()
+            found = f.read(len(expected) + 1)
     except FileNotFoundError:
         return [Difference(description.NAME, f"missing: convert writes it beside the output "
                                               f"({path})")]

@@ -20,6 +20,7 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 import pytest
 from click.testing import Result
+from safetensors.numpy import save_file
 
 from ckpt_rtn import converter, dtypes, formats, schemes
 from ckpt_rtn.errors import QuantizationError
@@ -27,7 +28,7 @@ from ckpt_rtn.formats import TensorInfo
 from ckpt_rtn.options import ConvertOptions
 from ckpt_rtn.rules import load_rules
 
-from conftest import FIXTURES, cli
+from conftest import FIXTURES, cli, llama_weights
 SMALL = FIXTURES / "small.ckpt"
 SMALL_CRC = FIXTURES / "small_crc.ckpt"
 SMALL_ENC = FIXTURES / "small_enc.ckpt"
@@ -356,6 +357,8 @@ SAFETENSORS_CASES = {
     "header_not_object": (b"[1, 2, 3]", 0, None, r"not a JSON object", True),
     "header_not_utf8": (b'{"\xff\xfe": 1}  ', 0, None, r"not valid JSON", True),
     "negative_shape": (_header(_f16("a", [-4], 0, 8)), 8, None, r"invalid shape", True),
+    # Two negative dims make a positive size that matched the data: it was accepted.
+    "negative_dims": (_header(_f16("a", [-2, -2], 0, 8)), 8, None, r"negative dimension", True),
     "unknown_dtype": (_header({"a": {"dtype": "Q7", "shape": [4], "data_offsets": [0, 4]}}),
                       4, None, r"unknown dtype", None),
     "dtype_not_a_string": (_header({"a": {"dtype": ["F16"], "shape": [4],
@@ -934,3 +937,21 @@ def test_disk_full_is_one_error_line_and_no_file(tmp_path: Path, llama_copy: Pat
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"error: {dst}: cannot write: File too large"]
     assert not dst.exists() and temp_files(dst.parent) == []
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_bias_named_as_the_renamed_bias_is_refused(tmp_path: Path, dry_run: bool) -> None:
+    """A quantized layer's bias is renamed `_handler.bias`; an input that already holds that
+    name would have two tensors written under it (a traceback from the writer's plan)."""
+    weights = {k: v.astype(np.float16) for k, v in llama_weights().items()}
+    layer = "model.layers.0.attention.wq"
+    rows = weights[layer + ".weight"].shape[0]
+    weights[layer + ".bias"] = np.zeros(rows, np.float16)
+    weights[layer + "._handler.bias"] = np.ones(rows, np.float16)
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out" / "w8.ckpt"
+    save_file(weights, src)
+    dst.parent.mkdir()
+    result = cli("convert", src, dst, *(["--dry-run"] if dry_run else []))
+    assert_refused(result, src, rf"tensors '{layer}\._handler\.bias' and '{layer}\.bias' would "
+                   rf"both be written as '{layer}\._handler\.bias'", leaves=[dst],
+                   directory=dst.parent)

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from ckpt_rtn import dtypes
 from ckpt_rtn.directory import MANIFEST, sha256_of
@@ -21,6 +22,7 @@ from ckpt_rtn.paths import LOCK_PATTERN
 from ckpt_rtn.numerics import FloatFormat
 from ckpt_rtn.golden_stick import legacy_names, ptq_names
 from ckpt_rtn.rtn import W8, RtnSpec, quantize_rtn
+from ckpt_rtn.schemes import get_scheme
 
 from conftest import cli, llama_weights, ms_bytes, ms_load, ms_save, needs_mindspore
 
@@ -328,3 +330,26 @@ def test_non_finite_weight_in_an_input_split_slice_is_refused(tmp_path: Path) ->
     result = cli("convert", src, tmp_path / "out")
     assert result.exit_code == 2
     assert "weight contains inf or NaN values" in result.stderr and wo in result.stderr
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a16-ptq"])
+@pytest.mark.parametrize("where", ["one shard", "another shard"])
+def test_an_input_tensor_named_as_an_output_is_refused_before_writing(
+        tmp_path: Path, scheme: str, where: str) -> None:
+    """An input tensor that holds the name the scheme gives a quantized layer's scale: in the
+    layer's own shard it was a traceback; in another shard both files held the name, the
+    index pointed at the copied tensor (scales of 1 for the codes), and `verify` agreed.
+    Refused in one line, before any shard is written."""
+    weights = {k: v.astype(np.float16) for k, v in llama_weights().items()}
+    layer = "model.layers.0.attention.wq"
+    clash = get_scheme(scheme).names(layer).scale
+    weights[clash] = np.ones(weights[layer + ".weight"].shape[0], np.float16)
+    if where == "one shard":  # beside its layer, in the first shard
+        weights = {clash: weights.pop(clash), **weights}
+    src, dst = tmp_path / "src", tmp_path / "out"
+    shards = write_two_shards(src, weights, lambda path, arrays: save_file(arrays, path), {})
+    assert (clash in shards["model-00001-of-00002.safetensors"]) == (where == "one shard")
+    result = cli("convert", src, dst, "--scheme", scheme, "-q")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "would both be written as " + repr(clash) in result.stderr
+    assert not dst.exists()

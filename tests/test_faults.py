@@ -716,3 +716,32 @@ def test_command_without_its_extra_says_which_to_install(tmp_path: Path, command
     assert result.stderr.splitlines() == [
         f"error: {command} needs the {extra} extra ({missing[0]} is not installed): "
         f"pip install 'ckpt-rtn[{extra}]'"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("command", ["inspect", "verify", "convert"])
+def test_a_full_standard_output_is_one_line(tmp_path: Path, src: Path, command: str) -> None:
+    """Standard output on a full disk was a traceback with exit 1 (verify's "differs"); the
+    conversion it reports on stays written."""
+    dst = tmp_path / "out.ckpt"
+    if command != "convert":
+        assert cli("convert", "-q", src, dst).exit_code == 0
+    args = {"inspect": [src], "verify": [src, dst], "convert": [src, dst]}[command]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-c", MAIN, command, *map(str, args)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    assert (proc.returncode, proc.stderr) == (
+        2, "error: standard output: cannot write: No space left on device\n")
+    assert dst.exists()
+
+
+def test_a_closed_pipe_ends_quietly(src: Path) -> None:
+    """`ckpt-rtn inspect ... | head -1`: the reader closed the pipe (here before the first
+    line, so that no line can win the race), which ends the command quietly, as SIGPIPE
+    would end any other tool: no traceback, no error line, exit 128 + SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-c", MAIN, "inspect", str(src)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    assert proc.wait(TIMEOUT) == 128 + signal.SIGPIPE
+    assert proc.stderr.read() == b""

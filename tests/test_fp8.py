@@ -212,16 +212,23 @@ def test_fp8_directory_converts_as_its_bf16_dequantization(tmp_path: Path, schem
 
 
 def single_fp8_file(path: Path, *, scale: bool = True, scale_shape=(2, 1),
-                    code: str = "F8_E4M3") -> None:
+                    code: str = "F8_E4M3", scale_value: float = 0.0,
+                    per_tensor: bool = False) -> None:
+    """o_proj FP8 (codes 0x7E, 448) with its block scales (all `scale_value`), and per
+    tensor scale too if `per_tensor`; down_proj bfloat16."""
     weight = "model.layers.0.self_attn.o_proj.weight"
     dtype = F8 if code == "F8_E4M3" else dtypes.DType(code, np.dtype("u1"), code, True)
     infos = [TensorInfo.of(weight, dtype, (200, 64)),
              TensorInfo.of("model.layers.0.mlp.down_proj.weight", dtypes.BFLOAT16, (64, 64))]
     if scale:
         infos.append(TensorInfo.of(weight + fp8.SCALE_SUFFIX, dtypes.FLOAT32, scale_shape))
+    if per_tensor:
+        infos.append(TensorInfo.of(weight + fp8.TENSOR_SCALE_SUFFIX, dtypes.FLOAT32, ()))
+    values = {weight: 0x7E, weight + fp8.SCALE_SUFFIX: scale_value}
     with open_writer(path, infos, format="safetensors", metadata={}) as writer:
         for info in infos:
-            writer.write(info.name, np.zeros(info.shape, info.dtype.numpy))
+            writer.write(info.name, np.full(info.shape, values.get(info.name, 0),
+                                            info.dtype.numpy))
 
 
 def test_single_fp8_file_dry_run_plans_the_dequantization(tmp_path: Path) -> None:
@@ -241,11 +248,21 @@ def test_single_fp8_file_dry_run_plans_the_dequantization(tmp_path: Path) -> Non
                        "'model.layers.0.self_attn.o_proj.weight_scale_inv'"),
     ({"scale_shape": (1, 1)}, "the block scales of FP8 [200, 64] are Float32 [2, 1]"),
     ({"code": "F8_E5M2"}, "is 'F8_E5M2', an FP8 format ckpt-rtn does not read"),
+    # It was read as the block scales alone, and the per-tensor scale copied beside them.
+    ({"per_tensor": True}, "is FP8 with a per-tensor scale "
+                           "'model.layers.0.self_attn.o_proj.weight_scale' (NVIDIA's layout)"),
+    # Written as infinite or NaN bfloat16 where not quantized, with numpy's warnings.
+    ({"scale_value": math.nan}, "scale of block (0, 0) is nan: its weights could be infinite"),
+    ({"scale_value": -math.inf}, "scale of block (0, 0) is -inf"),
+    ({"scale_value": 1e36}, "scale of block (0, 0) is 1e+36: its weights could be infinite"),
 ])
-def test_bad_fp8_input_is_one_line(tmp_path: Path, case: dict, message: str) -> None:
+@pytest.mark.parametrize("blacklist", [[], ["--blacklist", "o_proj"]], ids=["", "blacklisted"])
+def test_bad_fp8_input_is_one_line(tmp_path: Path, case: dict, message: str,
+                                   blacklist: List[str]) -> None:
     src = tmp_path / "model.safetensors"
     single_fp8_file(src, **case)
-    result = cli("convert", src, tmp_path / "out.safetensors", "--config", "hf-llama")
+    result = cli("convert", src, tmp_path / "out.safetensors", "--config", "hf-llama",
+                 *blacklist)
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {src}: ") and message in result.stderr
     assert len(result.stderr.splitlines()) == 1

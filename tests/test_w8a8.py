@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Dict
 
@@ -18,6 +21,7 @@ import pytest
 
 from ckpt_rtn import dtypes
 from ckpt_rtn.description import FLOAT, NAME, W8A8_DYNAMIC, methods
+from ckpt_rtn.directory import MANIFEST, sha256_of
 from ckpt_rtn.formats import TensorInfo, open_reader
 from ckpt_rtn.numerics import FloatFormat, bf16_to_float32, float32_to_bf16, to_work
 from ckpt_rtn.rtn import RtnSpec, quantize_rtn
@@ -135,6 +139,15 @@ def test_single_file(tmp_path: Path) -> None:
     (out / NAME).write_text(json.dumps({**written, "lm_head.weight": FLOAT}))
     tampered = cli("verify", src, dst)
     assert tampered.exit_code == 1 and f"{NAME}: is not the description" in tampered.stdout
+    # Neither opened: a FIFO blocked verify, and a link to /dev/zero was read until memory ran out.
+    for make, kind in ((os.mkfifo, "a FIFO"), (lambda p: os.symlink("/dev/zero", p),
+                                               "a symbolic link")):
+        (out / NAME).unlink()
+        make(out / NAME)
+        odd = cli("verify", src, dst)
+        assert odd.exit_code == 1 and f"{NAME}: is {kind}" in odd.stdout, odd.output
+    (out / NAME).unlink()
+    (out / NAME).write_text(json.dumps(written))
 
     again = cli("convert", src, dst, "--scheme", "w8a8-dynamic")  # no --overwrite
     assert again.exit_code == 2 and again.stderr.count("\n") == 1
@@ -162,6 +175,38 @@ def sharded_qwen3(tmp_path: Path) -> Path:
     (src / "config.json").write_text('{"model_type": "qwen3"}')
     (src / "tokenizer.json").write_text("{}")
     return src
+
+
+def test_overwrite_removes_what_the_earlier_run_wrote_and_this_one_does_not(
+        tmp_path: Path) -> None:
+    """--overwrite of a w8a8-dynamic directory by a w8a16 run of a one-shard SRC: the earlier
+    shards, index, config and description stayed beside the new output, exit 0 (MindFormers
+    loads every *.safetensors there, and the description). They are removed before anything
+    is written; a file of the user's, one changed since, and one the manifest places outside
+    DST stay."""
+    src, dst = sharded_qwen3(tmp_path), tmp_path / "dst"
+    assert cli("convert", src, dst, "--scheme", "w8a8-dynamic", "-q").exit_code == 0
+    (dst / "notes.txt").write_text("mine")
+    (dst / "tokenizer.json").write_text('{"edited": 1}')
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    manifest = json.loads((dst / MANIFEST).read_text())
+    manifest["files"]["../outside.txt"] = {"size": 1, "sha256": sha256_of(str(outside))}
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(src / "model-00001-of-00002.safetensors", other / "model.safetensors")
+
+    result = cli("convert", other, dst, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert "removed 5 files of the earlier output" in result.stdout
+    assert sorted(os.listdir(dst)) == [MANIFEST, "model.safetensors", "notes.txt",
+                                       "tokenizer.json"]
+    assert outside.read_text() == "x"
+    differences = cli("verify", other, dst)
+    assert differences.exit_code == 1
+    assert re.findall(r"^  (\S+): extra file", differences.stdout, re.M) == [
+        "notes.txt", "tokenizer.json"]
 
 
 def test_directory_description_is_the_final_runs(tmp_path: Path) -> None:

@@ -294,6 +294,9 @@ class SafetensorsReader(TensorReader):
         if type(shape) is not list or not all(type(d) is int for d in shape):
             raise FormatError(self.path, f"tensor {brief(name)} has an invalid shape "
                               f"{brief(shape)}", self._at(text, at))
+        if any(d < 0 for d in shape):  # the canonical entries' digits have no sign
+            raise FormatError(self.path, f"tensor {brief(name)} has an invalid shape: "
+                              f"{shape_problem(shape, None)}", self._at(text, at))
         if type(offsets) is not list or len(offsets) != 2 \
                 or not all(type(d) is int for d in offsets):
             raise FormatError(self.path, f"tensor {brief(name)} has invalid data_offsets "
@@ -322,7 +325,7 @@ class SafetensorsReader(TensorReader):
             raise FormatError(self.path, f"tensor {brief(name)} has an invalid shape: "
                               f"{shape_problem(shape, None)}", self._at(text, at))
         nbytes = math.prod(shape) * dtype.itemsize  # type: ignore[operator]
-        if nbytes <= 0:  # a zero or negative dimension: rare, so checked in full only here
+        if nbytes == 0:  # a zero dimension: rare, so the others are checked only here
             problem = shape_problem(shape, dtype.itemsize)
             if problem is not None:
                 raise FormatError(self.path, f"tensor {brief(name)} has an invalid shape: "
