@@ -154,6 +154,11 @@ def pair_scales(tensors: Sequence[TensorInfo], path: str,
     for info in tensors:
         if info.name.endswith(SCALE_SUFFIX) and info.name not in consumed:
             weight = info.name[:-len(SCALE_SUFFIX)]
+            found = by_name.get(weight)
+            if found is not None and found.dtype.name.lower() == dtypes.FLOAT8_E4M3.name.lower():
+                raise FormatError(path, f"tensor {weight!r} is {found.dtype} in a .ckpt, which "
+                                  "ckpt-rtn reads as bytes: it dequantizes FP8 weights from "
+                                  "safetensors (F8_E4M3) only")
             raise FormatError(path, f"tensor {info.name!r} holds block scales, but {weight!r} is "
                               "not an FP8 weight in this checkpoint")
     return pairs, consumed & set(by_name)

@@ -313,3 +313,24 @@ def test_fp8_config_of_other_blocks_is_refused_before_writing(tmp_path: Path) ->
                                     "describes FP8 'e4m3' in blocks of [64, 64]")
     assert len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_in_a_ckpt_is_named_as_such(tmp_path: Path) -> None:
+    """A .ckpt's Float8E4M3FN weight is read as opaque bytes; beside block scales it was
+    refused as 'not an FP8 weight', which inspect contradicted."""
+    from test_ckpt_format import field, record, varint
+
+    def tensor(name: str, dtype: bytes, dims: Tuple[int, ...], data: bytes) -> bytes:
+        head = b"".join(field(1, 0, varint(d)) for d in dims)
+        return record(field(1, 2, name.encode()) + field(2, 2, head + field(2, 2, dtype)
+                                                         + field(3, 2, data)))
+
+    weight = "model.layers.0.self_attn.o_proj.weight"
+    src = tmp_path / "fp8.ckpt"
+    src.write_bytes(tensor(weight, b"Float8E4M3FN", (2, 2), bytes(4))
+                    + tensor(weight + fp8.SCALE_SUFFIX, b"Float32", (1, 1), bytes(4)))
+    assert "Float8E4M3FN" in cli("inspect", src).stdout
+    result = cli("convert", src, tmp_path / "out.ckpt", "--config", "hf-llama")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {src}: tensor {weight!r} is Float8E4M3FN in a "
+                                    ".ckpt, which ckpt-rtn reads as bytes")
