@@ -920,9 +920,15 @@ def _check_indexes(src: str, layout: _Layout) -> None:
     for rel in layout.indexes:
         path = os.path.join(src, rel)
         for shard in sorted(set(_read_index(path)[1].values())):
-            if os.path.normpath(os.path.join(os.path.dirname(rel), shard)) not in shards:
-                raise FormatError(path, f"weight_map names {shard!r}, which is not a "
-                                  ".safetensors or .ckpt file of this directory")
+            if os.path.normpath(os.path.join(os.path.dirname(rel), shard)) in shards:
+                continue
+            if shard.endswith((".bin", ".pt", ".pth")):  # a snapshot with both formats
+                raise UnsupportedError(path, f"indexes PyTorch weights ({shard!r}), which "
+                                       "ckpt-rtn does not read: convert the .safetensors "
+                                       "shards from a copy without the PyTorch files (e.g. "
+                                       "huggingface-cli download --exclude '*.bin')")
+            raise FormatError(path, f"weight_map names {shard!r}, which is not a "
+                              ".safetensors or .ckpt file of this directory")
 
 
 def _remove_dead_temp_files(dst: str) -> None:

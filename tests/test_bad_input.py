@@ -582,6 +582,10 @@ def _source_with_index(tmp_path: Path, sharded_src: Path, index_text: str) -> Pa
     ({"model.norm_out.weight": "model-00002-of-00002.safetensors"},
      r"weight_map names 'model-00002-of-00002.safetensors', which is not a \.safetensors or "
      r"\.ckpt file of this directory"),
+    # A Hugging Face snapshot with pytorch_model.bin.index.json beside the safetensors.
+    ({"model.norm_out.weight": "pytorch_model-00001-of-00002.bin"},
+     r"indexes PyTorch weights \('pytorch_model-00001-of-00002\.bin'\), which ckpt-rtn does "
+     r"not read: convert the \.safetensors shards from a copy without the PyTorch files"),
 ])
 def test_malformed_index_weight_map(tmp_path: Path, sharded_src: Path, weight_map: object,
                                     reason: str) -> None:
