@@ -398,10 +398,10 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address:
             # Copying and the indexes are the final run's.
             done = [f"part {part}: {done[0]}", done[1], *done[4:]]
         _say(f"{dst}: {', '.join(done)}; {human_bytes(result.input_size)} -> "
-                   f"{human_bytes(result.output_size)} in {result.seconds:.1f} s")
+             f"{human_bytes(result.output_size)} in {result.seconds:.1f} s")
         if part is not None:
             _say(f"when every part is done: ckpt-rtn convert {src} {dst} --resume "
-                       "(same options, no --part)")
+                 "(same options, no --part)")
 
 
 def _json_bytes(document: Dict[str, object]) -> bytes:
@@ -413,15 +413,15 @@ def _print_summary(dst: str, result: converter.Result) -> None:
     ratio = result.output_size / result.input_size
     speed = result.input_size / result.seconds / 1e9 if result.seconds else float("inf")
     _say(f"{dst}: {plan.rules.family} {plan.scheme.label}: quantized "
-               f"{len(plan.quantized)} tensors, copied "
-               f"{len(plan.steps) - len(plan.quantized)}; {human_bytes(result.input_size)} -> "
-               f"{human_bytes(result.output_size)} ({ratio:.1%}) in {result.seconds:.1f} s "
-               f"({speed:.2f} GB/s, {result.workers} workers)")
+         f"{len(plan.quantized)} tensors, copied "
+         f"{len(plan.steps) - len(plan.quantized)}; {human_bytes(result.input_size)} -> "
+         f"{human_bytes(result.output_size)} ({ratio:.1%}) in {result.seconds:.1f} s "
+         f"({speed:.2f} GB/s, {result.workers} workers)")
     if result.errors:
         worst = sorted(result.errors, key=lambda e: e.relative, reverse=True)[:5]
         mean = sum(e.relative for e in result.errors) / len(result.errors)
         _say(f"dequantization error: mean relative {mean:.3%} over "
-                   f"{len(result.errors)} layers; largest:")
+             f"{len(result.errors)} layers; largest:")
         _table(("layer", "max abs", "mean abs", "relative"),
                [(e.layer, f"{e.max_abs:.3g}", f"{e.mean_abs:.3g}", f"{e.relative:.3%}")
                 for e in worst], right=(1, 2, 3))
@@ -434,10 +434,10 @@ def _print_description_note(path: str, plan: converter.Plan) -> None:
     w4 = counts[description.W4A8_DYNAMIC]
     w4_part = f"{w4} W4A8_DYNAMIC, " if w4 else ""
     _say(f"{path}: {w4_part}{counts[description.W8A8_DYNAMIC]} W8A8_DYNAMIC and "
-               f"{counts[description.FLOAT]} FLOAT tensors. MindFormers' Mcore networks load "
-               f"the directory ({os.path.dirname(path)}) as pretrained_model_dir with quantization: "
-               "golden-stick; copy the model's config.json and tokenizer files there (a single "
-               "input file has none to copy), and keep no other *.safetensors there")
+         f"{counts[description.FLOAT]} FLOAT tensors. MindFormers' Mcore networks load "
+         f"the directory ({os.path.dirname(path)}) as pretrained_model_dir with quantization: "
+         "golden-stick; copy the model's config.json and tokenizer files there (a single "
+         "input file has none to copy), and keep no other *.safetensors there")
 
 
 def _warn_if_compiling_each_run(quantized: bool) -> None:
@@ -464,9 +464,9 @@ def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
     if plan.dequantized:
         count = len(plan.dequantized)
         _say(f"{count} FP8 (F8_E4M3) weight{'' if count == 1 else 's'} would be "
-                   f"dequantized to bfloat16 ({sum(s.quantized for s in plan.dequantized)} "
-                   "then quantized, the others written as bfloat16); the "
-                   f"{len(plan.consumed)} weight_scale_inv tensors are read, not written")
+             f"dequantized to bfloat16 ({sum(s.quantized for s in plan.dequantized)} "
+             "then quantized, the others written as bfloat16); the "
+             f"{len(plan.consumed)} weight_scale_inv tensors are read, not written")
     _warn_about(plan)
     if plan.scheme.mcore:
         _say(f"would also write {description.path_beside(dst)}")
@@ -474,10 +474,10 @@ def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
     size = plan.output_size
     total = len(plan.steps) + len(plan.dropped) + len(plan.consumed)
     _say(f"{len(plan.quantized)} of {total} tensors would be "
-               f"quantized ({rules.family} rules, {plan.scheme.label}, blacklist: "
-               f"{', '.join(rules.blacklist) or '-'}); "
-               f"output {plan.out_format}: {size} bytes ({human_bytes(size)}, "
-               f"{size / input_size:.1%} of the input)")
+         f"quantized ({rules.family} rules, {plan.scheme.label}, blacklist: "
+         f"{', '.join(rules.blacklist) or '-'}); "
+         f"output {plan.out_format}: {size} bytes ({human_bytes(size)}, "
+         f"{size / input_size:.1%} of the input)")
 
 
 @main.command()
@@ -517,7 +517,7 @@ def verify(src: str, dst: str, no_verify_crc: bool, workers: Optional[int], quie
     if verdict.differences:
         count = len(verdict.differences)
         _say(f"{dst}: differs from converting {src} ({settings}): {count} "
-                   f"difference{'' if count == 1 else 's'}")
+             f"difference{'' if count == 1 else 's'}")
         for difference in verdict.differences:
             _say(f"  {difference}")
         sys.exit(1)
@@ -547,13 +547,13 @@ def inspect(path: str, no_verify_crc: bool) -> None:
         if metadata:
             extra += f", metadata {metadata}"
         _say(f"{len(reader)} tensors, {reader.nbytes} bytes of data "
-                   f"({human_bytes(reader.nbytes)}); file {os.path.getsize(path)} bytes, "
-                   f"{reader.format}{extra}")
+             f"({human_bytes(reader.nbytes)}); file {os.path.getsize(path)} bytes, "
+             f"{reader.format}{extra}")
         found = detect_scheme(reader.tensors)
         if found is not None:
             count = len(found.layers)
             _say(f"quantized: {found.label}{_asymmetry(reader, found)}, "
-                       f"{count} Linear layer{'' if count == 1 else 's'}")
+                 f"{count} Linear layer{'' if count == 1 else 's'}")
         _print_recorded_settings(reader)
 
 
@@ -623,7 +623,7 @@ def import_gguf(gguf: str, out_dir: str, dtype: str, overwrite: bool) -> None:
     config_path = run_import(source, out_dir, dtype=dtype, overwrite=overwrite)
     size = os.path.getsize(os.path.join(out_dir, "model.ckpt"))
     _say(f"{out_dir}: imported {source} -> model.ckpt ({human_bytes(size)}), "
-               f"tokenizer.json, {os.path.basename(config_path)}")
+         f"tokenizer.json, {os.path.basename(config_path)}")
 
 
 _MODEL_OPTION = click.option("--config", "model_yaml", required=True,
