@@ -338,7 +338,7 @@ def _progress_bar(quiet: bool, desc: str = "convert") -> Iterator[converter.Prog
     even imported: that takes 20-25 ms (its version is looked up in the
     installed packages' metadata), a share of a small file's conversion.
     """
-    if quiet:
+    if quiet or sys.stderr is None:  # `2>&-`: tqdm would fail writing to None
         yield lambda advance, total: None
         return
     from tqdm import tqdm
@@ -666,21 +666,21 @@ def _measure_options(command: F) -> F:
     return command
 
 
-def _read_text(text_path: str) -> str:
-    try:
-        with open(text_path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as exc:
-        raise UnsupportedError(text_path, f"cannot read the text: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise UnsupportedError(text_path, f"not UTF-8 text (byte {exc.start})") from None
+def _in_vocabulary(ids: np.ndarray, config: "ModelConfig", where: Optional[str]) -> np.ndarray:
+    """Token ids, refused where the tokenizer gave one the network's embedding has no row
+    for (a Gather traceback from MindSpore, once the network was built)."""
+    vocab = config.model["vocab_size"]
+    if ids.size and int(ids.max()) >= vocab:
+        raise ConfigError(where, f"the tokenizer gives token id {int(ids.max())}, beyond the "
+                          f"model's vocabulary (vocab_size {vocab}): it is not the model's")
+    return ids
 
 
 def _request(config: "ModelConfig", texts: Sequence[str], wikitext: Optional[str],
              squad_path: Optional[str], squad_samples: Optional[int], max_new_tokens: int,
              seq_len: int, max_tokens: Optional[int], mode: str, quiet: bool) -> "Request":
     """What to measure, read and checked once, before any network is built."""
-    from .models import load_text_codec
+    from .models import load_text_codec, read_text_input
     from .runtime.evaluate import Corpus, windows
     from .runtime.measure import Request
     from .tasks import squad, wikitext as wikitext2
@@ -691,20 +691,28 @@ def _request(config: "ModelConfig", texts: Sequence[str], wikitext: Optional[str
     pad_id = config.model.get("pad_token_id", 0)
     corpora = {}
     for path in texts:
+        name = os.path.basename(path)
+        if name in corpora:  # the table and the record name each text by its file name
+            raise ConfigError(path, f"another --text is also named {name!r}: give each text "
+                              "a file name of its own")
+        ids = _in_vocabulary(np.asarray(encode(read_text_input(path, UnsupportedError)),
+                                        np.int32), config, path)
         try:
-            corpora[os.path.basename(path)] = Corpus(windows(
-                np.asarray(encode(_read_text(path)), np.int32), seq_len, max_tokens))
+            corpora[name] = Corpus(windows(ids, seq_len, max_tokens))
         except ConfigError as exc:
             raise ConfigError(path, exc.reason) from None
     wiki = None
     if wikitext:
         try:
-            wiki = Corpus(wikitext2.chunks(_read_text(wikitext), encode, seq_len, pad_id,
-                                           max_tokens), pad_id=pad_id)
+            chunks = wikitext2.chunks(read_text_input(wikitext, UnsupportedError), encode,
+                                      seq_len, pad_id, max_tokens)
         except ConfigError as exc:
             raise ConfigError(wikitext, exc.reason) from None
+        wiki = Corpus(_in_vocabulary(chunks, config, wikitext), pad_id=pad_id)
     samples = squad.load(squad_path, squad_samples) if squad_path else []
-    prompts = tuple(tuple(encode(squad.prompt(sample))) for sample in samples)
+    prompts = tuple(tuple(_in_vocabulary(np.asarray(encode(squad.prompt(sample)), np.int32),
+                                         config, squad_path).tolist())
+                    for sample in samples)
     for index, prompt in enumerate(prompts):
         length = len(prompt)
         if length + max_new_tokens > seq_len:
@@ -748,10 +756,12 @@ def evaluate(model_yaml: str, ckpt: str, texts: Sequence[str], wikitext: Optiona
     from .runtime.evaluate import in_fresh_process
     from .runtime.measure import measure
 
+    paths.input_stat(ckpt)  # before a process is spawned to load it
+    config = load_model_config(model_yaml)
     if json_path is not None:
         paths.check_replaceable(json_path, "the JSON record",
-                                [model_yaml, ckpt, *texts, *filter(None, [wikitext, squad_path])])
-    config = load_model_config(model_yaml)
+                                [model_yaml, ckpt, str(config.tokenizer_path), *texts,
+                                 *filter(None, [wikitext, squad_path])])
     request = _request(config, texts, wikitext, squad_path, squad_samples, max_new_tokens,
                        seq_len, max_tokens, mode, quiet)
     record = in_fresh_process(measure, ckpt, request)
@@ -785,11 +795,13 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
     from .runtime.evaluate import in_fresh_process
     from .runtime.measure import measure
 
+    for ckpt in checkpoints:
+        paths.input_stat(ckpt)
+    config = load_model_config(model_yaml)
     if json_path is not None:
         paths.check_replaceable(json_path, "the JSON table",
-                                [model_yaml, *checkpoints, *texts,
+                                [model_yaml, *checkpoints, str(config.tokenizer_path), *texts,
                                  *filter(None, [wikitext, squad_path])])
-    config = load_model_config(model_yaml)
     request = _request(config, texts, wikitext, squad_path, squad_samples, max_new_tokens,
                        seq_len, max_tokens, mode, quiet)
     # MindSpore holds on to each compiled network until its process exits.
@@ -826,9 +838,10 @@ def generate(model_yaml: str, ckpt: str, tokenizer_path: Optional[str], prompt: 
 
     config = load_model_config(model_yaml)
     encode, decode = load_text_codec(config, tokenizer_path)
+    ids = _in_vocabulary(np.asarray(encode(prompt), np.int32), config,
+                         tokenizer_path or str(config.tokenizer_path)).tolist()
     net = build_llama(config, seq_length=seq_len, mode=mode)
     load_checkpoint_into(net, ckpt, upcast=True)
-    ids = encode(prompt)
     try:
         new = generate_greedy(TimedForward(net, seq_len), ids, max_new_tokens,
                               pad_token_id=config.model.get("pad_token_id", 0),

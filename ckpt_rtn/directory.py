@@ -207,7 +207,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
         if options.overwrite and not options.resume:
             result.removed = _remove_earlier_output(dst, {
                 *layout.shards, *layout.others, *layout.indexes,
-                *([description.NAME] if options.scheme.mcore else [])})
+                *([description.NAME] if options.scheme.mcore else [])}, _inodes(src, layout))
         manifest = (_merged_manifest(dst, settings, layout.stamps()) if options.resume
                     else _new_manifest(settings, layout.stamps()))
         done = manifest
@@ -352,6 +352,7 @@ def _check_output_names(src: str, layout: _Layout, rules: Rules, options: Conver
     layer's scale): the index would point at one of them, and a loader take it for the
     other. Shards of no index (rank directories) each hold a checkpoint of their own."""
     outputs: Dict[str, List[Tuple[str, str]]] = {}  # shard -> (output name, input name)
+    renamed_biases: Dict[str, str] = {}  # a quantized layer's bias name -> its weight's shard
     for rel in layout.shards:
         fmt = converter.output_format(rel, None, options.crc)
         with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
@@ -359,6 +360,10 @@ def _check_output_names(src: str, layout: _Layout, rules: Rules, options: Conver
                                        scheme=options.scheme, others=links.others(src, rel))
         outputs[rel] = [(out.name, step.source.name) for step in plan.steps
                         for out in step.outputs]
+        for step in plan.quantized:
+            layer = step.selection.layer  # type: ignore[union-attr]
+            if options.scheme.for_layer(layer).names(layer).bias != layer + ".bias":
+                renamed_biases[layer + ".bias"] = rel
     for index in layout.indexes:
         _, weight_map = _read_index(os.path.join(src, index))
         written: Dict[str, Tuple[str, str]] = {}  # output name -> (shard, input name)
@@ -369,6 +374,12 @@ def _check_output_names(src: str, layout: _Layout, rules: Rules, options: Conver
                 if shard != rel and not name == source == first:
                     raise UnsupportedError(os.path.join(src, rel), converter.output_clash(
                         name, f"{first!r} (of {shard})", repr(source), options.scheme))
+                weight_shard = renamed_biases.get(source)
+                if name == source and weight_shard not in (None, rel):
+                    raise UnsupportedError(os.path.join(src, rel), (
+                        f"tensor {source!r} is the bias of a layer quantized in {weight_shard}, "
+                        f"and --scheme {options.scheme.name} renames it there: keep a layer's "
+                        "bias in its weight's shard"))
 
 
 def copied_config(path: str) -> Optional[bytes]:
@@ -620,39 +631,65 @@ def _make_directories(path: str) -> bool:
     return True
 
 
-def _remove_earlier_output(dst: str, writes: Set[str]) -> List[str]:
-    """--overwrite: remove, before anything is written, the files DST's manifest records
-    that this run will not write again (the shards of an SRC that had more, a description
-    of another scheme), so that DST ends up holding this run's output and no stale file a
-    loader would also take. Only files still exactly as recorded (size and sha256), inside
-    DST, are removed: anything else there is not known to be ours, and stays."""
-    path = os.path.join(dst, MANIFEST)
-    if not os.path.isfile(path):
-        return []
-    try:
-        manifest = read_manifest(path, OutputError)
-    except CkptRtnError:  # unreadable: nothing in DST is known to be ours
-        return []
+def _remove_earlier_output(dst: str, writes: Set[str],
+                           inputs: Set[Tuple[int, int]]) -> List[str]:
+    """--overwrite: remove, before anything is written, the files DST's manifests (the whole
+    run's, and the parts') record that this run will not write again (the shards of an SRC
+    that had more, a description of another scheme), so that DST ends up holding this run's
+    output and no stale file a loader would also take. Only files still exactly as
+    recorded (size and sha256), inside DST, and not one of this run's inputs (`inputs`:
+    their device and inode; SRC may reach into DST through a link) are removed: anything
+    else there is not known to be ours to remove, and stays."""
     removed = []
     top = paths.resolved(dst)
-    for rel in manifest["files"]:  # type: ignore[union-attr]
-        out = os.path.join(dst, rel)
-        inside = (not os.path.isabs(rel) and os.path.normpath(rel) == rel
-                  and not rel.startswith(os.pardir)
-                  and paths.resolved(os.path.dirname(out)) == os.path.dirname(
-                      os.path.join(top, rel)))
-        if (rel not in writes and inside and not os.path.islink(out)
-                and _is_done(manifest, rel, out)):
-            _remove(out)
-            removed.append(rel)
-            parent = os.path.dirname(rel)
-            while parent:  # the directories it leaves empty, as a fresh DST would not have
-                try:
-                    os.rmdir(os.path.join(dst, parent))
-                except OSError:
-                    break
-                parent = os.path.dirname(parent)
+    for name in [MANIFEST, *_part_manifest_names(dst)]:
+        path = os.path.join(dst, name)
+        try:
+            manifest = read_manifest(path, OutputError)
+        except CkptRtnError:  # none, or unreadable: nothing in DST is known to be ours
+            continue
+        for rel in manifest["files"]:  # type: ignore[union-attr]
+            try:
+                out = os.path.join(dst, rel)
+                inside = (not os.path.isabs(rel) and os.path.normpath(rel) == rel
+                          and not rel.startswith(os.pardir)
+                          and paths.resolved(os.path.dirname(out)) == os.path.dirname(
+                              os.path.join(top, rel)))
+                ours = (rel not in writes and rel not in removed and inside
+                        and not os.path.islink(out) and _inode_of(out) not in inputs
+                        and _is_done(manifest, rel, out))
+            except (ValueError, UnicodeError):  # a name no file can have (NUL, a surrogate)
+                continue
+            if ours:
+                _remove(out)
+                removed.append(rel)
+                _remove_emptied_parents(dst, rel)
     return removed
+
+
+def _inodes(src: str, layout: _Layout) -> Set[Tuple[int, int]]:
+    """The device and inode of every input file, as reached from SRC (through links)."""
+    return {found for found in (_inode_of(os.path.join(src, rel)) for rel in layout.sizes)
+            if found is not None}
+
+
+def _inode_of(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _remove_emptied_parents(dst: str, rel: str) -> None:
+    """The directories a removed file leaves empty, as a fresh DST would not have them."""
+    parent = os.path.dirname(rel)
+    while parent:
+        try:
+            os.rmdir(os.path.join(dst, parent))
+        except OSError:
+            return
+        parent = os.path.dirname(parent)
 
 
 def _remove_empty_directories(dst: str) -> None:

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, paths
 from .errors import CkptRtnError, FormatError, OutputError, UnsupportedError
-from .formats import open_writer
+from .formats import open_writer, untrusted_json
 from .formats.atomic import write_bytes_atomic
 from .formats.tensor import TensorInfo
 from .models import CHECKPOINT, MODEL_YAML, TOKENIZER, ModelConfig, check_architecture
@@ -123,8 +123,7 @@ class GGUFFile:
         import gguf
 
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise FormatError(self.path, "no such file")
+        paths.check_regular(self.path, FormatError)
         try:
             reader = gguf.GGUFReader(self.path)
         except (ValueError, OSError, IndexError, KeyError) as exc:  # gguf's parse errors
@@ -136,10 +135,31 @@ class GGUFFile:
         """A metadata value (arrays as lists); `default`, or a FormatError if that is None."""
         found = self.fields.get(key)
         if found is not None:
-            return found.contents()
+            try:
+                return found.contents()
+            except UnicodeDecodeError as exc:
+                raise FormatError(self.path, f"metadata {key!r} holds a string that is not "
+                                  f"UTF-8 (byte {exc.start})") from None
         if default is None:
             raise FormatError(self.path, f"missing metadata {key!r}")
         return default
+
+    def integer(self, key: str, default: Optional[int] = None) -> int:
+        """An integer metadata value (not a float, a string or an array, which int() would
+        take or turn into a traceback)."""
+        value = self.value(key, default)
+        if type(value) is not int:
+            raise FormatError(self.path, f"metadata {key!r} is {untrusted_json.brief(value)}, "
+                              "not an integer")
+        return value
+
+    def real(self, key: str, default: Optional[float] = None) -> float:
+        """A finite float (or integer) metadata value."""
+        value = self.value(key, default)
+        if type(value) not in (int, float) or not np.isfinite(value):
+            raise FormatError(self.path, f"metadata {key!r} is {untrusted_json.brief(value)}, "
+                              "not a finite number")
+        return float(value)
 
 
 def hyperparameters(model: GGUFFile) -> Dict[str, Any]:
@@ -148,21 +168,23 @@ def hyperparameters(model: GGUFFile) -> Dict[str, Any]:
     if arch != "llama":
         raise UnsupportedError(model.path, f"architecture {arch!r}: only 'llama' GGUF models "
                                "map onto MindFormers LlamaForCausalLM")
-    n_vocab = len(model.value("tokenizer.ggml.tokens"))
-    bos = int(model.value("tokenizer.ggml.bos_token_id"))
-    eos = int(model.value("tokenizer.ggml.eos_token_id"))
+    tokens = model.value("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        raise FormatError(model.path, "metadata 'tokenizer.ggml.tokens' is not a list")
+    bos = model.integer("tokenizer.ggml.bos_token_id")
+    eos = model.integer("tokenizer.ggml.eos_token_id")
+    heads = model.integer("llama.attention.head_count")
     return {
-        "hidden_size": int(model.value("llama.embedding_length")),
-        "num_layers": int(model.value("llama.block_count")),
-        "num_heads": int(model.value("llama.attention.head_count")),
-        "n_kv_heads": int(model.value("llama.attention.head_count_kv",
-                                      model.value("llama.attention.head_count"))),
-        "intermediate_size": int(model.value("llama.feed_forward_length")),
-        "vocab_size": n_vocab,
-        "rms_norm_eps": _shortest(model.value("llama.attention.layer_norm_rms_epsilon")),
-        "theta": _shortest(model.value("llama.rope.freq_base", 10000.0)),
+        "hidden_size": model.integer("llama.embedding_length"),
+        "num_layers": model.integer("llama.block_count"),
+        "num_heads": heads,
+        "n_kv_heads": model.integer("llama.attention.head_count_kv", heads),
+        "intermediate_size": model.integer("llama.feed_forward_length"),
+        "vocab_size": len(tokens),
+        "rms_norm_eps": _shortest(model.real("llama.attention.layer_norm_rms_epsilon")),
+        "theta": _shortest(model.real("llama.rope.freq_base", 10000.0)),
         "tie_word_embeddings": LM_HEAD[0] not in model.tensors,
-        "pad_token_id": int(model.value("tokenizer.ggml.padding_token_id", eos)),
+        "pad_token_id": model.integer("tokenizer.ggml.padding_token_id", eos),
         "bos_token_id": bos,
         "eos_token_id": eos,
     }
@@ -203,6 +225,10 @@ def plan(model: GGUFFile, hparams: Dict[str, Any], dtype: dtypes.DType) -> List[
     describes it: a tensor we would drop (e.g. llama3's rope_freqs) changes
     the model, a missing or odd-shaped one would fail in MindFormers later.
     """
+    layers, per_layer = hparams["num_layers"], len(LAYER_TENSORS)
+    if layers * per_layer > len(model.tensors):  # before a plan of that many is made
+        raise FormatError(model.path, f"llama.block_count is {layers}, but the file holds "
+                          f"{len(model.tensors)} tensors, {per_layer} a layer")
     planned = llama_tensors(hparams, dtype)
     shapes = {n: tuple(int(d) for d in reversed(t.shape)) for n, t in model.tensors.items()}
     missing = [p.source for p in planned if p.source not in shapes]
@@ -231,9 +257,10 @@ def load_tensor(model: GGUFFile, item: Planned) -> np.ndarray:
     n_rows = out.shape[0] if out.ndim == 2 else 1
     rows, dst = tensor.data.reshape(n_rows, -1), out.reshape(n_rows, -1)  # views
     step = max(1, BLOCK_ELEMENTS * n_rows // out.size)
-    for start in range(0, n_rows, step):
-        dst[start:start + step] = _dequantize(model, item, rows[start:start + step],
-                                              tensor.tensor_type)
+    with np.errstate(over="ignore"):  # an overflow is refused below, in one line
+        for start in range(0, n_rows, step):
+            dst[start:start + step] = _dequantize(model, item, rows[start:start + step],
+                                                  tensor.tensor_type)
     if not np.isfinite(out).all():
         raise UnsupportedError(model.path, f"{item.source}: values overflow {item.info.dtype} "
                                "(import as float32)")
@@ -266,7 +293,7 @@ def tokenizer_spec(model: GGUFFile) -> TokenizerSpec:
                          token_types=model.value("tokenizer.ggml.token_type", [1] * len(tokens)),
                          merges=model.value("tokenizer.ggml.merges"), pre=pre,
                          add_bos=bool(model.value("tokenizer.ggml.add_bos_token", False)),
-                         bos_id=int(model.value("tokenizer.ggml.bos_token_id")))
+                         bos_id=model.integer("tokenizer.ggml.bos_token_id"))
 
 
 def build_tokenizer(spec: TokenizerSpec) -> "tokenizers.Tokenizer":
@@ -313,17 +340,35 @@ def import_gguf(gguf_path: "os.PathLike[str] | str", out_dir: "os.PathLike[str] 
         raise UnsupportedError(None, f"output dtype {dtype!r}: choose {', '.join(OUTPUT_DTYPES)}")
     out = Path(out_dir)
     _check_output(out, overwrite)
+    claims = paths.Claims()  # --overwrite never replaces the input (a name or a hard link)
+    claims.read(gguf_path, "the GGUF file")
+    for name in (CHECKPOINT, TOKENIZER, MODEL_YAML):
+        claims.write(out / name, f"the imported {name}")
     model = GGUFFile(gguf_path)
     hparams = hyperparameters(model)
     check_architecture(Path(gguf_path), hparams)  # before anything is written
     planned = plan(model, hparams, OUTPUT_DTYPES[dtype])
     tokenizer = build_tokenizer(tokenizer_spec(model))
+    created = [d for d in (out, *out.parents) if not d.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(out, f"cannot create the output directory: {exc.strerror}") from None
-    (out / MODEL_YAML).unlink(missing_ok=True)  # until rewritten, the directory is incomplete
-    write_checkpoint(model, planned, out / CHECKPOINT)
+    try:
+        with open_writer(out / CHECKPOINT, [p.info for p in planned], format="ckpt",
+                         metadata={}) as writer:
+            for item in planned:
+                writer.write(item.info.name, load_tensor(model, item))
+            # Every tensor is written: the model there is replaced from here on, and until
+            # its model.yaml is rewritten the directory is incomplete.
+            (out / MODEL_YAML).unlink(missing_ok=True)
+    except BaseException:
+        for directory in created:  # the directories made for a model that never came
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
     write_bytes_atomic(out / TOKENIZER, tokenizer.to_str().encode("utf-8"))
     ModelConfig(model=hparams, base_dir=out).save(out / MODEL_YAML)
     return out / MODEL_YAML
@@ -336,10 +381,3 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise OutputError(out / existing[0], "exists (use --overwrite to replace)")
     if out.exists() and not out.is_dir():
         raise OutputError(out, "exists and is not a directory")
-
-
-def write_checkpoint(model: GGUFFile, planned: Sequence[Planned], path: Path) -> None:
-    """Stream the planned tensors into a `.ckpt`, one dequantized tensor in memory at a time."""
-    with open_writer(path, [p.info for p in planned], format="ckpt", metadata={}) as writer:
-        for item in planned:
-            writer.write(item.info.name, load_tensor(model, item))

@@ -11,6 +11,7 @@ MindSpore-free: `import-gguf` writes these files without the [mindspore] extra.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 import yaml
 
-from .errors import ConfigError
+from .errors import CkptRtnError, ConfigError
 from .formats.atomic import write_bytes_atomic
+from . import paths
 from .rules import yaml_problem
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -85,10 +87,9 @@ class ModelConfig:
 def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
     """Read and validate a model.yaml; any problem is a one-line ConfigError."""
     path = Path(path)
+    text = read_text_input(path, ConfigError)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(path, f"invalid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
@@ -107,6 +108,18 @@ def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
                        checkpoint=data.get("checkpoint", CHECKPOINT),
                        tokenizer=data.get("tokenizer", TOKENIZER),
                        base_dir=path.resolve().parent)
+
+
+def read_text_input(path: "os.PathLike[str] | str", error: Type[CkptRtnError]) -> str:
+    """A UTF-8 input file's text (see paths.check_regular); anything wrong is `error`."""
+    paths.check_regular(path, error)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise error(path, f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise error(path, f"not UTF-8 text (byte {exc.start})") from None
 
 
 def _type_ok(value: object, types: Tuple[Type[Any], ...]) -> bool:
@@ -133,6 +146,13 @@ def check_architecture(path: Optional[Path], model: Mapping[str, Any]) -> None:
         minimum = 0 if key.endswith("_token_id") else 1
         if types[0] is int and value < minimum:
             raise ConfigError(path, f"model.{key} must be at least {minimum}, got {value}")
+        if key.endswith("_token_id") and value >= model["vocab_size"]:  # a Gather traceback
+            raise ConfigError(path, f"model.{key} is {value}, beyond the vocabulary "
+                              f"(vocab_size {model['vocab_size']})")
+        if types[0] is float and not math.isfinite(value):
+            raise ConfigError(path, f"model.{key} must be finite, got {value!r}")
+    if model.get("theta", 1.0) <= 0:  # NaN perplexity
+        raise ConfigError(path, f"model.theta must be positive, got {model['theta']!r}")
     heads, kv_heads = model["num_heads"], model.get("n_kv_heads", model["num_heads"])
     if model["hidden_size"] % heads or heads % kv_heads:
         raise ConfigError(path, "model: hidden_size must be a multiple of num_heads, and "
@@ -144,6 +164,7 @@ def load_tokenizer(config: ModelConfig) -> "tokenizers.Tokenizer":
     from tokenizers import Tokenizer
 
     path = config.tokenizer_path
+    paths.check_regular(path, ConfigError)
     try:
         return Tokenizer.from_file(os.fspath(path))
     except Exception as exc:  # tokenizers raises a bare Exception for any bad file
@@ -160,6 +181,7 @@ def load_text_codec(config: ModelConfig, path: "os.PathLike[str] | str | None" =
     if path is not None and os.fspath(path).endswith(".model"):
         import sentencepiece
 
+        paths.check_regular(path, ConfigError)
         try:
             processor = sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))
         except (OSError, RuntimeError) as exc:

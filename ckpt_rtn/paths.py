@@ -29,9 +29,9 @@ import re
 import stat
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
-from .errors import FormatError, OutputError
+from .errors import CkptRtnError, FormatError, OutputError
 
 #: Temporary files, `.<name>.ckpt-rtn-<pid>.tmp` (group 1: the writer's PID); left behind only
 #: by a killed process.
@@ -70,6 +70,18 @@ def input_stat(path: "os.PathLike[str] | str") -> os.stat_result:
     if not stat.S_ISREG(st.st_mode):
         raise FormatError(path, f"is {kind(st.st_mode)}, not a checkpoint file")
     return st
+
+
+def check_regular(path: "os.PathLike[str] | str", error: Type[CkptRtnError]) -> None:
+    """Refuse, as `error`, an input that is not a regular file before anything opens it: a
+    FIFO would block (a library's open too, deaf to signals), a device such as /dev/zero
+    never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise error(path, f"cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise error(path, f"is {kind(mode)}, not a regular file")
 
 
 def open_input(path: "os.PathLike[str] | str") -> int:

@@ -353,3 +353,41 @@ def test_an_input_tensor_named_as_an_output_is_refused_before_writing(
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert "would both be written as " + repr(clash) in result.stderr
     assert not dst.exists()
+
+
+def test_overwrite_never_removes_an_input_reached_through_a_link(tmp_path: Path) -> None:
+    """SRC may reach into DST's earlier output through a link (to a file, or to a directory):
+    --overwrite removed that file as stale, and then could not read its input (exit 2, the
+    only copy gone)."""
+    weights = {k: v.astype(np.float16) for k, v in llama_weights().items()}
+    src, dst = tmp_path / "src", tmp_path / "out"
+    write_two_shards(src, weights, ms_save, {})
+    (src / "notes.txt").write_text("precious")
+    (src / "tok").mkdir()
+    (src / "tok" / "vocab.txt").write_text("words")
+    assert cli("convert", src, dst, "-q").exit_code == 0
+    other = tmp_path / "other"
+    write_two_shards(other, weights, ms_save, {})
+    (other / "docs").mkdir()
+    (other / "docs" / "notes.txt").symlink_to(dst / "notes.txt")
+    (other / "vocab").symlink_to(dst / "tok")
+    result = cli("convert", other, dst, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (dst / "notes.txt").read_text() == "precious"
+    assert (dst / "tok" / "vocab.txt").read_text() == "words"
+    assert (dst / "docs" / "notes.txt").read_text() == "precious"
+
+
+def test_a_bias_in_another_shard_than_its_quantized_weight_is_refused(tmp_path: Path) -> None:
+    """w8a16 renames a quantized layer's bias (`_handler.bias`); one in another shard of the
+    index kept its old name, exit 0, and `verify` agreed."""
+    weights = {k: v.astype(np.float16) for k, v in llama_weights().items()}
+    bias = "model.layers.0.attention.wq.bias"
+    weights[bias] = np.ones(weights["model.layers.0.attention.wq.weight"].shape[0], np.float16)
+    src, dst = tmp_path / "src", tmp_path / "out"
+    shards = write_two_shards(src, weights, lambda path, arrays: save_file(arrays, path), {})
+    assert bias in shards["model-00002-of-00002.safetensors"]
+    result = cli("convert", src, dst, "-q")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert f"tensor {bias!r} is the bias of a layer quantized in model-00001" in result.stderr
+    assert not dst.exists()

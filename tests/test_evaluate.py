@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 from pathlib import Path
@@ -193,7 +194,7 @@ def test_pynative_mode_gives_the_graph_modes_perplexity(model, w8_eval, tmp_path
 
 
 def test_bad_measurement_input_is_one_line_before_any_network(model, tmp_path: Path) -> None:
-    config_path, w8, _ = model
+    config_path, w8, text = model
     squad_path = tmp_path / "squad.json"
     squad_path.write_text(json.dumps(TINY_SQUAD), encoding="utf-8")
     not_json = tmp_path / "dev.json"
@@ -204,10 +205,26 @@ def test_bad_measurement_input_is_one_line_before_any_network(model, tmp_path: P
         (["--squad", squad_path, "--seq-len", "24"],
          f"error: {squad_path}: paragraph 1's prompt has "),
     ]
+    fifo, same = tmp_path / "fifo.txt", tmp_path / "again" / "wiki.txt"
+    os.mkfifo(fifo)
+    same.parent.mkdir()
+    same.write_text("Paris is the capital of France.")
+    tokenizer = config_path.parent / "tokenizer.json"
+    cases += [  # each was a hang, a lost row, an overwritten input or a traceback
+        (["--text", fifo], f"error: {fifo}: is a FIFO (named pipe), not a regular file"),
+        (["--text", text, "--text", same], f"error: {same}: another --text is also named "
+                                           "'wiki.txt'"),
+        (["--text", text, "--json", tokenizer], f"error: {tokenizer}: the JSON record is an "
+                                                "input of this command"),
+    ]
     for args, start in cases:
         result = cli("eval", "--config", config_path, "--ckpt", w8, *args)
         assert result.exit_code == 2, (args, result.stderr)
         assert result.stderr.startswith(start) and result.stderr.count("\n") == 1, result.stderr
+    missing = cli("eval", "--config", config_path, "--ckpt", tmp_path / "nope.ckpt", "--text",
+                  text)
+    assert missing.exit_code == 2 and missing.stderr == \
+        f"error: {tmp_path / 'nope.ckpt'}: cannot open: No such file or directory\n"
     long_prompt = cli("eval", "--config", config_path, "--ckpt", w8, "--squad", squad_path,
                       "--seq-len", "24")
     assert "--max-new-tokens 32 it needs --seq-len" in long_prompt.stderr

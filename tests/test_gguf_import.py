@@ -8,6 +8,7 @@ layout loads without error but predicts badly).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -193,12 +194,17 @@ def test_perplexity_shows_rotary_unpermute_is_right(net, wiki_ids: List[int],
 
 
 def write_gguf(path: Path, arch: str = "llama", tied: bool = True,
-               extra: Optional[str] = None, q_rows: int = 16, merge: str = "A B") -> Path:
-    """A tiny float32 Llama GGUF (1 layer, hidden 16, 4 heads, 2 KV heads) written by gguf."""
+               extra: Optional[str] = None, q_rows: int = 16, merge: str = "A B",
+               blocks: int = 1, theta: Optional[str] = None, bos: int = 0,
+               f64: Optional[str] = None) -> Path:
+    """A tiny float32 Llama GGUF (1 layer, hidden 16, 4 heads, 2 KV heads) written by gguf;
+    `blocks` as block_count, `theta` as a string freq_base, tensor `f64` in float64."""
     hidden, ffn, vocab = 16, 32, 64
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
+    writer.add_uint64(f"{arch}.block_count", blocks)
+    if theta is not None:
+        writer.add_string(f"{arch}.rope.freq_base", theta)
     writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(ffn)
     writer.add_head_count(4)
@@ -209,7 +215,7 @@ def write_gguf(path: Path, arch: str = "llama", tied: bool = True,
     writer.add_token_list([chr(ord("A") + i) for i in range(vocab - 1)] + ["AB"])
     writer.add_token_types([1] * vocab)
     writer.add_token_merges([merge])
-    writer.add_bos_token_id(0)
+    writer.add_bos_token_id(bos)
     writer.add_eos_token_id(1)
     shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,),
               "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
@@ -222,7 +228,8 @@ def write_gguf(path: Path, arch: str = "llama", tied: bool = True,
     if extra:
         shapes[extra] = (4,)
     for name, shape in shapes.items():
-        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+        writer.add_tensor(name, rng.standard_normal(shape).astype(
+            np.float64 if name == f64 else np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -249,11 +256,34 @@ def test_untied_head_is_lm_head(tmp_path: Path) -> None:
     (dict(merge="B C"), FormatError, "tokenizer: .*`BC` out of vocabulary"),
     (dict(q_rows=12), FormatError, r"'blk.0.attn_q.weight' has shape \[12, 16\], the metadata "
                                    r"implies \[16, 16\]"),
+    # A 3 KB file whose block_count made a plan of 9e12 tensors: the machine ran out of memory.
+    (dict(blocks=10 ** 12), FormatError, "block_count is 1000000000000, but the file holds 11 "
+                                         "tensors"),
+    (dict(theta="big"), FormatError, "'llama.rope.freq_base' is 'big', not a finite number"),
+    (dict(bos=500), ConfigError, "bos_token_id is 500, beyond the vocabulary"),  # was IndexError
+    (dict(f64="blk.0.ffn_up.weight"), UnsupportedError, "cannot dequantize F64"),
 ])
 def test_refused_gguf(tmp_path: Path, kwargs: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
-        import_gguf(write_gguf(tmp_path / "m.gguf", **kwargs), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        import_gguf(write_gguf(tmp_path / "m.gguf", **kwargs), tmp_path / "new" / "out")
+    assert not (tmp_path / "new").exists()  # nor the directories made for it
+
+
+def test_a_failed_overwrite_keeps_the_model_and_never_replaces_its_input(tmp_path: Path) -> None:
+    """--overwrite removed model.yaml before any tensor was read: a GGUF that then failed
+    left the earlier model without it. And an input named as an output was replaced."""
+    out = tmp_path / "out"
+    import_gguf(write_gguf(tmp_path / "good.gguf"), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UnsupportedError, match="cannot dequantize F64"):
+        import_gguf(write_gguf(tmp_path / "f64.gguf", f64="blk.0.ffn_up.weight"), out,
+                    overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    inside = out / "model.ckpt"
+    inside.write_bytes((tmp_path / "good.gguf").read_bytes())
+    with pytest.raises(OutputError, match="the imported model.ckpt is the GGUF file"):
+        import_gguf(inside, out, overwrite=True)
+    assert inside.read_bytes() == (tmp_path / "good.gguf").read_bytes()
 
 
 def test_bad_inputs(tmp_path: Path, imported: Path) -> None:
@@ -261,8 +291,11 @@ def test_bad_inputs(tmp_path: Path, imported: Path) -> None:
     not_gguf.write_bytes(b"GGML" + bytes(64))
     with pytest.raises(FormatError, match="not a readable GGUF"):
         import_gguf(not_gguf, tmp_path / "out")
-    with pytest.raises(FormatError, match="no such file"):
+    with pytest.raises(FormatError, match="cannot read: No such file"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+    os.mkfifo(tmp_path / "fifo.gguf")
+    with pytest.raises(FormatError, match="is a FIFO"):
+        import_gguf(tmp_path / "fifo.gguf", tmp_path / "out")
     with pytest.raises(OutputError, match="exists"):
         import_gguf(gguf_path_from_wheel(), imported.parent)
     assert not (tmp_path / "out").exists()
@@ -282,10 +315,19 @@ def test_bad_inputs(tmp_path: Path, imported: Path) -> None:
     ("model: {hidden_size: 8, num_layers: 0, num_heads: 1, intermediate_size: 8, vocab_size: 8}",
      "num_layers must be at least 1"),
     ("model: {hidden_size: 8", "invalid YAML"),
+    # Token ids past the vocabulary and a theta that is not positive: a Gather traceback and
+    # NaN perplexity, once the network ran.
+    ("model: {hidden_size: 8, num_layers: 1, num_heads: 1, intermediate_size: 8, vocab_size: 8, "
+     "eos_token_id: 8}", "eos_token_id is 8, beyond the vocabulary"),
+    ("model: {hidden_size: 8, num_layers: 1, num_heads: 1, intermediate_size: 8, vocab_size: 8, "
+     "theta: -5.0}", "theta must be positive"),
+    ("model: {hidden_size: 8, num_layers: 1, num_heads: 1, intermediate_size: 8, vocab_size: 8, "
+     "theta: .nan}", "theta must be finite"),
+    ("\udcff", "not UTF-8 text"),  # written as a lone byte: UnicodeDecodeError
 ])
 def test_bad_model_yaml(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "model.yaml"
-    path.write_text(text)
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(ConfigError, match=message):
         models.load_model_config(path)
 

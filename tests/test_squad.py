@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -156,8 +157,11 @@ def test_malformed_files_are_one_line_config_errors(tmp_path: Path, content: Any
 def test_unreadable_paths_and_bad_counts_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read: No such file or directory"):
         squad.load(tmp_path / "absent.json")
-    with pytest.raises(ConfigError, match="cannot read: Is a directory"):
+    with pytest.raises(ConfigError, match="is a directory, not a regular file"):
         squad.load(tmp_path)
+    os.mkfifo(tmp_path / "fifo.json")  # it was opened, and waited for a writer
+    with pytest.raises(ConfigError, match="is a FIFO"):
+        squad.load(tmp_path / "fifo.json")
     path = write(tmp_path, SMALL)
     for samples in (0, -3):
         with pytest.raises(ConfigError, match=f"--squad-samples must be at least 1, not {samples}"):

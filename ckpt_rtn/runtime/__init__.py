@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+
+from ..errors import STOP_SIGNALS, ConfigError
 
 #: Where the frameworks' logs go: $CKPT_RTN_LOG_DIR, else one directory per user in
 #: the system temp directory, shared by every run (MindFormers rotates its files;
@@ -27,7 +30,13 @@ LOG_DIR = os.environ.get("CKPT_RTN_LOG_DIR") or os.path.join(
 
 
 def _route_framework_logs() -> None:
-    os.makedirs(os.path.join(LOG_DIR, "mindspore"), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(LOG_DIR, "mindspore"), exist_ok=True)
+        stdout_log = open(os.path.join(LOG_DIR, "stdout.log"), "a", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(LOG_DIR, f"cannot hold MindSpore's and MindFormers' logs: "
+                          f"{exc.strerror} (set CKPT_RTN_LOG_DIR to a writable directory)"
+                          ) from None
     # MindFormers writes to ./output/log of the working directory unless told otherwise.
     os.environ.setdefault("LOCAL_DEFAULT_PATH", LOG_DIR)
     os.environ.setdefault("GLOG_logtostderr", "0")
@@ -35,11 +44,16 @@ def _route_framework_logs() -> None:
     os.environ.setdefault("GLOG_stderrthreshold", "3")  # errors still reach the terminal
     # MindFormers' logger binds its console handler to the sys.stdout of the moment it
     # is created, during the import: that moment's stdout is the log file, for good.
-    stdout_log = open(os.path.join(LOG_DIR, "stdout.log"), "a", encoding="utf-8")  # noqa: SIM115
-    with contextlib.redirect_stdout(stdout_log):
-        # pylint: disable=import-outside-toplevel,unused-import
-        import mindspore  # noqa: F401  (first: a missing extra is named by its base package)
-        import mindformers  # noqa: F401
+    # A stop signal during these imports (seconds) broke them with MindSpore's own output,
+    # up to an abort; held until they finish, it is then taken as anywhere else.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        with contextlib.redirect_stdout(stdout_log):
+            # pylint: disable=import-outside-toplevel,unused-import
+            import mindspore  # noqa: F401  (first: a missing extra is named by its base package)
+            import mindformers  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 _route_framework_logs()

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import signal
+import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, Tuple, TypeVar
 
 import numpy as np
 
 from . import deploy
-from ..errors import CkptRtnError, ConfigError
+from ..errors import STOP_SIGNALS, CkptRtnError, ConfigError
 from ..models import ModelConfig, load_tokenizer
 from .network import TimedForward, build_llama
 
@@ -145,11 +146,50 @@ def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
     (~3.7 GB per SmolLM2 network at seq-len 1024), so comparing several
     checkpoints in one process grows without bound; a child per checkpoint
     returns all of it. `fn` must be a module-level function.
-    """
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(fn, *args).result()
-        except BrokenProcessPool:
-            raise CkptRtnError(None, "the evaluation process died (out of memory? try a "
-                                     "smaller --seq-len)") from None
 
+    The child leaves stop signals to this process, which ends it at once
+    when one comes: a Ctrl-C (sent to both) printed the child's own
+    traceback, and a SIGTERM sent here alone (as a service manager sends
+    it) waited for the whole measurement.
+    """
+    context = multiprocessing.get_context("spawn")
+    here, there = context.Pipe()
+    child = context.Process(target=_child, args=(there,), name="ckpt-rtn-measure", daemon=True)
+    try:
+        # An ignored signal stays ignored across exec (and Python keeps it so): the child
+        # never takes one, even while it imports. Starting it takes milliseconds (its work
+        # goes through the pipe after), and a signal sent meanwhile is lost.
+        handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+        try:
+            child.start()
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        there.close()
+        here.send((fn, args))
+        ok, value = here.recv()
+    except (EOFError, BrokenPipeError):  # it died before it could answer
+        raise CkptRtnError(None, "the evaluation process died (out of memory? try a "
+                                 "smaller --seq-len)") from None
+    finally:
+        if child.pid is not None:
+            if child.is_alive():  # a stop signal came; SIGTERM would break into MindSpore
+                child.kill()     # mid-compile, which then dumps its IR into ./rank_0
+            child.join()
+        there.close()
+        here.close()
+    if not ok:
+        raise value
+    return value
+
+
+def _child(parent: "multiprocessing.connection.Connection") -> None:
+    fn, args = parent.recv()
+    try:
+        answer: Tuple[bool, Any] = (True, fn(*args))
+    except CkptRtnError as exc:
+        answer = (False, exc)
+    except Exception:  # a bug: its traceback comes back as text
+        answer = (False, RuntimeError(f"in the evaluation process:\n{traceback.format_exc()}"))
+    parent.send(answer)
+    parent.close()

@@ -8,6 +8,7 @@ peak RSS it records is that checkpoint's alone.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -44,7 +45,7 @@ class Request:
 
     def progress(self, total: int, desc: str, unit: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, leave=False,
-                    disable=True if self.quiet else None)
+                    disable=True if self.quiet or sys.stderr is None else None)
 
 
 def measure(checkpoint: str, request: Request) -> results.Record:

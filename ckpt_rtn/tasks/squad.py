@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
+from ..paths import check_regular
 
 #: Golden Stick's prompt (`mindspore_gs/datasets/squad.py`, `SQuADDataset._load`).
 TEMPLATE = ("Read the passage and answer the question below.\n\n### Instruction:\n{context}"
@@ -78,6 +79,7 @@ def load(path: "os.PathLike[str] | str", samples: Optional[int] = None) -> List[
 
 
 def _read_json(path: "os.PathLike[str] | str") -> Any:
+    check_regular(path, ConfigError)
     try:
         with open(path, "rb") as stream:
             return json.load(stream)
