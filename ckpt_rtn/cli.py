@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from collections import Counter
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import IO, TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
 
 import click
 import numpy as np
@@ -88,11 +88,11 @@ def _reported(command: F) -> F:
             with _stop_signals_interrupt():
                 command(*args, **kwargs)
         except CkptRtnError as exc:
-            click.echo(f"error: {exc}", err=True)
+            _tell(f"error: {exc}")
             sys.exit(2)
         except KeyboardInterrupt as exc:
             stop = _interrupted(exc)
-            click.echo(stop.line(), err=True)
+            _tell(stop.line())
             sys.exit(128 + stop.signum)
         except ModuleNotFoundError as exc:
             module = (exc.name or "").split(".")[0]
@@ -101,10 +101,30 @@ def _reported(command: F) -> F:
             context = click.get_current_context(silent=True)
             name = context.info_name if context is not None else command.__name__
             extra = _EXTRAS[module] or ("gguf" if name == "import-gguf" else "mindspore")
-            click.echo(f"error: {name} needs the {extra} extra ({module} is not installed): "
-                       f"pip install 'ckpt-rtn[{extra}]'", err=True)
+            _tell(f"error: {name} needs the {extra} extra ({module} is not installed): "
+                  f"pip install 'ckpt-rtn[{extra}]'")
             sys.exit(2)
     return wrapper  # type: ignore[return-value]
+
+
+def _discard(stream: IO[str]) -> None:
+    """Point a standard stream that failed a write at /dev/null: what is left in its buffer
+    would fail again as the interpreter exits, and turn the exit code into 120."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # io.UnsupportedOperation: no file behind it (tests)
+        pass
+
+
+def _tell(message: str) -> None:
+    """A line to standard error, as best it can be: one that cannot be written (a full
+    disk, a closed descriptor) must not change what the command did or its exit code."""
+    try:
+        click.echo(message, err=True)
+    except OSError:
+        _discard(sys.stderr)
 
 
 def _say(message: str) -> None:
@@ -112,15 +132,12 @@ def _say(message: str) -> None:
     by its reader (`| head`) ends the command quietly, as SIGPIPE ends other tools, and
     anything else (a full disk) is our error. What is left of its buffer then goes nowhere,
     so that exiting does not fail on it again."""
+    if sys.stdout is None:  # `>&-`: click would drop the line without a word
+        raise OutputError("standard output", "cannot write: it is closed")
     try:
         click.echo(message)
     except OSError as exc:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):  # io.UnsupportedOperation: no file behind it (tests)
-            pass
+        _discard(sys.stdout)
         if isinstance(exc, BrokenPipeError):
             sys.exit(128 + signal.SIGPIPE)
         raise OutputError("standard output", f"cannot write: {exc.strerror}") from None
@@ -154,13 +171,13 @@ class _CommandLine(click.Group):
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "ckpt-rtn"
             message = exc.format_message().rstrip(".")
-            click.echo(f"error: {message} (see '{where} --help')", err=True)
+            _tell(f"error: {message} (see '{where} --help')")
             sys.exit(2)
         except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
+            _tell(f"error: {exc.format_message()}")
             sys.exit(exc.exit_code)
         except click.Abort:  # click's word for a KeyboardInterrupt outside the commands
-            click.echo(Interrupted(signal.SIGINT).line(), err=True)
+            _tell(Interrupted(signal.SIGINT).line())
             sys.exit(128 + signal.SIGINT)
 
 
@@ -442,18 +459,18 @@ def _print_description_note(path: str, plan: converter.Plan) -> None:
 
 def _warn_if_compiling_each_run(quantized: bool) -> None:
     if quantized and not rtn.kernels_cached():
-        click.echo("warning: numba can write its cache of the compiled RTN kernels neither beside "
-                   "ckpt_rtn nor in the user's cache directory, so every run compiles them "
-                   "again (seconds); set NUMBA_CACHE_DIR to a writable directory", err=True)
+        _tell("warning: numba can write its cache of the compiled RTN kernels neither beside "
+              "ckpt_rtn nor in the user's cache directory, so every run compiles them "
+              "again (seconds); set NUMBA_CACHE_DIR to a writable directory")
 
 
 def _warn_about(plan: converter.Plan) -> None:
     for info in plan.dropped:
-        click.echo(f"warning: {plan.source}: dropped {info.name!r}: safetensors cannot store "
-                   f"{info.dtype} values", err=True)
+        _tell(f"warning: {plan.source}: dropped {info.name!r}: safetensors cannot store "
+              f"{info.dtype} values")
     if not plan.quantized:
-        click.echo(f"warning: {plan.source}: no tensor matched the {plan.rules.family} rules; its "
-                   "output is a copy (see --config / --include)", err=True)
+        _tell(f"warning: {plan.source}: no tensor matched the {plan.rules.family} rules; its "
+              "output is a copy (see --config / --include)")
 
 
 def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:

@@ -745,3 +745,29 @@ def test_a_closed_pipe_ends_quietly(src: Path) -> None:
     proc.stdout.close()
     assert proc.wait(TIMEOUT) == 128 + signal.SIGPIPE
     assert proc.stderr.read() == b""
+
+
+def test_a_broken_or_closed_standard_error_changes_nothing(tmp_path: Path, src: Path) -> None:
+    """stderr on a full disk: a refusal exited 1 (verify's "differs") and an interrupt 1;
+    closed (`2>&-`), the progress bar's write to None failed the conversion."""
+    def run(*args: object, **streams: object) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run([sys.executable, "-c", MAIN, *map(str, args)], text=True,
+                              timeout=TIMEOUT, **streams)  # type: ignore[call-overload]
+
+    dst = tmp_path / "out.ckpt"
+    with open("/dev/full", "w") as full:
+        assert run("verify", tmp_path / "missing.ckpt", src, stderr=full).returncode == 2
+        assert run("convert", src, dst, stderr=full, stdout=subprocess.DEVNULL).returncode == 0
+    closed = run("convert", src, tmp_path / "again.ckpt", stderr=subprocess.DEVNULL,
+                 stdout=subprocess.DEVNULL, pass_fds=(), close_fds=True,
+                 preexec_fn=lambda: os.close(2))
+    assert closed.returncode == 0 and (tmp_path / "again.ckpt").read_bytes() == dst.read_bytes()
+
+
+def test_a_closed_standard_output_is_one_line(src: Path) -> None:
+    """`>&-`: click dropped every line without a word, exit 0."""
+    proc = subprocess.run([sys.executable, "-c", MAIN, "inspect", str(src)],
+                          stderr=subprocess.PIPE, text=True, timeout=TIMEOUT,
+                          preexec_fn=lambda: os.close(1))
+    assert (proc.returncode, proc.stderr) == (
+        2, "error: standard output: cannot write: it is closed\n")
