@@ -22,11 +22,13 @@ import mindspore as ms
 from ckpt_rtn import models
 from ckpt_rtn.tasks.corpora import wiki_text
 from ckpt_rtn.errors import ConfigError, FormatError, OutputError, UnsupportedError
-from ckpt_rtn.formats import open_reader
+from ckpt_rtn.formats import open_reader, open_writer
 from ckpt_rtn.runtime.evaluate import next_token_nll
 from ckpt_rtn.runtime.network import build_llama
 from ckpt_rtn.gguf_import import (GGUFFile, build_tokenizer, gguf_path_from_wheel, import_gguf,
                                   tokenizer_spec, unpermute_rotary)
+
+from conftest import cli
 
 SEQ = 128
 WINDOWS = 2
@@ -337,3 +339,23 @@ def test_model_yaml_round_trips(tmp_path: Path, config: models.ModelConfig) -> N
     again = models.load_model_config(tmp_path / "model.yaml")
     assert again == config and again.tokenizer_path == tmp_path / "tokenizer.json"
     assert (tmp_path / "model.yaml").read_text().startswith("# written by ckpt-rtn import-gguf")
+
+
+def test_a_nan_perplexity_is_refused(tmp_path: Path) -> None:
+    """A checkpoint with a NaN weight: eval printed `PPL nan` and exited 0."""
+    config_path = import_gguf(write_gguf(tmp_path / "m.gguf"), tmp_path / "model")
+    ckpt = tmp_path / "model" / "model.ckpt"
+    with open_reader(ckpt) as reader:
+        infos = list(reader.tensors)
+        arrays = {info.name: reader.read(info).copy() for info in infos}
+    arrays["model.layers.0.attention.wq.weight"].flat[0] = np.nan
+    with open_writer(ckpt, infos, format="ckpt", metadata={}) as writer:
+        for info in infos:
+            writer.write(info.name, arrays[info.name])
+    text = tmp_path / "t.txt"
+    text.write_text("ABAB BABA " * 40)
+    result = cli("eval", "-q", "--config", config_path, "--ckpt", ckpt, "--text", text,
+                 "--seq-len", "16")
+    assert result.exit_code == 2 and result.stderr == (
+        "error: model.ckpt: perplexity on t.txt is nan: the network's outputs are not finite "
+        "(a NaN or infinite weight in the checkpoint?)\n"), result.output

@@ -7,6 +7,7 @@ peak RSS it records is that checkpoint's alone.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Dict, Optional, Sequence
 from tqdm import tqdm
 
 from .. import footprint, results
+from ..errors import FormatError
 from ..models import ModelConfig, load_text_codec
 from ..tasks.squad import Sample
 from .evaluate import Corpus, Evaluator
@@ -90,6 +92,10 @@ def _perplexities(evaluator: Evaluator, request: Request, label: str,
     for name, corpus in runs:
         with request.progress(len(corpus.windows), f"{label} {name}", "window") as bar:
             result = evaluator.measure(corpus, progress=bar.update)
+        if not math.isfinite(result.ppl):  # no measurement: a table row "nan", exit 0
+            raise FormatError(label, f"perplexity on {name} is {result.ppl}: the "
+                              "network's outputs are not finite (a NaN or infinite "
+                              "weight in the checkpoint?)")
         if corpus is request.wikitext:
             record.update(wikitext2_ppl=result.ppl, wikitext2_tokens=result.tokens)
         else:
