@@ -90,6 +90,10 @@ def _reported(command: F) -> F:
         except CkptRtnError as exc:
             _tell(f"error: {exc}")
             sys.exit(2)
+        except MemoryError as exc:  # numpy's names the allocation that failed
+            _tell(f"error: out of memory{f': {exc}' if str(exc) else ''} (a smaller --seq-len "
+                  "or fewer --workers needs less)")
+            sys.exit(2)
         except KeyboardInterrupt as exc:
             stop = _interrupted(exc)
             _tell(stop.line())

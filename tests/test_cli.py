@@ -524,3 +524,19 @@ def test_no_match_warning_names_each_shard(tmp_path: Path) -> None:
     assert warnings == [f"warning: {src / f'rank_{rank}' / 'small.ckpt'}: no tensor matched the "
                         "llama2 rules; its output is a copy (see --config / --include)"
                         for rank in (0, 1)]
+
+
+def test_out_of_memory_is_one_line(tmp_path: Path, llama: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError (numpy's names the allocation; a huge --seq-len made one) was a
+    traceback with exit 1."""
+    from ckpt_rtn import cli as command_line
+
+    def no_memory(*_: object, **__: object) -> None:
+        raise MemoryError("Unable to allocate 83.8 GiB for an array")
+
+    monkeypatch.setattr(command_line.converter, "convert", no_memory)
+    result = run("convert", llama, tmp_path / "w8.ckpt")
+    assert (result.exit_code, result.stderr) == (2, "error: out of memory: Unable to allocate "
+                                                    "83.8 GiB for an array (a smaller --seq-len "
+                                                    "or fewer --workers needs less)\n")

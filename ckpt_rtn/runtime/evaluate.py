@@ -189,6 +189,8 @@ def _child(parent: "multiprocessing.connection.Connection") -> None:
         answer: Tuple[bool, Any] = (True, fn(*args))
     except CkptRtnError as exc:
         answer = (False, exc)
+    except MemoryError as exc:  # numpy's own kind does not pickle
+        answer = (False, MemoryError(str(exc)))
     except Exception:  # a bug: its traceback comes back as text
         answer = (False, RuntimeError(f"in the evaluation process:\n{traceback.format_exc()}"))
     parent.send(answer)
