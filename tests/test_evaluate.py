@@ -55,6 +55,16 @@ def test_nll_is_the_log_softmax_of_the_next_token() -> None:
                                [-math.log(0.25), -math.log(0.1)], rtol=1e-6)
 
 
+def test_too_few_tokens_for_a_window_says_whether_max_tokens_cut_them() -> None:
+    """With --max-tokens, the text was said to have only the tokens it kept."""
+    assert windows(np.arange(100), 32, 70).shape == (2, 32)
+    with pytest.raises(ConfigError, match="^the text has 10 tokens, fewer than one window of 32"):
+        windows(np.arange(10), 32)
+    with pytest.raises(ConfigError, match="^--max-tokens 10 takes 10 of its 100 tokens, fewer "
+                                          "than one window of 32"):
+        windows(np.arange(100), 32, 10)
+
+
 def test_golden_stick_scores_are_emf1metrics_f1_then_em() -> None:
     """Scores worked out by hand from EmF1Metric's rules: EM compares whole lowercased
     strings; F1 is the longest common run of jieba's segments (spaces are segments)."""

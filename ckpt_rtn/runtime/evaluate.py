@@ -57,12 +57,13 @@ def tokenize(config: ModelConfig, text: str) -> np.ndarray:
 
 def windows(ids: np.ndarray, seq_len: int, max_tokens: Optional[int] = None) -> np.ndarray:
     """[n, seq_len] non-overlapping windows; a short tail is dropped."""
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    count = len(ids) // seq_len
+    taken = ids if max_tokens is None else ids[:max_tokens]
+    count = len(taken) // seq_len
     if count == 0:
-        raise ConfigError(None, f"the text has {len(ids)} tokens, fewer than one window of "
-                          f"{seq_len}")
+        what = (f"the text has {len(ids)} tokens" if len(taken) == len(ids) else
+                f"--max-tokens {max_tokens} takes {len(taken)} of its {len(ids)} tokens")
+        raise ConfigError(None, f"{what}, fewer than one window of {seq_len}")
+    ids = taken
     return ids[:count * seq_len].reshape(count, seq_len)
 
 
