@@ -204,12 +204,15 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
     result = DirectoryResult()
     if part is None:
         shards = layout.shards
+        manifest = (_merged_manifest(dst, settings, layout.stamps()) if options.resume
+                    else _new_manifest(settings, layout.stamps()))
         if options.overwrite and not options.resume:
             result.removed = _remove_earlier_output(dst, {
                 *layout.shards, *layout.others, *layout.indexes,
                 *([description.NAME] if options.scheme.mcore else [])}, _inodes(src, layout))
-        manifest = (_merged_manifest(dst, settings, layout.stamps()) if options.resume
-                    else _new_manifest(settings, layout.stamps()))
+            # This run's, from now: a --resume after an interrupt continues it, where the
+            # earlier run's manifest (another SRC, other settings) refused it.
+            _save(dst, MANIFEST, manifest)
         done = manifest
         _remove_dead_temp_files(dst)
     else:

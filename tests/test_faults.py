@@ -771,3 +771,16 @@ def test_a_closed_standard_output_is_one_line(src: Path) -> None:
                           preexec_fn=lambda: os.close(1))
     assert (proc.returncode, proc.stderr) == (
         2, "error: standard output: cannot write: it is closed\n")
+
+
+def test_an_interrupted_overwrite_resumes(tmp_path: Path, shards: Path, llama: Path) -> None:
+    """Interrupted in its first shard, an --overwrite of another SRC's output advised
+    --resume, which the earlier run's manifest then refused (another SRC)."""
+    dst = tmp_path / "out"
+    assert cli("convert", "-q", *LLAMA2, shards, dst).exit_code == 0
+    other = make_rank_dir(tmp_path / "other", llama, ranks=3)
+    stopped = Gated(tmp_path, other, dst, "--overwrite").signal(signal.SIGTERM)
+    assert stopped.exit_code == 128 + signal.SIGTERM and "--resume" in stopped.stderr
+    resumed = cli("convert", "-q", *LLAMA2, "--resume", other, dst)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert cli("verify", other, dst).exit_code == 0
