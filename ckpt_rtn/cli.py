@@ -91,8 +91,13 @@ def _reported(command: F) -> F:
             _tell(f"error: {exc}")
             sys.exit(2)
         except MemoryError as exc:  # numpy's names the allocation that failed
-            _tell(f"error: out of memory{f': {exc}' if str(exc) else ''} (a smaller --seq-len "
-                  "or fewer --workers needs less)")
+            context = click.get_current_context(silent=True)
+            hint = {"convert": "fewer --workers", "verify": "fewer --workers",
+                    "eval": "a smaller --seq-len", "compare": "a smaller --seq-len",
+                    "generate": "a smaller --seq-len"}.get(
+                        context.info_name if context is not None else "")
+            _tell(f"error: out of memory{f': {exc}' if str(exc) else ''}"
+                  f"{f' ({hint} needs less)' if hint else ''}")
             sys.exit(2)
         except KeyboardInterrupt as exc:
             stop = _interrupted(exc)
@@ -139,7 +144,10 @@ def _say(message: str) -> None:
     if sys.stdout is None:  # `>&-`: click would drop the line without a word
         raise OutputError("standard output", "cannot write: it is closed")
     try:
-        click.echo(message)
+        try:
+            click.echo(message)
+        except UnicodeEncodeError:  # a file name that is not UTF-8 (surrogate-escaped bytes)
+            click.echo(message.encode("utf-8", "backslashreplace").decode("utf-8"))
     except OSError as exc:
         _discard(sys.stdout)
         if isinstance(exc, BrokenPipeError):
@@ -786,9 +794,9 @@ def evaluate(model_yaml: str, ckpt: str, texts: Sequence[str], wikitext: Optiona
     request = _request(config, texts, wikitext, squad_path, squad_samples, max_new_tokens,
                        seq_len, max_tokens, mode, quiet)
     record = in_fresh_process(measure, ckpt, request)
-    _print_table([record])
-    if json_path is not None:
+    if json_path is not None:  # first: a table that cannot be printed must not lose it
         atomic.write_bytes_atomic(json_path, _json_bytes(record))
+    _print_table([record])
 
 
 @main.command()
@@ -827,9 +835,9 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
                        seq_len, max_tokens, mode, quiet)
     # MindSpore holds on to each compiled network until its process exits.
     records = [in_fresh_process(measure, ckpt, request) for ckpt in checkpoints]
-    _print_table(records)
-    if json_path is not None:
+    if json_path is not None:  # first: a table that cannot be printed must not lose it
         atomic.write_bytes_atomic(json_path, _json_bytes({"checkpoints": records}))
+    _print_table(records)
 
 
 @main.command()

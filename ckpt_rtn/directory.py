@@ -200,19 +200,13 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
         copied_config(os.path.join(src, rel))
     _check_indexes(src, layout)
     links = fp8_links(src, layout.shards)
-    _check_output_names(src, layout, rules, options, links)
+    if part is None:  # once a run: each of N parts planning all N shards would cost N^2
+        _check_output_names(src, layout, rules, options, links)
     result = DirectoryResult()
     if part is None:
         shards = layout.shards
         manifest = (_merged_manifest(dst, settings, layout.stamps()) if options.resume
                     else _new_manifest(settings, layout.stamps()))
-        if options.overwrite and not options.resume:
-            result.removed = _remove_earlier_output(dst, {
-                *layout.shards, *layout.others, *layout.indexes,
-                *([description.NAME] if options.scheme.mcore else [])}, _inodes(src, layout))
-            # This run's, from now: a --resume after an interrupt continues it, where the
-            # earlier run's manifest (another SRC, other settings) refused it.
-            _save(dst, MANIFEST, manifest)
         done = manifest
         _remove_dead_temp_files(dst)
     else:
@@ -235,6 +229,15 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
     bounds = (_bounds_over_ranks(src, layout.shards, strategies, rules, options.scheme)
               if pending and strategies else {})
     result.global_scales = sorted(bounds)
+    if part is None and options.overwrite and not options.resume:  # every check is passed
+        result.removed = _remove_earlier_output(dst, {
+            *layout.shards, *layout.others, *layout.indexes,
+            *([description.NAME] if options.scheme.mcore else [])}, _inodes(src, layout))
+        # This run's, from now: a --resume after an interrupt continues it, where the
+        # earlier runs' manifests (another SRC, other settings) refused it.
+        _save(dst, MANIFEST, manifest)
+        for name in _part_manifest_names(dst):
+            _remove(os.path.join(dst, name))
     # Each shard keeps its own format, and replaces whatever a killed run left.
     shard_options = replace(options, rules=rules, format=None, overwrite=True)
     for rel in shards:
@@ -350,12 +353,14 @@ CONFIG = "config.json"
 def _check_output_names(src: str, layout: _Layout, rules: Rules, options: ConvertOptions,
                         links: Fp8Links) -> None:
     """Plan every shard from its header, so that a plan that fails does before anything is
-    written, and refuse a name that two shards of one index would write because one of them
-    renames a tensor to it (an input tensor named as the scheme names another shard's
-    layer's scale): the index would point at one of them, and a loader take it for the
-    other. Shards of no index (rank directories) each hold a checkpoint of their own."""
+    written, and refuse, among the shards of one index, a name two of them would write
+    because one renames a tensor to it (an input tensor named as the scheme names another
+    shard's layer's scale: the index would point at one of them, and a loader take it for
+    the other), and a bias the scheme would rename kept apart from its quantized weight
+    (it would keep its old name). Shards of no index (rank directories) each hold a
+    checkpoint of their own. A whole run checks; a part leaves it to the run that ends."""
     outputs: Dict[str, List[Tuple[str, str]]] = {}  # shard -> (output name, input name)
-    renamed_biases: Dict[str, str] = {}  # a quantized layer's bias name -> its weight's shard
+    renamed_biases: Dict[str, List[str]] = {}  # a quantized layer's bias -> its weight's shards
     for rel in layout.shards:
         fmt = converter.output_format(rel, None, options.crc)
         with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
@@ -366,18 +371,20 @@ def _check_output_names(src: str, layout: _Layout, rules: Rules, options: Conver
         for step in plan.quantized:
             layer = step.selection.layer  # type: ignore[union-attr]
             if options.scheme.for_layer(layer).names(layer).bias != layer + ".bias":
-                renamed_biases[layer + ".bias"] = rel
+                renamed_biases.setdefault(layer + ".bias", []).append(rel)
     for index in layout.indexes:
         _, weight_map = _read_index(os.path.join(src, index))
         written: Dict[str, Tuple[str, str]] = {}  # output name -> (shard, input name)
-        for rel in sorted({os.path.normpath(os.path.join(os.path.dirname(index), shard))
-                           for shard in weight_map.values()}):
+        index_shards = {os.path.normpath(os.path.join(os.path.dirname(index), shard))
+                        for shard in weight_map.values()}
+        for rel in sorted(index_shards):
             for name, source in outputs.get(rel, []):
                 shard, first = written.setdefault(name, (rel, source))
                 if shard != rel and not name == source == first:
                     raise UnsupportedError(os.path.join(src, rel), converter.output_clash(
                         name, f"{first!r} (of {shard})", repr(source), options.scheme))
-                weight_shard = renamed_biases.get(source)
+                weight_shard = next((other for other in renamed_biases.get(source, [])
+                                     if other in index_shards), None)
                 if name == source and weight_shard not in (None, rel):
                     raise UnsupportedError(os.path.join(src, rel), (
                         f"tensor {source!r} is the bias of a layer quantized in {weight_shard}, "
@@ -659,9 +666,11 @@ def _remove_earlier_output(dst: str, writes: Set[str],
                           and paths.resolved(os.path.dirname(out)) == os.path.dirname(
                               os.path.join(top, rel)))
                 ours = (rel not in writes and rel not in removed and inside
-                        and not os.path.islink(out) and _inode_of(out) not in inputs
+                        and not os.path.islink(out) and paths.inode(out) not in inputs
                         and _is_done(manifest, rel, out))
             except (ValueError, UnicodeError):  # a name no file can have (NUL, a surrogate)
+                continue
+            except CkptRtnError:  # unreadable: not known to be ours
                 continue
             if ours:
                 _remove(out)
@@ -672,16 +681,8 @@ def _remove_earlier_output(dst: str, writes: Set[str],
 
 def _inodes(src: str, layout: _Layout) -> Set[Tuple[int, int]]:
     """The device and inode of every input file, as reached from SRC (through links)."""
-    return {found for found in (_inode_of(os.path.join(src, rel)) for rel in layout.sizes)
+    return {found for found in (paths.inode(os.path.join(src, rel)) for rel in layout.sizes)
             if found is not None}
-
-
-def _inode_of(path: str) -> Optional[Tuple[int, int]]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _remove_emptied_parents(dst: str, rel: str) -> None:

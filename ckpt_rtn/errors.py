@@ -56,7 +56,8 @@ class OutputError(CkptRtnError):
 
 
 class ConfigError(CkptRtnError):
-    """A selection-rules YAML file is missing or malformed."""
+    """A setting is wrong: a rules YAML or model.yaml, an option, a manifest of other
+    settings, an input the run cannot measure with, where the logs cannot go."""
 
 
 class QuantizationError(CkptRtnError):

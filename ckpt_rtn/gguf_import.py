@@ -29,7 +29,7 @@ import numpy as np
 from . import dtypes, paths
 from .errors import CkptRtnError, FormatError, OutputError, UnsupportedError
 from .formats import open_writer, untrusted_json
-from .formats.atomic import write_bytes_atomic
+from .formats.atomic import committed_together, write_bytes_atomic
 from .formats.tensor import TensorInfo
 from .models import CHECKPOINT, MODEL_YAML, TOKENIZER, ModelConfig, check_architecture
 
@@ -174,6 +174,7 @@ def hyperparameters(model: GGUFFile) -> Dict[str, Any]:
     bos = model.integer("tokenizer.ggml.bos_token_id")
     eos = model.integer("tokenizer.ggml.eos_token_id")
     heads = model.integer("llama.attention.head_count")
+    pad = model.integer("tokenizer.ggml.padding_token_id", eos)  # some name one past the vocab
     return {
         "hidden_size": model.integer("llama.embedding_length"),
         "num_layers": model.integer("llama.block_count"),
@@ -184,7 +185,7 @@ def hyperparameters(model: GGUFFile) -> Dict[str, Any]:
         "rms_norm_eps": _shortest(model.real("llama.attention.layer_norm_rms_epsilon")),
         "theta": _shortest(model.real("llama.rope.freq_base", 10000.0)),
         "tie_word_embeddings": LM_HEAD[0] not in model.tensors,
-        "pad_token_id": model.integer("tokenizer.ggml.padding_token_id", eos),
+        "pad_token_id": pad if 0 <= pad < len(tokens) else eos,
         "bos_token_id": bos,
         "eos_token_id": eos,
     }
@@ -333,8 +334,7 @@ def import_gguf(gguf_path: "os.PathLike[str] | str", out_dir: "os.PathLike[str] 
                 dtype: str = "float16", overwrite: bool = False) -> Path:
     """Write model.ckpt, tokenizer.json and model.yaml into `out_dir`; return the YAML's path.
 
-    model.yaml is written last: its presence means the directory is complete.
-    Each file appears under its final name only once complete.
+    The files appear under their final names together, once all three are complete.
     """
     if dtype not in OUTPUT_DTYPES:
         raise UnsupportedError(None, f"output dtype {dtype!r}: choose {', '.join(OUTPUT_DTYPES)}")
@@ -355,13 +355,15 @@ def import_gguf(gguf_path: "os.PathLike[str] | str", out_dir: "os.PathLike[str] 
     except OSError as exc:
         raise OutputError(out, f"cannot create the output directory: {exc.strerror}") from None
     try:
-        with open_writer(out / CHECKPOINT, [p.info for p in planned], format="ckpt",
-                         metadata={}) as writer:
-            for item in planned:
-                writer.write(item.info.name, load_tensor(model, item))
-            # Every tensor is written: the model there is replaced from here on, and until
-            # its model.yaml is rewritten the directory is incomplete.
-            (out / MODEL_YAML).unlink(missing_ok=True)
+        # The three files are written and synced, then renamed into place together: a model
+        # that fails or is interrupted on the way leaves an earlier one as it was.
+        with committed_together():
+            with open_writer(out / CHECKPOINT, [p.info for p in planned], format="ckpt",
+                             metadata={}) as writer:
+                for item in planned:
+                    writer.write(item.info.name, load_tensor(model, item))
+            write_bytes_atomic(out / TOKENIZER, tokenizer.to_str().encode("utf-8"))
+            ModelConfig(model=hparams, base_dir=out).save(out / MODEL_YAML)
     except BaseException:
         for directory in created:  # the directories made for a model that never came
             try:
@@ -369,8 +371,6 @@ def import_gguf(gguf_path: "os.PathLike[str] | str", out_dir: "os.PathLike[str] 
             except OSError:
                 break
         raise
-    write_bytes_atomic(out / TOKENIZER, tokenizer.to_str().encode("utf-8"))
-    ModelConfig(model=hparams, base_dir=out).save(out / MODEL_YAML)
     return out / MODEL_YAML
 
 

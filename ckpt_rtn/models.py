@@ -146,11 +146,12 @@ def check_architecture(path: Optional[Path], model: Mapping[str, Any]) -> None:
         minimum = 0 if key.endswith("_token_id") else 1
         if types[0] is int and value < minimum:
             raise ConfigError(path, f"model.{key} must be at least {minimum}, got {value}")
-        if key.endswith("_token_id") and value >= model["vocab_size"]:  # a Gather traceback
-            raise ConfigError(path, f"model.{key} is {value}, beyond the vocabulary "
-                              f"(vocab_size {model['vocab_size']})")
         if types[0] is float and not math.isfinite(value):
             raise ConfigError(path, f"model.{key} must be finite, got {value!r}")
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # a Gather traceback
+        if model.get(key, 0) >= model["vocab_size"]:
+            raise ConfigError(path, f"model.{key} is {model[key]}, beyond the vocabulary "
+                              f"(vocab_size {model['vocab_size']})")
     if model.get("theta", 1.0) <= 0:  # NaN perplexity
         raise ConfigError(path, f"model.theta must be positive, got {model['theta']!r}")
     heads, kv_heads = model["num_heads"], model.get("n_kv_heads", model["num_heads"])

@@ -130,7 +130,8 @@ def resolved(path: "os.PathLike[str] | str") -> str:
     return os.path.realpath(os.path.abspath(os.fspath(path)))
 
 
-def _inode(path: str) -> Optional[Tuple[int, int]]:
+def inode(path: "os.PathLike[str] | str") -> Optional[Tuple[int, int]]:
+    """The device and inode of the file at `path` (through links), None if there is none."""
     try:
         st = os.stat(path)
     except OSError:
@@ -182,8 +183,8 @@ class Claims:
         self._trees.append((root, claim))
 
     def _add(self, claim: _Claim) -> None:
-        name, inode = resolved(claim.path), _inode(claim.path)
-        other = self._by_name.get(name) or (self._by_inode.get(inode) if inode else None)
+        name, found = resolved(claim.path), inode(claim.path)
+        other = self._by_name.get(name) or (self._by_inode.get(found) if found else None)
         if other is not None and (claim.writes or other.writes):
             self._refuse(claim if claim.writes else other, other if claim.writes else claim)
         if claim.writes:
@@ -192,8 +193,8 @@ class Claims:
                     self._refuse(claim, tree, inside=True)
             self._written.append((name, claim))
         self._by_name.setdefault(name, claim)
-        if inode is not None:
-            self._by_inode.setdefault(inode, claim)
+        if found is not None:
+            self._by_inode.setdefault(found, claim)
 
     @staticmethod
     def _refuse(written: _Claim, other: _Claim, inside: bool = False) -> None:

@@ -538,5 +538,5 @@ def test_out_of_memory_is_one_line(tmp_path: Path, llama: Path,
     monkeypatch.setattr(command_line.converter, "convert", no_memory)
     result = run("convert", llama, tmp_path / "w8.ckpt")
     assert (result.exit_code, result.stderr) == (2, "error: out of memory: Unable to allocate "
-                                                    "83.8 GiB for an array (a smaller --seq-len "
-                                                    "or fewer --workers needs less)\n")
+                                                    "83.8 GiB for an array (fewer --workers "
+                                                    "needs less)\n")

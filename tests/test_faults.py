@@ -784,3 +784,14 @@ def test_an_interrupted_overwrite_resumes(tmp_path: Path, shards: Path, llama: P
     resumed = cli("convert", "-q", *LLAMA2, "--resume", other, dst)
     assert resumed.exit_code == 0, resumed.stderr
     assert cli("verify", other, dst).exit_code == 0
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_escaped(tmp_path: Path, src: Path) -> None:
+    """A summary naming a file whose name is not UTF-8 raised UnicodeEncodeError (a
+    traceback, exit 1) after the output was written."""
+    dst = os.fsencode(tmp_path) + b"/out\xff.ckpt"
+    proc = subprocess.run([sys.executable, "-c", MAIN, "convert", os.fsencode(src), dst],
+                          capture_output=True, timeout=TIMEOUT,  # a UTF-8 locale's strict stdout
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert proc.returncode == 0, proc.stderr
+    assert b"out\\udcff.ckpt: " in proc.stdout and os.path.exists(dst)

@@ -326,6 +326,8 @@ def test_bad_inputs(tmp_path: Path, imported: Path) -> None:
     ("model: {hidden_size: 8, num_layers: 1, num_heads: 1, intermediate_size: 8, vocab_size: 8, "
      "theta: .nan}", "theta must be finite"),
     ("\udcff", "not UTF-8 text"),  # written as a lone byte: UnicodeDecodeError
+    ("model: {hidden_size: 8, num_layers: 1, num_heads: 1, intermediate_size: 8, "
+     "bos_token_id: 1, vocab_size: '8'}", "vocab_size must be int"),  # was a TypeError
 ])
 def test_bad_model_yaml(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "model.yaml"

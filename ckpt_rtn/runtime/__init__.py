@@ -46,8 +46,9 @@ def _route_framework_logs() -> None:
     # is created, during the import: that moment's stdout is the log file, for good.
     # A stop signal during these imports (seconds) broke them with MindSpore's own output,
     # up to an abort; held until they finish, it is then taken as anywhere else.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the mask as it is
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         with contextlib.redirect_stdout(stdout_log):
             # pylint: disable=import-outside-toplevel,unused-import
             import mindspore  # noqa: F401  (first: a missing extra is named by its base package)

@@ -14,11 +14,13 @@ same forward passes give the prefill throughput (`TimedForward`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Tuple, TypeVar
@@ -155,28 +157,31 @@ def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
     """
     context = multiprocessing.get_context("spawn")
     here, there = context.Pipe()
-    child = context.Process(target=_child, args=(there,), name="ckpt-rtn-measure", daemon=True)
+    child = context.Process(target=_child, args=(there,), name="ckpt-rtn-measure")
+    answered = False
     try:
-        # An ignored signal stays ignored across exec (and Python keeps it so): the child
-        # never takes one, even while it imports. Starting it takes milliseconds (its work
-        # goes through the pipe after), and a signal sent meanwhile is lost.
-        handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
-        try:
+        with _stop_signals_ignored():
             child.start()
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
         there.close()
         here.send((fn, args))
+        # The child's end of the pipe may outlive it (in a process MindSpore started):
+        # its death is watched for too, or a child killed for memory would hang this.
+        if here not in multiprocessing.connection.wait([here, child.sentinel]):
+            raise EOFError
         ok, value = here.recv()
+        answered = True
     except (EOFError, BrokenPipeError):  # it died before it could answer
         raise CkptRtnError(None, "the evaluation process died (out of memory? try a "
                                  "smaller --seq-len)") from None
+    except OSError as exc:  # it could not be started
+        raise CkptRtnError(None, f"cannot start the evaluation process: {exc.strerror}") from None
     finally:
         if child.pid is not None:
-            if child.is_alive():  # a stop signal came; SIGTERM would break into MindSpore
-                child.kill()     # mid-compile, which then dumps its IR into ./rank_0
-            child.join()
+            if answered:
+                child.join(_EXIT_S)  # it exits once it has answered
+            if child.is_alive():  # a stop signal came, or its exit hangs
+                child.kill()  # SIGTERM would break into MindSpore mid-compile, which then
+                child.join()  # dumps its IR into ./rank_0
         there.close()
         here.close()
     if not ok:
@@ -184,9 +189,33 @@ def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
     return value
 
 
-def _child(parent: "multiprocessing.connection.Connection") -> None:
-    fn, args = parent.recv()
+#: Seconds a child that answered may take to exit before it is killed.
+_EXIT_S = 10.0
+
+
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    """Stop signals ignored while a child starts: an ignored signal stays ignored across
+    exec (and Python keeps it so), so the child never takes one, even while it imports,
+    and leaves them to this process. Starting takes milliseconds (the work goes through
+    the pipe after); a signal sent meanwhile is lost. Only the main thread sets handlers:
+    elsewhere the child takes signals as any process does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {}
     try:
+        for signum in STOP_SIGNALS:
+            handlers[signum] = signal.signal(signum, signal.SIG_IGN)
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _child(parent: "multiprocessing.connection.Connection") -> None:
+    try:
+        fn, args = parent.recv()
         answer: Tuple[bool, Any] = (True, fn(*args))
     except CkptRtnError as exc:
         answer = (False, exc)
