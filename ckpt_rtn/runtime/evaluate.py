@@ -196,8 +196,9 @@ _EXIT_S = 10.0
 @contextlib.contextmanager
 def _stop_signals_ignored() -> Iterator[None]:
     """Stop signals ignored while a child starts: an ignored signal stays ignored across
-    exec (and Python keeps it so), so the child never takes one, even while it imports,
-    and leaves them to this process. Starting takes milliseconds (the work goes through
+    exec (and Python keeps it so), so the child does not act on one, even while it imports,
+    and leaves them to this process (MindSpore's own SIGINT guard, set while a graph runs,
+    turns one into a SIGTERM to itself, which is ignored too). Starting takes milliseconds (the work goes through
     the pipe after); a signal sent meanwhile is lost. Only the main thread sets handlers:
     elsewhere the child takes signals as any process does."""
     if threading.current_thread() is not threading.main_thread():
