@@ -150,3 +150,23 @@ def mcore_load(network: str, model_dir: "os.PathLike[str] | str", params_dtype: 
                          timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     return dict(np.load(out))
+
+
+# Hand-built .ckpt records: legal protobuf that MindSpore itself does not emit.
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def field(num: int, wire: int, payload: bytes) -> bytes:
+    key = varint(num << 3 | wire)
+    return key + (varint(len(payload)) + payload if wire == 2 else payload)
+
+
+def record(value: bytes) -> bytes:
+    return field(1, 2, value)

@@ -17,7 +17,7 @@ from ckpt_rtn.formats import protowire as pw
 from ckpt_rtn.formats.tensor import TensorInfo
 from ckpt_rtn.numerics import bf16_to_float32
 
-from conftest import ms_bytes, ms_load, ms_save
+from conftest import field, ms_bytes, ms_load, ms_save, record, varint
 
 import mindspore as ms
 from mindspore.train import checkpoint_pb2
@@ -185,24 +185,6 @@ def test_writer_output_is_byte_identical_to_mindspore(tmp_path: Path, fixtures: 
 
 
 # Hand-built records: legal protobuf that MindSpore itself does not emit.
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def field(num: int, wire: int, payload: bytes) -> bytes:
-    key = varint(num << 3 | wire)
-    return key + (varint(len(payload)) + payload if wire == 2 else payload)
-
-
-def record(value: bytes) -> bytes:
-    return field(1, 2, value)
-
 
 def test_any_field_order_packed_dims_and_unknown_fields(tmp_path: Path) -> None:
     data = np.arange(6, dtype=np.float32).tobytes()

@@ -14,7 +14,7 @@ from ckpt_rtn import dtypes, fp8
 from ckpt_rtn.formats import TensorInfo, open_reader, open_writer
 from ckpt_rtn.numerics import float32_to_bf16
 
-from conftest import cli
+from conftest import cli, field, record, varint
 from test_hf_families import MODELS, Model
 
 F8 = dtypes.FLOAT8_E4M3
@@ -318,8 +318,6 @@ def test_fp8_config_of_other_blocks_is_refused_before_writing(tmp_path: Path) ->
 def test_fp8_in_a_ckpt_is_named_as_such(tmp_path: Path) -> None:
     """A .ckpt's Float8E4M3FN weight is read as opaque bytes; beside block scales it was
     refused as 'not an FP8 weight', which inspect contradicted."""
-    from test_ckpt_format import field, record, varint
-
     def tensor(name: str, dtype: bytes, dims: Tuple[int, ...], data: bytes) -> bytes:
         head = b"".join(field(1, 0, varint(d)) for d in dims)
         return record(field(1, 2, name.encode()) + field(2, 2, head + field(2, 2, dtype)
