@@ -123,7 +123,7 @@ class GGUFFile:
         import gguf
 
         self.path = os.fspath(path)
-        paths.check_regular(self.path, FormatError)
+        paths.input_stat(self.path, FormatError, "a GGUF file")
         try:
             reader = gguf.GGUFReader(self.path)
         except (ValueError, OSError, IndexError, KeyError) as exc:  # gguf's parse errors

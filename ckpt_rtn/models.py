@@ -111,8 +111,8 @@ def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
 
 
 def read_text_input(path: "os.PathLike[str] | str", error: Type[CkptRtnError]) -> str:
-    """A UTF-8 input file's text (see paths.check_regular); anything wrong is `error`."""
-    paths.check_regular(path, error)
+    """A UTF-8 input file's text (see paths.input_stat); anything wrong is `error`."""
+    paths.input_stat(path, error, "a text file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -165,7 +165,7 @@ def load_tokenizer(config: ModelConfig) -> "tokenizers.Tokenizer":
     from tokenizers import Tokenizer
 
     path = config.tokenizer_path
-    paths.check_regular(path, ConfigError)
+    paths.input_stat(path, ConfigError, "a tokenizer file")
     try:
         return Tokenizer.from_file(os.fspath(path))
     except Exception as exc:  # tokenizers raises a bare Exception for any bad file
@@ -182,7 +182,7 @@ def load_text_codec(config: ModelConfig, path: "os.PathLike[str] | str | None" =
     if path is not None and os.fspath(path).endswith(".model"):
         import sentencepiece
 
-        paths.check_regular(path, ConfigError)
+        paths.input_stat(path, ConfigError, "a sentencepiece model")
         try:
             processor = sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))
         except (OSError, RuntimeError) as exc:

@@ -61,27 +61,18 @@ def kind(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else "not a regular file"
 
 
-def input_stat(path: "os.PathLike[str] | str") -> os.stat_result:
-    """The stat of an input file, refusing anything but a regular file before it is opened."""
+def input_stat(path: "os.PathLike[str] | str", error: Type[CkptRtnError] = FormatError,
+               what: str = "a checkpoint file") -> os.stat_result:
+    """The stat of an input file, refusing (as `error`) anything but a regular file before
+    anything opens it: a FIFO would block (a library's open too, deaf to signals), a device
+    such as /dev/zero never end."""
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise FormatError(path, f"cannot open: {exc.strerror}") from None
+        raise error(path, f"cannot open: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise FormatError(path, f"is {kind(st.st_mode)}, not a checkpoint file")
+        raise error(path, f"is {kind(st.st_mode)}, not {what}")
     return st
-
-
-def check_regular(path: "os.PathLike[str] | str", error: Type[CkptRtnError]) -> None:
-    """Refuse, as `error`, an input that is not a regular file before anything opens it: a
-    FIFO would block (a library's open too, deaf to signals), a device such as /dev/zero
-    never end."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise error(path, f"cannot read: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise error(path, f"is {kind(mode)}, not a regular file")
 
 
 def open_input(path: "os.PathLike[str] | str") -> int:

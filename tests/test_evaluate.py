@@ -222,7 +222,7 @@ def test_bad_measurement_input_is_one_line_before_any_network(model, tmp_path: P
     same.write_text("Paris is the capital of France.")
     tokenizer = config_path.parent / "tokenizer.json"
     cases += [  # each was a hang, a lost row, an overwritten input or a traceback
-        (["--text", fifo], f"error: {fifo}: is a FIFO (named pipe), not a regular file"),
+        (["--text", fifo], f"error: {fifo}: is a FIFO (named pipe), not a text file"),
         (["--text", text, "--text", same], f"error: {same}: another --text is also named "
                                            "'wiki.txt'"),
         (["--text", text, "--json", tokenizer], f"error: {tokenizer}: the JSON record is an "
@@ -293,7 +293,7 @@ def test_generate_takes_another_tokenizer(model, tmp_path: Path) -> None:
     assert "this tokenizer does not belong to the model" in other.stderr
     bad = cli("generate", "--config", config_path, "--ckpt", w8, "--tokenizer",
               tmp_path / "corpus.model", "x")
-    assert bad.exit_code == 2 and "corpus.model: cannot read: No such file" in bad.stderr
+    assert bad.exit_code == 2 and "corpus.model: cannot open: No such file" in bad.stderr
 
 
 def test_a_child_process_returns_results_and_our_errors(tmp_path: Path) -> None:
@@ -305,7 +305,7 @@ def test_a_child_process_returns_results_and_our_errors(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
     with pytest.raises(ConfigError) as raised:
         in_fresh_process(load_model_config, str(missing))
-    assert raised.value.path == str(missing) and "cannot read" in raised.value.reason
+    assert raised.value.path == str(missing) and "cannot open" in raised.value.reason
     error = FormatError("in.ckpt", "truncated record", offset=12)
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is FormatError and str(copy) == str(error) == \

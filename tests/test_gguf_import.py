@@ -293,7 +293,7 @@ def test_bad_inputs(tmp_path: Path, imported: Path) -> None:
     not_gguf.write_bytes(b"GGML" + bytes(64))
     with pytest.raises(FormatError, match="not a readable GGUF"):
         import_gguf(not_gguf, tmp_path / "out")
-    with pytest.raises(FormatError, match="cannot read: No such file"):
+    with pytest.raises(FormatError, match="cannot open: No such file"):
         import_gguf(tmp_path / "missing.gguf", tmp_path / "out")
     os.mkfifo(tmp_path / "fifo.gguf")
     with pytest.raises(FormatError, match="is a FIFO"):

@@ -155,9 +155,9 @@ def test_malformed_files_are_one_line_config_errors(tmp_path: Path, content: Any
 
 
 def test_unreadable_paths_and_bad_counts_are_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read: No such file or directory"):
+    with pytest.raises(ConfigError, match="cannot open: No such file or directory"):
         squad.load(tmp_path / "absent.json")
-    with pytest.raises(ConfigError, match="is a directory, not a regular file"):
+    with pytest.raises(ConfigError, match="is a directory, not a JSON file"):
         squad.load(tmp_path)
     os.mkfifo(tmp_path / "fifo.json")  # it was opened, and waited for a writer
     with pytest.raises(ConfigError, match="is a FIFO"):

@@ -101,7 +101,7 @@ def test_unusable_text_is_refused(text: str, seq_len: int, reason: str) -> None:
     (b"\xff\xfe = Lobster = \n", "not UTF-8 text (byte 0)"),
     (b" \n = Only = \n \n = = Headings = = \n", "no text paragraphs"),
     (b" A few words . \n", "fewer than one chunk of 511"),
-    (None, "cannot read: No such file or directory"),
+    (None, "cannot open: No such file or directory"),
 ])
 def test_bad_wikitext_file_is_one_error_line(smollm2: Path, tmp_path: Path, content, reason) -> None:
     bad = tmp_path / "wiki.valid.tokens"

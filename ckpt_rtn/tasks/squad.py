@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
-from ..paths import check_regular
+from ..paths import input_stat
 
 #: Golden Stick's prompt (`mindspore_gs/datasets/squad.py`, `SQuADDataset._load`).
 TEMPLATE = ("Read the passage and answer the question below.\n\n### Instruction:\n{context}"
@@ -79,7 +79,7 @@ def load(path: "os.PathLike[str] | str", samples: Optional[int] = None) -> List[
 
 
 def _read_json(path: "os.PathLike[str] | str") -> Any:
-    check_regular(path, ConfigError)
+    input_stat(path, ConfigError, "a JSON file")
     try:
         with open(path, "rb") as stream:
             return json.load(stream)
