@@ -6,8 +6,13 @@ import math
 import os
 import pickle
 import re
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -310,3 +315,45 @@ def test_a_child_process_returns_results_and_our_errors(tmp_path: Path) -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is FormatError and str(copy) == str(error) == \
         "in.ckpt: truncated record (at byte 12)"
+
+
+def _process(pid: int) -> Optional[Tuple[str, int]]:
+    """A process's state letter and parent, from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return state, int(ppid)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_the_child_dies_with_the_command(tmp_path: Path) -> None:
+    """A SIGKILL of the command (the OOM killer, a scheduler's hard stop) left its measuring
+    child running to the end of its measurement."""
+    command = subprocess.Popen([sys.executable, "-c", "import time; from ckpt_rtn.runtime."
+                                "evaluate import in_fresh_process; in_fresh_process(time.sleep, "
+                                "300)"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    child: List[int] = []
+    while not child:
+        assert time.monotonic() < deadline and command.poll() is None
+        time.sleep(0.1)
+        child = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                 and (_process(int(p)) or ("", 0))[1] == command.pid
+                 and b"spawn_main" in _cmdline(int(p))]  # not the resource tracker
+    command.send_signal(signal.SIGKILL)
+    command.wait()
+    deadline = time.monotonic() + 60  # its imports, then it sees the command gone
+    while (_process(child[0]) or ("Z", 0))[0] != "Z":  # gone, or dead and not yet reaped
+        assert time.monotonic() < deadline, "the child outlived the command"
+        time.sleep(0.2)

@@ -15,6 +15,7 @@ same forward passes give the prefill throughput (`TimedForward`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -157,7 +158,7 @@ def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
     """
     context = multiprocessing.get_context("spawn")
     here, there = context.Pipe()
-    child = context.Process(target=_child, args=(there,), name="ckpt-rtn-measure")
+    child = context.Process(target=_child, args=(there, os.getpid()), name="ckpt-rtn-measure")
     answered = False
     try:
         with _stop_signals_ignored():
@@ -214,7 +215,8 @@ def _stop_signals_ignored() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def _child(parent: "multiprocessing.connection.Connection") -> None:
+def _child(parent: "multiprocessing.connection.Connection", parent_pid: int) -> None:
+    _die_with(parent_pid)
     try:
         fn, args = parent.recv()
         answer: Tuple[bool, Any] = (True, fn(*args))
@@ -226,3 +228,20 @@ def _child(parent: "multiprocessing.connection.Connection") -> None:
         answer = (False, RuntimeError(f"in the evaluation process:\n{traceback.format_exc()}"))
     parent.send(answer)
     parent.close()
+
+
+#: prctl's option that sends this process a signal when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent_pid: int) -> None:
+    """End this process when the command that started it dies. A SIGKILL of the command
+    (the OOM killer, a scheduler's hard stop) runs no cleanup, and left the measurement
+    running to its end. Linux's PR_SET_PDEATHSIG does it; elsewhere it stays as it was."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before that was set: while this one imported
+        os._exit(1)
