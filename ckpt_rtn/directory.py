@@ -236,8 +236,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
         # This run's, from now: a --resume after an interrupt continues it, where the
         # earlier runs' manifests (another SRC, other settings) refused it.
         _save(dst, MANIFEST, manifest)
-        for name in _part_manifest_names(dst):
-            _remove(os.path.join(dst, name))
+        _remove_part_manifests(dst)
     # Each shard keeps its own format, and replaces whatever a killed run left.
     shard_options = replace(options, rules=rules, format=None, overwrite=True)
     for rel in shards:
@@ -290,8 +289,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
              if rel in files]
     manifest["files"] = {rel: files[rel] for rel in order}  # and nothing a manifest made up
     _save(dst, MANIFEST, manifest)
-    for name in _part_manifest_names(dst):  # merged (or, after --overwrite, stale)
-        _remove(os.path.join(dst, name))
+    _remove_part_manifests(dst)  # merged into this run's
     for name in _dead_part_locks(dst):  # no part runs while this run holds DST's lock
         _remove(os.path.join(dst, name))
     result.output_size = sum(entry["size"] for entry in manifest["files"].values())
@@ -793,6 +791,11 @@ def _part_manifest_names(dst: str) -> List[str]:
         return sorted(name for name in os.listdir(dst) if PART_MANIFEST.fullmatch(name))
     except OSError as exc:
         raise OutputError(dst, f"cannot list: {exc.strerror}") from None
+
+
+def _remove_part_manifests(dst: str) -> None:
+    for name in _part_manifest_names(dst):
+        _remove(os.path.join(dst, name))
 
 
 def _part_manifests(dst: str, settings: Settings, sources: Dict[str, List[int]],

@@ -111,26 +111,30 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
     for rel in (rel for rel in layout.others if rel in present):
         config = directory.copied_config(os.path.join(src, rel))
         if config is not None:
-            with open(os.path.join(dst, rel), "rb") as f:
-                if f.read(len(config) + 1) != config:
-                    verdict.differences.append(Difference(rel, "is not the config.json convert "
-                                                          "writes (without the FP8 "
-                                                          "quantization_config)"))
+            if not _holds(os.path.join(dst, rel), config):
+                verdict.differences.append(Difference(rel, "is not the config.json convert "
+                                                      "writes (without the FP8 "
+                                                      "quantization_config)"))
         elif (at := _files_differ(os.path.join(src, rel), os.path.join(dst, rel))) is not None:
             verdict.differences.append(Difference(rel, "differs from the source's copy, first "
                                                   f"at byte {at}"))
         verdict.copied += 1
     for rel in (rel for rel in layout.indexes if rel in present):
-        index = directory.rewritten_index(src, rel, planned)
-        with open(os.path.join(dst, rel), "rb") as f:
-            if f.read(len(index) + 1) != index:
-                verdict.differences.append(Difference(rel, "is not the index convert writes "
-                                                      "(weight_map or total_size)"))
+        if not _holds(os.path.join(dst, rel), directory.rewritten_index(src, rel, planned)):
+            verdict.differences.append(Difference(rel, "is not the index convert writes "
+                                                  "(weight_map or total_size)"))
         verdict.indexes += 1
     if mcore and description.NAME in present:
         verdict.differences += _check_description(
             os.path.join(dst, description.NAME), directory.description_of(layout.shards, planned))
     return verdict
+
+
+def _holds(path: str, expected: bytes) -> bool:
+    """Whether the regular file at `path` holds exactly `expected`, reading no more of it
+    than those bytes and one."""
+    with open(path, "rb") as f:
+        return f.read(len(expected) + 1) == expected
 
 
 def _check_description(path: str, expected: bytes) -> List[Difference]:
@@ -142,14 +146,13 @@ def _check_description(path: str, expected: bytes) -> List[Difference]:
         if not stat.S_ISREG(mode):
             return [Difference(description.NAME, f"is {paths.kind(mode)}, not a file convert "
                                                   "writes")]
-        with open(path, "rb") as f:
-            found = f.read(len(expected) + 1)
+        same = _holds(path, expected)
     except FileNotFoundError:
         return [Difference(description.NAME, f"missing: convert writes it beside the output "
                                               f"({path})")]
     except OSError as exc:
         return [Difference(description.NAME, f"cannot be read: {exc.strerror}")]
-    if found != expected:
+    if not same:
         return [Difference(description.NAME, "is not the description convert writes (a tensor "
                                              "missing, extra, or with another method)")]
     return []
