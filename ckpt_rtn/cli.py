@@ -24,7 +24,7 @@ from .formats.atomic import AtomicFile
 from .numerics import to_work
 from .options import ConvertOptions, Part
 from .rules import RuleChoice, available_families
-from .schemes import SCHEME_NAMES, CheckpointScheme, detect_scheme, get_scheme
+from .schemes import SCHEME_NAMES, CheckpointScheme, detect_scheme, get_scheme, model_mismatch
 from .settings import NAME as SETTINGS_NAME, recorded
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
@@ -817,8 +817,10 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
     is a row: checkpoint size, the Linear weights in the file, perplexity,
     SQuAD F1/EM by both metrics, prefill and decode tokens/s, weight memory
     and peak RSS; each checkpoint is a column, beside its change against the
-    baseline. Each checkpoint runs in a fresh process. Measures what `eval`
-    measures; give at least one of --text, --wikitext, --squad.
+    baseline. Every checkpoint must be the baseline's model, as it is or
+    quantized (checked from the headers before any is measured). Each
+    checkpoint runs in a fresh process. Measures what `eval` measures; give
+    at least one of --text, --wikitext, --squad.
     """
     from .models import load_model_config
     from .runtime.evaluate import in_fresh_process
@@ -826,6 +828,7 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
 
     for ckpt in checkpoints:
         paths.input_stat(ckpt)
+    _check_one_model(checkpoints)
     config = load_model_config(model_yaml)
     if json_path is not None:
         paths.check_replaceable(json_path, "the JSON table",
@@ -838,6 +841,20 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
     if json_path is not None:  # first: a table that cannot be printed must not lose it
         atomic.write_bytes_atomic(json_path, _json_bytes({"checkpoints": records}))
     _print_table(records)
+
+
+def _check_one_model(checkpoints: Sequence[str]) -> None:
+    """Refuse, from their headers, a checkpoint that is not the first one's model (as it is
+    or quantized): its network would refuse it only once the others were measured."""
+    headers = []
+    for ckpt in checkpoints:
+        with formats.open_reader(ckpt, verify_crc=False) as reader:
+            headers.append(list(reader.tensors))
+    for ckpt, header in zip(checkpoints[1:], headers[1:]):
+        problem = model_mismatch(headers[0], header)
+        if problem is not None:
+            raise ConfigError(ckpt, f"not the model of the baseline {checkpoints[0]}, "
+                              f"as it is or quantized: {problem}")
 
 
 @main.command()

@@ -42,7 +42,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -332,3 +332,43 @@ def detect_scheme(tensors: Iterable[TensorInfo]) -> Optional[CheckpointScheme]:
             group = by_name[names.weight].shape[1] // scale.shape[1]
             return CheckpointScheme("w4a8-dynamic", group, layers)
     return CheckpointScheme("w8a8-dynamic", None, layers)
+
+
+def model_mismatch(baseline: Sequence[TensorInfo], other: Sequence[TensorInfo]) -> Optional[str]:
+    """Why `other` is not `baseline`'s model, as it is or with Linear layers quantized by
+    any scheme above; None if it can be (or `baseline` is itself quantized: no reference).
+
+    From headers alone, names and shapes (dtypes are the loader's to judge), so that a
+    command measuring several checkpoints of one model refuses a stranger before it spends
+    minutes measuring the others. A quantized layer `<p>` may differ only where the
+    scheme puts its tensors: `<p>.weight` becomes its codes, scale and zero point, and a
+    bias takes the scheme's name.
+    """
+    if detect_scheme(baseline) is not None:
+        return None
+    expected = {t.name: t.shape for t in baseline if t.dtype is not dtypes.STRING}
+    theirs = {t.name: t.shape for t in other if t.dtype is not dtypes.STRING}
+    allowed = set()
+    found = detect_scheme(other)
+    for layer in found.layers if found is not None else ():
+        names = found.names(layer)
+        if expected.pop(f"{layer}.weight", None) is None:
+            return f"it quantizes {layer!r}, whose weight {layer}.weight the baseline lacks"
+        allowed.update(name for name in (names.weight, names.scale, names.zp_neg) if name)
+        bias = expected.pop(f"{layer}.bias", None)
+        if bias is not None:
+            expected[names.bias] = bias
+    reshaped = [f"{name} {tuple(theirs[name])} (baseline {tuple(expected[name])})"
+                for name in sorted(set(expected) & set(theirs))
+                if tuple(theirs[name]) != tuple(expected[name])]
+    return mismatch_summary(sorted(set(expected) - set(theirs)),
+                            sorted(set(theirs) - set(expected) - allowed), reshaped)
+
+
+def mismatch_summary(missing: Sequence[str], unexpected: Sequence[str],
+                     mismatched: Sequence[str]) -> Optional[str]:
+    """'missing 2: a, b; unexpected 1: c' (five names of each at most); None if all empty."""
+    problems = [f"{label} {len(items)}: {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected),
+                                     ("mismatched", mismatched)) if items]
+    return "; ".join(problems) or None

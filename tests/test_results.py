@@ -2,8 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List
+
+import numpy as np
+from safetensors.numpy import save_file
 
 from ckpt_rtn import results
+from ckpt_rtn.formats import TensorInfo, open_reader
+from ckpt_rtn.schemes import model_mismatch
+
+from conftest import cli, llama_weights, needs_mindspore
 
 
 def _record(path: Path, **values: object) -> results.Record:
@@ -52,3 +60,57 @@ def test_the_footnote_says_how_it_was_measured(tmp_path: Path) -> None:
     note = results.footnote([record])
     assert "mode graph" in note and "seq_len 1024" in note and "250000" in note
     assert "SQuAD 100 paragraphs" in note and "KV cache needs Ascend" in note
+
+
+def test_compare_refuses_another_model_from_the_headers(tmp_path: Path) -> None:
+    """`compare` reads every checkpoint's header first: one that is not the baseline's model,
+    as it is or quantized by any scheme, was refused by its network only once the
+    checkpoints before it had been measured, minutes later."""
+    weights = {name: value.astype(np.float16)
+               for name, value in llama_weights(hidden=256, kv=64, ffn=512).items()}
+    weights["model.layers.0.attention.wq.bias"] = np.zeros(256, np.float16)  # renamed by w8a16
+    fp = tmp_path / "fp.safetensors"
+    save_file(weights, str(fp))
+    header = _header(fp)
+    for scheme in ("w8a16", "w8a16-ptq", "w4a16"):
+        out = tmp_path / f"{scheme}.safetensors"
+        assert cli("convert", fp, out, "--scheme", scheme, "-q").exit_code == 0
+        assert model_mismatch(header, _header(out)) is None, scheme
+    assert model_mismatch(header, header) is None
+    assert model_mismatch(_header(tmp_path / "w8a16.safetensors"), header) is None  # no reference
+
+    larger = {**weights, "model.norm_out.weight": np.ones(512, np.float16)}
+    del larger["lm_head.weight"]
+    save_file(larger, str(tmp_path / "other.safetensors"))
+    assert model_mismatch(header, _header(tmp_path / "other.safetensors")) == (
+        "missing 1: lm_head.weight; mismatched 1: model.norm_out.weight (512,) (baseline (256,))")
+    quantized = _header(tmp_path / "w8a16.safetensors")
+    assert model_mismatch([t for t in header if t.name != "model.layers.1.attention.wo.weight"],
+                          quantized) == ("it quantizes 'model.layers.1.attention.wo', whose "
+                                         "weight model.layers.1.attention.wo.weight the "
+                                         "baseline lacks")
+    bias = "model.layers.0.attention.wq._handler.bias"
+    assert model_mismatch([t for t in header if t.name != "model.layers.0.attention.wq.bias"],
+                          quantized) == f"unexpected 1: {bias}"
+
+
+def test_compare_refuses_another_model_before_measuring(tmp_path: Path) -> None:
+    needs_mindspore()  # compare refuses to start without it
+    fp, w8, other = (tmp_path / f"{name}.safetensors" for name in ("fp", "w8", "other"))
+    save_file(llama_weights(), str(fp))
+    assert cli("convert", fp, w8, "-q").exit_code == 0
+    save_file(llama_weights(vocab=200), str(other))
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    result = cli("compare", "--config", tmp_path / "no-model.yaml", "--text", text, fp, w8,
+                 other)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {other}: not the model of the baseline {fp}, as it is or quantized: "
+        "mismatched 2: lm_head.weight (200, 64) (baseline (100, 64)), "
+        "model.tok_embeddings.embedding_weight (200, 64) (baseline (100, 64))\n")
+
+
+def _header(path: Path) -> List[TensorInfo]:
+    with open_reader(path, verify_crc=False) as reader:
+        return list(reader.tensors)

@@ -27,7 +27,7 @@ from ..errors import CkptRtnError, UnsupportedError
 from ..formats import detect_format, open_reader
 from ..formats.tensor import TensorInfo
 from ..packing import unpack_int4
-from ..schemes import CheckpointScheme, detect_scheme, get_scheme
+from ..schemes import CheckpointScheme, detect_scheme, get_scheme, mismatch_summary
 from ..rules import Rules, load_rules
 
 
@@ -315,11 +315,9 @@ def _load_exactly(net: nn.Cell, path: "os.PathLike[str] | str", upcast: bool) ->
                   for name in sorted(set(expected) & set(params))
                   if params[name].dtype != expected[name].dtype
                   or tuple(params[name].shape) != tuple(expected[name].shape)]
-    problems = [f"{label} {len(items)}: {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
-                for label, items in (("missing", missing), ("unexpected", unexpected),
-                                     ("mismatched", mismatched)) if items]
-    if problems:
-        raise DeployError(path, "does not match the network: " + "; ".join(problems))
+    problems = mismatch_summary(missing, unexpected, mismatched)
+    if problems is not None:
+        raise DeployError(path, "does not match the network: " + problems)
     ms.load_param_into_net(net, params, strict_load=True)
     for _, cell in net.cells_and_names():
         if isinstance(cell, PtqLinear) and cell._layer.matmul.int4 \
