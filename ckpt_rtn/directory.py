@@ -929,17 +929,19 @@ def rewritten_index(src: str, rel: str, files: Dict[str, Dict[str, object]]) -> 
     settings record is not a tensor to look up: it is left out."""
     path = os.path.join(src, rel)
     index, old_map = _read_index(path)
-    weight_map: Dict[str, str] = {}
-    total = 0
+    holders: Dict[str, Dict[str, int]] = {}  # output tensor -> {shard: its bytes}
     for shard in sorted(set(old_map.values())):
         entry = files.get(os.path.normpath(os.path.join(os.path.dirname(rel), shard)))
         if entry is None or "tensors" not in entry:
             raise FormatError(path, f"weight_map names {shard!r}, which is not a converted shard")
         for tensor in entry["tensors"]:  # type: ignore[union-attr]
-            if tensor["name"] == SETTINGS_NAME:
-                continue
-            weight_map[tensor["name"]] = shard
-            total += tensor["nbytes"]
+            if tensor["name"] != SETTINGS_NAME:
+                holders.setdefault(tensor["name"], {})[shard] = tensor["nbytes"]
+    # A tensor copied into several shards (the input held it twice) stays where the index
+    # pointed: a loader reads that copy, which may hold other values than the rest.
+    weight_map = {name: old_map[name] if old_map.get(name) in shards else min(shards)
+                  for name, shards in holders.items()}
+    total = sum(holders[name][shard] for name, shard in weight_map.items())
     index["weight_map"] = dict(sorted(weight_map.items()))
     metadata = index.get("metadata")
     index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "total_size": total}

@@ -135,6 +135,29 @@ def test_sharded_safetensors_index_is_rewritten(tmp_path: Path) -> None:
     assert new_index["metadata"] == {"total_size": total, "note": "x"}
 
 
+def test_a_tensor_held_by_two_shards_stays_where_the_index_points(tmp_path: Path) -> None:
+    """The input holds a copied tensor twice, with other values: the index picked the first
+    shard's, which a loader reads. The rewritten index pointed at the last shard's (and
+    counted it twice in total_size), and the converted model loaded other values, exit 0."""
+    src = tmp_path / "hf"
+    src.mkdir()
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    weight = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float16)
+    save_file({"model.norm.weight": np.ones(64, np.float16)}, str(src / first))
+    save_file({"model.norm.weight": np.zeros(64, np.float16),
+               "model.layers.0.self_attn.q_proj.weight": weight}, str(src / second))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.norm.weight": first, "model.layers.0.self_attn.q_proj.weight": second}}))
+    result = cli("convert", src, tmp_path / "out", "--config", "hf-llama", "-q")
+    assert result.exit_code == 0, result.stderr
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    names = legacy_names("model.layers.0.self_attn.q_proj")
+    assert index["weight_map"] == {"model.norm.weight": first, names.weight: second,
+                                   names.scale: second, names.zp_neg: second}
+    assert index["metadata"]["total_size"] == 64 * 2 + 8 * 64 + 2 * 8 * 2
+    assert cli("verify", src, tmp_path / "out").exit_code == 0
+
+
 #: These shards hold one weight each: too few names to detect the family from.
 LLAMA2 = ("--config", "llama2")
 
