@@ -233,7 +233,8 @@ def main() -> None:
 @click.option("--no-default-blacklist", is_flag=True,
               help="Drop the family's blacklist (e.g. to quantize lm_head too).")
 @click.option("--format", "out_format", type=click.Choice(formats.FORMATS),
-              help="Output format. Default: from DST's suffix.")
+              help="Output format, for a DST named neither .ckpt nor .safetensors. "
+                   "Default: from DST's suffix.")
 @click.option("--crc", is_flag=True,
               help="Write MindSpore's CRC: a .ckpt trailer, or safetensors' crc_num.")
 @click.option("--no-verify-crc", is_flag=True,
@@ -333,6 +334,9 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
         raise UnsupportedError(src, "--resume applies to directory input; a single file is "
                                "written whole or not at all")
     if dry_run:
+        if report_path is not None:
+            raise UnsupportedError(report_path, "--report records what a conversion did (its "
+                                   "error statistics, its times); --dry-run converts nothing")
         plan = converter.plan_conversion(src, dst, options)
         _print_dry_run(plan, os.path.getsize(src), dst)
         return
@@ -486,6 +490,7 @@ def _warn_about(plan: converter.Plan) -> None:
 
 
 def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
+    size = plan.output_size  # first: it refuses what the writer would, before any line
     rows = [(s.source.name, str(s.source.dtype), _shape(s.source.shape),
              human_bytes(s.source.nbytes), human_bytes(sum(o.nbytes for o in s.outputs)))
             for s in plan.quantized]
@@ -500,7 +505,6 @@ def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
     if plan.scheme.mcore:
         _say(f"would also write {description.path_beside(dst)}")
     rules = plan.rules
-    size = plan.output_size
     total = len(plan.steps) + len(plan.dropped) + len(plan.consumed)
     _say(f"{len(plan.quantized)} of {total} tensors would be "
          f"quantized ({rules.family} rules, {plan.scheme.label}, blacklist: "
@@ -604,8 +608,8 @@ def _asymmetry(reader: formats.TensorReader, found: CheckpointScheme) -> str:
         return ""  # the legacy and Mcore layouts are symmetric only
     by_name = {t.name: t for t in reader.tensors}
     for layer in found.layers:
-        info = by_name[found.names(layer).zp_neg]
-        if not info.dtype.is_float:
+        info = by_name.get(found.names(layer).zp_neg)  # type: ignore[arg-type]
+        if info is None or not info.dtype.is_float:
             continue
         if to_work(reader.read(info), converter.float_format(info.dtype)).any():
             return " asymmetric"
@@ -616,7 +620,13 @@ def _shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
+#: Control characters as escapes: a tensor name holding a newline or a terminal escape
+#: would otherwise print rows of its own, or restyle the terminal.
+_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> None:
+    header, *rows = [[cell.translate(_ESCAPES) for cell in row] for row in (header, *rows)]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
 
     def line(cells: Sequence[str]) -> str:

@@ -124,7 +124,7 @@ class Plan:
     def output_size(self) -> int:
         """Exact size in bytes of the file this plan writes."""
         return formats.planned_size(self.outputs, format=self.out_format,
-                                    metadata=self.metadata, crc=self.crc)
+                                    metadata=self.metadata, crc=self.crc, path=self.source)
 
 
 @dataclass(frozen=True)
@@ -243,8 +243,11 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
         else:
             steps.append(Step(info, (info,)))
     _check_unique_outputs(reader.path, steps, scheme)
+    written = {out.name for step in steps for out in step.outputs}
+    # A stale CRC, and the per-tensor marks (Int4) of the input's tensors and of any
+    # tensor written: a mark named as an output tensor would retype it (int8 codes as Int4).
     metadata = {k: v for k, v in reader.metadata.items()
-                if k != "crc_num" and k not in selections}  # stale CRC, per-tensor marks
+                if k != "crc_num" and k not in selections and k not in written}
     metadata["format"] = "ms"
     settings = Settings.of(rules, scheme, crc=crc, out_format=out_format)
     if out_format == "safetensors":
@@ -295,8 +298,13 @@ def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
 
 
 def output_format(dst: "os.PathLike[str] | str", requested: Optional[str], crc: bool) -> str:
-    """--format if given, else the output's suffix."""
-    fmt = requested or formats.format_from_suffix(dst)
+    """--format if given, else the output's suffix; never one the suffix contradicts."""
+    named = formats.format_from_suffix(dst)
+    if requested is not None and named not in (None, requested):
+        raise OutputError(dst, f"--format {requested} would write a {requested} file under a "
+                          f".{named} name, which readers (ckpt-rtn's too) take for {named}: "
+                          f"name it .{'ckpt' if requested == 'ckpt' else 'safetensors'}")
+    fmt = requested or named
     if fmt is None:
         raise OutputError(dst, "cannot tell the output format from the file name: "
                           "name it .ckpt or .safetensors, or pass --format")

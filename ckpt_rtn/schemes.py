@@ -317,8 +317,10 @@ def detect_scheme(tensors: Iterable[TensorInfo]) -> Optional[CheckpointScheme]:
         weight = by_name[names(layers[0]).weight]
         if weight.dtype is not dtypes.INT4:
             return CheckpointScheme(scheme, None, layers)
-        groups = by_name[names(layers[0]).scale].shape[0]
-        return CheckpointScheme("w4a16", weight.shape[0] // groups, layers)
+        scale = by_name.get(names(layers[0]).scale)  # None, or odd, in a damaged file
+        groups = scale.shape[0] if scale is not None and scale.shape else 0
+        group = weight.shape[0] // groups if groups and weight.shape else None
+        return CheckpointScheme("w4a16", group, layers)
     suffix = mcore_names("").scale
     layers = tuple(sorted(
         layer for layer in (n[:-len(suffix)] for n in by_name if n.endswith(suffix))
@@ -327,9 +329,10 @@ def detect_scheme(tensors: Iterable[TensorInfo]) -> Optional[CheckpointScheme]:
         return None
     for layer in layers:  # an int64 scale holds float32 bits: an A8W4 expert's
         names = mcore_names(layer)
-        scale = by_name[names.scale]
-        if scale.dtype is dtypes.INT64 and len(scale.shape) == 2 and scale.shape[1]:
-            group = by_name[names.weight].shape[1] // scale.shape[1]
+        scale, weight = by_name[names.scale], by_name[names.weight]
+        if scale.dtype is dtypes.INT64 and len(scale.shape) == len(weight.shape) == 2 \
+                and scale.shape[1]:
+            group = weight.shape[1] // scale.shape[1]
             return CheckpointScheme("w4a8-dynamic", group, layers)
     return CheckpointScheme("w8a8-dynamic", None, layers)
 

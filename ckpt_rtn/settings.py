@@ -148,7 +148,12 @@ def recorded(reader: TensorReader) -> Optional[Settings]:
     if info.nbytes % 4:
         raise FormatError(reader.path, f"str record {NAME!r} holds {info.nbytes} bytes, "
                           "not a whole number of UTF-32 characters")
-    return Settings.from_json(str(reader.read(info)), reader.path)
+    try:  # numpy makes a str of any code units, even past U+10FFFF: re then fails inside
+        text = reader.read(info).tobytes().decode("utf-32-le")
+    except UnicodeDecodeError as exc:
+        raise FormatError(reader.path, f"str record {NAME!r} is not UTF-32 text ({exc.reason} "
+                          f"at byte {exc.start})") from None
+    return Settings.from_json(text, reader.path)
 
 
 def _patterns(patterns) -> Patterns:

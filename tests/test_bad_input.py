@@ -959,3 +959,115 @@ def test_a_bias_named_as_the_renamed_bias_is_refused(tmp_path: Path, dry_run: bo
     assert_refused(result, src, rf"tensors '{layer}\._handler\.bias' and '{layer}\.bias' would "
                    rf"both be written as '{layer}\._handler\.bias'", leaves=[dst],
                    directory=dst.parent)
+
+
+def _ckpt_record(name: str, dtype: dtypes.DType, shape: Sequence[int], data: bytes) -> bytes:
+    from ckpt_rtn.formats import ckpt
+    info = TensorInfo(name, dtype, tuple(shape), len(data))
+    return ckpt._record_header(name.encode(), ckpt._tensor_head(info, len(data)), len(data)) + data
+
+
+@pytest.mark.parametrize("crc", [False, True], ids=["plain", "crc"])
+@pytest.mark.parametrize("dry_run", [False, True], ids=["convert", "dry-run"])
+@pytest.mark.parametrize("name, dtype, reason", [
+    ("__metadata__", dtypes.FLOAT32, "safetensors keeps its metadata under that name"),
+    ("format", dtypes.INT4, "its Int4 mark would take the __metadata__ key of that name"),
+    ("crc_num", dtypes.INT4, "its Int4 mark would take the __metadata__ key of that name"),
+])
+def test_names_safetensors_keeps_for_itself(tmp_path: Path, name: str, dtype: dtypes.DType,
+                                            reason: str, dry_run: bool, crc: bool) -> None:
+    """A .ckpt tensor with such a name made a safetensors file that the safetensors library
+    and ckpt-rtn's own inspect refused (a second __metadata__; a `format` or `crc_num` key
+    holding an Int4 mark, or an Int4 tensor read back as Int8), exit 0."""
+    src = tmp_path / "odd.ckpt"
+    src.write_bytes(SMALL.read_bytes() + _ckpt_record(name, dtype, (2,), bytes(8 if dtype is
+                                                                          dtypes.FLOAT32 else 2)))
+    dst = tmp_path / "out.safetensors"
+    extra = [*(["--dry-run"] if dry_run else []), *(["--crc"] if crc else [])]
+    assert_refused(run("convert", "--config", "llama2", src, dst, *extra), src if dry_run else dst,
+                   re.escape(f"{name!r}: {reason}; write a .ckpt instead"), leaves=[dst],
+                   directory=tmp_path)
+
+
+def test_a_metadata_mark_named_as_an_output_tensor_is_not_carried(tmp_path: Path) -> None:
+    """An input's `__metadata__` key naming a tensor the conversion writes (an Int4 mark for
+    the codes' name) retyped the int8 codes as Int4: verify refused the fresh output and
+    inspect raised a KeyError."""
+    weight = "model.layers.0.attention.wq.weight"
+    codes = schemes.legacy_names("model.layers.0.attention.wq").weight
+    src, dst = tmp_path / "marked.safetensors", tmp_path / "out.safetensors"
+    save_file({weight: np.arange(32, dtype=np.float16).reshape(4, 8)}, str(src),
+              metadata={codes: "Int4", "note": "kept"})
+    assert run("convert", "-q", "--config", "llama2", src, dst).exit_code == 0
+    with formats.open_reader(dst) as reader:
+        assert {t.name: t.dtype for t in reader.tensors}[codes] is dtypes.INT8
+        assert codes not in reader.metadata and reader.metadata["note"] == "kept"
+    assert run("verify", src, dst).exit_code == 0
+
+
+@pytest.mark.parametrize("tensors, metadata, found", [
+    ([("a._layer.weight", "I8", [2, 4]), ("a._layer.matmul.weight_scale", "F16", [2])], {},
+     "w8a16-ptq"),  # no zero point: inspect's check for one raised KeyError
+    ([("a._handler.weight", "I8", [2, 4])], {"a._handler.weight": "Int4"}, "w4a16"),
+    ([("a._handler.weight", "I8", [2, 4]), ("a._weight_quantizer.scale", "F16", [])],
+     {"a._handler.weight": "Int4"}, "w4a16"),
+    ([("a._handler.weight", "I8", [2, 4]), ("a._weight_quantizer.scale", "F16", [0])],
+     {"a._handler.weight": "Int4"}, "w4a16"),
+    ([("a.weight", "I8", [8]), ("a.weight_scale", "I64", [2, 1])], {}, "w8a8-dynamic"),
+], ids=["ptq-without-zp", "int4-without-scale", "int4-0d-scale", "int4-empty-scale",
+        "mcore-1d-weight"])
+def test_quantized_names_without_their_usual_companions(tmp_path: Path, tensors, metadata,
+                                                        found: str) -> None:
+    """Names that look quantized, with the scale missing or of an odd shape: KeyError,
+    IndexError or ZeroDivisionError tracebacks from inspect and convert."""
+    src = tmp_path / "odd.safetensors"
+    header = {name: {"dtype": code, "shape": shape, "data_offsets": [0, 0]}
+              for name, code, shape in tensors}
+    offset = 0
+    for entry in header.values():
+        size = int(np.prod(entry["shape"])) * {"I8": 1, "F16": 2, "I64": 8}[entry["dtype"]]
+        entry["data_offsets"] = [offset, offset + size]
+        offset += size
+    text = json.dumps({"__metadata__": metadata, **header} if metadata else header).encode()
+    src.write_bytes(struct.pack("<Q", len(text)) + text + bytes(offset))
+    listed = run("inspect", src)
+    assert listed.exit_code == 0, listed.output
+    assert f"quantized: {found}" in listed.stdout
+    assert_refused(run("convert", src, tmp_path / "out.ckpt"), src,
+                   rf"is already quantized \({found}")
+
+
+def test_a_settings_record_that_is_not_utf32(tmp_path: Path) -> None:
+    """A code unit past U+10FFFF in a .ckpt output's settings record: numpy made a str of it
+    that `re` then failed on, a SystemError traceback from inspect and verify."""
+    src, dst = tmp_path / "in.ckpt", tmp_path / "out.ckpt"
+    shutil.copy(SMALL, src)
+    assert run("convert", "-q", "--config", "llama2", src, dst).exit_code == 0
+    data = bytearray(dst.read_bytes())
+    at = data.index('"family"'.encode("utf-32-le"))
+    data[at + 2] = 0x11  # the code unit of '"' becomes 0x110022
+    dst.write_bytes(bytes(data))
+    listed = run("inspect", dst)
+    assert listed.exit_code == 0 and "settings: str record 'ckpt_rtn_settings' is not UTF-32 " \
+        "text (code point not in range(0x110000)" in listed.stdout, listed.output
+    assert_refused(run("verify", src, dst), dst, r"is not UTF-32 text")
+
+
+def test_dry_run_does_not_take_a_report(tmp_path: Path) -> None:
+    """It exited 0 and wrote no report."""
+    report = tmp_path / "r.json"
+    assert_refused(run("convert", "--dry-run", "--report", report, "--config", "llama2", SMALL,
+                       tmp_path / "out.ckpt"), report, "--dry-run converts nothing",
+                   leaves=[report])
+
+
+def test_inspect_escapes_control_characters_in_names(tmp_path: Path) -> None:
+    """A name holding a newline printed a row of its own: a fake tensor in the listing."""
+    src = tmp_path / "names.safetensors"
+    save_file({"x\nfake.weight  Float16  [4096, 4096]  33554432\x1b[31m":
+               np.ones(2, np.float16)}, str(src))
+    listed = run("inspect", src)
+    assert listed.exit_code == 0
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 3 and lines[1].startswith(
+        r"x\x0afake.weight  Float16  [4096, 4096]  33554432\x1b[31m  Float16  [2]")

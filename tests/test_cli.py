@@ -425,12 +425,15 @@ def test_format_option_with_bin_name(tmp_path: Path, llama: Path, fmt: str) -> N
         assert loaded["model.layers.0.attention.wq._handler.weight"].dtype == np.int8
 
 
-def test_format_option_overrides_suffix(tmp_path: Path, llama: Path) -> None:
-    dst = tmp_path / "w8.ckpt"
-    ok(run("convert", "-q", "--format", "safetensors", llama, dst))
-    with open(dst, "rb") as f:
-        head = f.read(9)
-    assert head[8:9] == b"{"  # a safetensors header despite the .ckpt name
+@pytest.mark.parametrize("fmt, name", [("safetensors", "w8.ckpt"), ("ckpt", "w8.safetensors")])
+def test_format_option_contradicting_the_suffix_is_refused(tmp_path: Path, llama: Path,
+                                                          fmt: str, name: str) -> None:
+    """Such a file was written, exit 0, and then refused by ckpt-rtn's own inspect and
+    verify (and taken for the other format by MindSpore and MindFormers)."""
+    dst = tmp_path / name
+    _assert_one_error_line(run("convert", "-q", "--format", fmt, llama, dst),
+                           rf"--format {fmt} would write a {fmt} file under a \.\w+ name")
+    assert not dst.exists()
 
 
 def test_no_matching_tensor_warns_and_copies(tmp_path: Path) -> None:

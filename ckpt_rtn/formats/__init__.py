@@ -71,11 +71,13 @@ def open_writer(path: "os.PathLike[str] | str", tensors: Sequence[TensorInfo], *
 
 
 def planned_size(tensors: Sequence[TensorInfo], *, format: str,
-                 metadata: Mapping[str, str], crc: bool = False) -> int:
-    """Exact byte size of the file `open_writer` would write for `tensors`."""
+                 metadata: Mapping[str, str], crc: bool = False,
+                 path: "os.PathLike[str] | str | None" = None) -> int:
+    """Exact byte size of the file `open_writer` would write for `tensors`; what it would
+    refuse to write is refused here too, naming `path`."""
     if format == "ckpt":
         return ckpt.planned_size(tensors, crc=crc)
-    return safetensors.planned_size(tensors, metadata, crc)
+    return safetensors.planned_size(tensors, metadata, crc, path)
 
 
 __all__ = ["FORMATS", "TensorInfo", "TensorReader", "TensorWriter", "detect_format",

@@ -44,6 +44,7 @@ from .tensor import MAX_DIMS, TensorInfo, TensorReader, TensorWriter, shape_prob
 #: The safetensors library refuses headers longer than this (its MAX_HEADER_SIZE).
 MAX_HEADER_SIZE = 100_000_000
 INT4_MARK = "Int4"
+METADATA_KEY = "__metadata__"
 CRC_KEY = "crc_num"
 #: crc_num's decimal value is at most 2**32 - 1: ten digits.
 _CRC_WIDTH = 10
@@ -212,7 +213,7 @@ class SafetensorsReader(TensorReader):
                     raise FormatError(self.path, f"{brief(name)} appears twice in the header",
                                       self._at(text, at))
                 seen.add(name)
-                if name == "__metadata__":
+                if name == METADATA_KEY:
                     metadata, members.pos = self._metadata(text, members.pos, at)
                     continue
                 canonical = _CANONICAL_ENTRY(text, members.pos)
@@ -271,7 +272,7 @@ class SafetensorsReader(TensorReader):
                               self._at(text, at))
         limit = text.count('"data_offsets"') + _METADATA_SPARE
         metadata: Dict[str, str] = {}
-        members = _JSONObject(text, pos, self._syntax, "__metadata__")
+        members = _JSONObject(text, pos, self._syntax, METADATA_KEY)
         for key, key_at in members:
             if text[members.pos:members.pos + 1] != '"':
                 raise FormatError(self.path, "__metadata__ must map strings to strings",
@@ -432,11 +433,17 @@ def _layout(tensors: Sequence[TensorInfo], metadata: Mapping[str, str], crc: boo
     after the closing brace with spaces (which JSON and every reader allow),
     so the header's length, and the file's size, are known before any data.
     """
+    meta = {k: v for k, v in metadata.items() if k != CRC_KEY}
     for info in tensors:
         if info.dtype.safetensors is None:
             raise UnsupportedError(path, f"tensor {info.name!r}: safetensors cannot store "
                                    f"{info.dtype} values")
-    meta = {k: v for k, v in metadata.items() if k != CRC_KEY}
+        if info.name == METADATA_KEY:
+            raise UnsupportedError(path, f"a tensor named {METADATA_KEY!r}: safetensors keeps its "
+                                   "metadata under that name; write a .ckpt instead")
+        if info.dtype is dtypes.INT4 and (info.name in meta or info.name == CRC_KEY):
+            raise UnsupportedError(path, f"Int4 tensor {info.name!r}: its Int4 mark would take "
+                                   f"the {METADATA_KEY} key of that name; write a .ckpt instead")
     meta.update({t.name: INT4_MARK for t in tensors if t.dtype is dtypes.INT4})
     if crc:
         meta[CRC_KEY] = "0" * _CRC_WIDTH
@@ -510,9 +517,9 @@ def _crc_tail(layout: _Layout, crc: int) -> bytes:
 
 
 def planned_size(tensors: Sequence[TensorInfo], metadata: Mapping[str, str],
-                 crc: bool = False) -> int:
+                 crc: bool = False, path: "os.PathLike[str] | str | None" = None) -> int:
     """Exact size of the file `SafetensorsWriter` will write."""
-    layout = _layout(tensors, metadata, crc)
+    layout = _layout(tensors, metadata, crc, path)
     return len(layout.header) + sum(layout.sizes)
 
 
