@@ -355,6 +355,7 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
             methods.write(description.render(result.plan.outputs))
             methods.commit()
     _warn_about(result.plan)
+    _warn_if_no_experts(src, [result.plan])
     _warn_if_compiling_each_run(bool(result.plan.quantized))
     if not quiet:
         _print_summary(dst, result)
@@ -406,6 +407,7 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address:
                           "complete") from None
     for shard in result.converted:
         _warn_about(shard.plan)
+    _warn_if_no_experts(src, [shard.plan for shard in result.converted])
     _warn_if_compiling_each_run(any(shard.plan.quantized for shard in result.converted))
     if report_path is not None:
         # A directory is committed file by file (that is what makes it resumable): a report
@@ -487,6 +489,19 @@ def _warn_about(plan: converter.Plan) -> None:
     if not plan.quantized:
         _tell(f"warning: {plan.source}: no tensor matched the {plan.rules.family} rules; its "
               "output is a copy (see --config / --include)")
+
+
+def _warn_if_no_experts(src: str, plans: Sequence[converter.Plan]) -> None:
+    """A scheme with its own expert quantization (w4a8-dynamic) that met no routed expert
+    wrote what the plain scheme writes, which its label alone would not tell."""
+    steps = [step for plan in plans for step in plan.quantized]
+    if not steps or plans[0].scheme.experts is None:
+        return
+    scheme = plans[0].scheme
+    if all(scheme.for_layer(step.layer) is scheme for step in steps):  # type: ignore[arg-type]
+        _tell(f"warning: {src}: no routed expert (mlp.experts.N.*_proj) was quantized, so "
+              f"--scheme {scheme.name} wrote no int4 layer: the output is what w8a8-dynamic "
+              "writes")
 
 
 def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
@@ -719,7 +734,7 @@ def _request(config: "ModelConfig", texts: Sequence[str], wikitext: Optional[str
              squad_path: Optional[str], squad_samples: Optional[int], max_new_tokens: int,
              seq_len: int, max_tokens: Optional[int], mode: str, quiet: bool) -> "Request":
     """What to measure, read and checked once, before any network is built."""
-    from .models import load_text_codec, read_text_input
+    from .models import load_text_codec
     from .runtime.evaluate import Corpus, windows
     from .runtime.measure import Request
     from .tasks import squad, wikitext as wikitext2
@@ -734,7 +749,7 @@ def _request(config: "ModelConfig", texts: Sequence[str], wikitext: Optional[str
         if name in corpora:  # the table and the record name each text by its file name
             raise ConfigError(path, f"another --text is also named {name!r}: give each text "
                               "a file name of its own")
-        ids = _in_vocabulary(np.asarray(encode(read_text_input(path, UnsupportedError)),
+        ids = _in_vocabulary(np.asarray(encode(paths.read_text(path, UnsupportedError)),
                                         np.int32), config, path)
         try:
             corpora[name] = Corpus(windows(ids, seq_len, max_tokens))
@@ -743,7 +758,7 @@ def _request(config: "ModelConfig", texts: Sequence[str], wikitext: Optional[str
     wiki = None
     if wikitext:
         try:
-            chunks = wikitext2.chunks(read_text_input(wikitext, UnsupportedError), encode,
+            chunks = wikitext2.chunks(paths.read_text(wikitext, UnsupportedError), encode,
                                       seq_len, pad_id, max_tokens)
         except ConfigError as exc:
             raise ConfigError(wikitext, exc.reason) from None

@@ -25,6 +25,7 @@ from . import __version__, description, dtypes, formats, fp8, paths
 from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, QuantizationError,
                      UnsupportedError)
 from .buffers import BufferPool, empty
+from .description import is_description, others_beside
 from .formats.atomic import remove_dead_temp_files
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
@@ -325,25 +326,38 @@ def check_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     paths.check_destination(dst, overwrite=overwrite)
     if report is not None:
         claims.write(report, "the report")
+        claims.write_in_place(paths.lock_path(report), "the report's lock file")
         paths.check_destination(report, overwrite=True)
     if description is not None:
         claims.write(description, "the quantization description")
+        claims.write_in_place(paths.lock_path(description), "the description's lock file")
         paths.check_destination(description, overwrite=overwrite)
+        for other in others_beside(dst):
+            raise OutputError(other, "is a quantization description too, and MindFormers "
+                              f"refuses a folder holding two: remove it, or write {dst} to "
+                              "another folder")
+        if report is not None and is_description(os.path.basename(report)):
+            raise OutputError(report, "MindFormers would take a report of this name for a "
+                              "second quantization description: name it otherwise")
 
 
 @contextlib.contextmanager
 def claimed_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
                    overwrite: bool, report: "os.PathLike[str] | str | None" = None, *,
                    description: "os.PathLike[str] | str | None" = None) -> Iterator[None]:
-    """Hold `dst` for one run: checked, locked against other ckpt-rtn runs, cleared of the
-    temporary files dead runs left for it (and for `report` and `description`).
+    """Hold `dst`, `report` and `description` for one run: checked, locked against other
+    ckpt-rtn runs (two outputs in one folder share its description), cleared of the
+    temporary files dead runs left for them.
 
-    Checked again once locked: another run may have written it meanwhile.
+    Checked again once locked: another run may have written them meanwhile.
     """
     check_output(src, dst, overwrite, report, description=description)
-    with paths.destination_lock(dst):
+    held = [p for p in (dst, report, description) if p is not None]
+    with contextlib.ExitStack() as locks:
+        for path in held:
+            locks.enter_context(paths.destination_lock(path))
         check_output(src, dst, overwrite, report, description=description)
-        for path in (p for p in (dst, report, description) if p is not None):
+        for path in held:
             directory, name = os.path.split(os.path.abspath(path))
             remove_dead_temp_files(directory, name, keep=[src])
         yield

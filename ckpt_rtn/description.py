@@ -76,6 +76,18 @@ def path_beside(output: "os.PathLike[str] | str") -> str:
     return os.path.join(os.path.dirname(os.path.abspath(output)), NAME)
 
 
+def others_beside(output: "os.PathLike[str] | str") -> List[str]:
+    """The files in a single output's directory, other than its own description, that
+    MindFormers would also take for one (and so refuse the directory)."""
+    folder = os.path.dirname(path_beside(output))
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:  # no directory yet: the output's own checks say so
+        return []
+    return [os.path.join(folder, name) for name in names
+            if name != NAME and is_description(name)]
+
+
 def is_description(rel: str) -> bool:
     """Whether MindFormers would take the file `rel` (relative to a model directory) for a
     quantization description."""

@@ -89,6 +89,9 @@ PART_MANIFEST = re.compile(r"ckpt-rtn-manifest\.part-\d+-of-\d+\.json")
 _PART_LOCK = re.compile(r"\." + PART_MANIFEST.pattern + r"\.ckpt-rtn\.lock")
 #: An index JSON takes some 100 bytes per tensor; a larger .json is not read as one.
 _MAX_INDEX_SIZE = 256 * 1024 * 1024
+#: PyTorch weights as Hugging Face (`pytorch_model-00001-of-00002.bin`) and Meta's original
+#: releases (`original/consolidated.00.pth`) name them.
+_PYTORCH_WEIGHTS = re.compile(r"pytorch_model.*\.bin|consolidated\..*\.pth")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -570,6 +573,11 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
             raise FormatError(entry.path, f"is {paths.kind(mode)}; a checkpoint directory "
                               "may hold only regular files and directories")
         rel = os.path.relpath(entry.path, src)
+        if _PYTORCH_WEIGHTS.fullmatch(entry.name):
+            raise UnsupportedError(entry.path, "PyTorch weights, which ckpt-rtn does not read "
+                                   "and would copy unquantized beside the quantized ones: "
+                                   "convert a copy of the directory without them (e.g. "
+                                   "huggingface-cli download --exclude '*.bin' 'original/*')")
         if format_from_suffix(entry.name) is not None and not is_strategy_file(entry.path):
             layout.shards.append(rel)
         elif entry.name.endswith(".json") and _is_index(entry.path):
@@ -704,12 +712,13 @@ def _remove_empty_directories(dst: str) -> None:
 
 
 def _is_index(path: str) -> bool:
-    """A JSON object with a `weight_map` (Hugging Face's sharded index); a malformed one is
-    refused by name when rewritten, not copied as if it were some other file."""
+    """A JSON object with a `weight_map` (Hugging Face's sharded index), or a file named as
+    one (`*.index.json`) that cannot be read: refused by name when rewritten, not copied as
+    if it were some other file (a truncated download's index would name no new tensor)."""
     try:
         data = untrusted_json.load_file(path, "index", max_size=_MAX_INDEX_SIZE)
     except CkptRtnError:
-        return False
+        return path.endswith(".index.json")
     return isinstance(data, dict) and "weight_map" in data
 
 

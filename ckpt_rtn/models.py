@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 import yaml
 
-from .errors import CkptRtnError, ConfigError
+from .errors import ConfigError
 from .formats.atomic import write_bytes_atomic
 from . import paths
-from .rules import yaml_problem
+from .rules import load_yaml
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import tokenizers
@@ -87,11 +87,7 @@ class ModelConfig:
 def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
     """Read and validate a model.yaml; any problem is a one-line ConfigError."""
     path = Path(path)
-    text = read_text_input(path, ConfigError)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, f"invalid YAML: {yaml_problem(exc)}") from None
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(path, "expected a mapping with family, tokenizer and model")
     unknown = sorted(set(data) - {"family", "checkpoint", "tokenizer", "model"})
@@ -108,18 +104,6 @@ def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
                        checkpoint=data.get("checkpoint", CHECKPOINT),
                        tokenizer=data.get("tokenizer", TOKENIZER),
                        base_dir=path.resolve().parent)
-
-
-def read_text_input(path: "os.PathLike[str] | str", error: Type[CkptRtnError]) -> str:
-    """A UTF-8 input file's text (see paths.input_stat); anything wrong is `error`."""
-    paths.input_stat(path, error, "a text file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as exc:
-        raise error(path, f"cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise error(path, f"not UTF-8 text (byte {exc.start})") from None
 
 
 def _type_ok(value: object, types: Tuple[Type[Any], ...]) -> bool:

@@ -75,6 +75,18 @@ def input_stat(path: "os.PathLike[str] | str", error: Type[CkptRtnError] = Forma
     return st
 
 
+def read_text(path: "os.PathLike[str] | str", error: Type[CkptRtnError]) -> str:
+    """A UTF-8 input file's text (see input_stat); anything wrong is `error`."""
+    input_stat(path, error, "a text file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise error(path, f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise error(path, f"not UTF-8 text (byte {exc.start})") from None
+
+
 def open_input(path: "os.PathLike[str] | str") -> int:
     """A read-only descriptor on a regular file.
 

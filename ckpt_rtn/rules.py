@@ -14,6 +14,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import yaml
 
+from . import paths
 from .errors import ConfigError
 from .formats.tensor import TensorInfo
 
@@ -158,13 +159,19 @@ def load_rules(config: "str | os.PathLike[str] | None" = None) -> Rules:
         if not path.exists():
             raise ConfigError(None, f"unknown model family {config!r}; built-in: "
                               f"{', '.join(available_families())}, or give a YAML path")
+    return _rules_from(path, load_yaml(path))
+
+
+def load_yaml(path: "os.PathLike[str] | str") -> object:
+    """The document in a YAML input file (a regular file of UTF-8 text); any fault is one
+    ConfigError."""
+    text = paths.read_text(path, ConfigError)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(path, f"invalid YAML: {yaml_problem(exc)}") from None
-    return _rules_from(path, data)
+    except RecursionError:
+        raise ConfigError(path, "invalid YAML: nested too deeply") from None
 
 
 def include_only_rules() -> Rules:
@@ -187,9 +194,17 @@ def detect_family(names: Iterable[str]) -> Rules:
     return found[0]
 
 
+#: The keys of a rules YAML (the built-in ones in ckpt_rtn/configs/ show each in use).
+_KEYS = ("family", "description", "linear_weights", "blacklist", "detect", "reject")
+
+
 def _rules_from(path: Path, data: object) -> Rules:
     if not isinstance(data, dict):
         raise ConfigError(path, "expected a mapping with family, linear_weights, blacklist")
+    unknown = sorted(map(str, set(data) - set(_KEYS)))
+    if unknown:  # a typo (`blacklists:`) would drop what the key says, without a word
+        raise ConfigError(path, f"unknown key(s) {', '.join(unknown)}; a rules file takes "
+                          f"{', '.join(_KEYS)}")
     patterns, blacklist = data.get("linear_weights"), data.get("blacklist", [])
     detect, reject = data.get("detect", []), data.get("reject", [])
     if not (isinstance(patterns, list) and patterns):

@@ -83,6 +83,10 @@ def verify_file(src: str, dst: str, *, verify_crc: bool = True, workers: Optiona
     if plan.scheme.mcore:
         differences += _check_description(description.path_beside(dst),
                                           description.render(plan.outputs))
+        differences += [Difference(os.path.basename(other), "is another quantization "
+                                   "description beside the output; MindFormers refuses a "
+                                   "folder holding two")
+                        for other in description.others_beside(dst)]
     return Verdict(settings, differences, tensors=len(plan.outputs),
                    quantized=len(plan.quantized))
 

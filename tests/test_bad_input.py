@@ -604,11 +604,46 @@ def test_malformed_index_weight_map(tmp_path: Path, sharded_src: Path, weight_ma
 def test_json_that_is_no_index_is_copied(tmp_path: Path, sharded_src: Path, text: str) -> None:
     """Not JSON, nested past any index's depth, integers past 64 bits: not read as an index
     (copied like any other file), never a traceback."""
-    src = _source_with_index(tmp_path, sharded_src, text)
+    src = _source_with_index(tmp_path, sharded_src, json.dumps({"weight_map": {}}))
+    (src / INDEX).unlink()
+    (src / "notes.json").write_text(text)
     dst = tmp_path / "out"
     result = run("convert", "-q", "--config", "llama2", src, dst)
     assert result.exit_code == 0, result.output
-    assert (dst / INDEX).read_text() == text
+    assert (dst / "notes.json").read_text() == text
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b'{"metadata": {}, "weight_map": {"model.norm_out.weight": "mod', r"index is not valid JSON "
+                                                                      r"\(Unterminated string"),
+    (b"\xef\xbb\xbf{}", r"index is not valid JSON \(it starts with a byte-order mark\)"),
+    (b'{"weight_map": "\xff"}', r"index is not valid JSON \(not UTF-8 text\)"),
+], ids=["truncated", "byte-order-mark", "not-utf8"])
+def test_a_file_named_as_an_index_that_cannot_be_read(tmp_path: Path, sharded_src: Path,
+                                                      data: bytes, reason: str) -> None:
+    """It was copied as any other file (exit 0, and verify agreed): an index that names none
+    of the new tensors."""
+    src = _source_with_index(tmp_path, sharded_src, "")
+    (src / INDEX).write_bytes(data)
+    dst = tmp_path / "out"
+    assert_refused(run("convert", "-q", "--config", "llama2", src, dst), src / INDEX, reason)
+    assert not dst.exists()
+
+
+def test_pytorch_weights_beside_the_shards_are_refused(tmp_path: Path,
+                                                       sharded_src: Path) -> None:
+    """Unindexed PyTorch weights (a single-file snapshot's pytorch_model.bin, Llama 3's
+    original/consolidated.00.pth) were copied, unquantized, beside the quantized shards."""
+    for rel in ("pytorch_model.bin", "original/consolidated.00.pth"):
+        src = _source_with_index(tmp_path / rel.replace("/", "_"), sharded_src,
+                                 (sharded_src / INDEX).read_text())
+        (src / rel).parent.mkdir(exist_ok=True)
+        (src / rel).write_bytes(b"PK\x03\x04")
+        dst = tmp_path / "out"
+        assert_refused(run("convert", "-q", "--config", "llama2", src, dst), src / rel,
+                       r"PyTorch weights, which ckpt-rtn does not read and would copy "
+                       r"unquantized beside the quantized ones")
+        assert not dst.exists()
 
 
 GOOD_SHA = "0" * 64

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Union
 
 import numpy as np
 import pytest
@@ -376,22 +376,38 @@ def test_config_unknown_family(tmp_path: Path, llama: Path) -> None:
 
 
 @pytest.mark.parametrize("content, pattern", [
-    (None, r"cannot read"),
+    (None, r"cannot open"),
     ("linear_weights: [unclosed\n", r"invalid YAML"),
+    # Each was a traceback, or silence: a key misspelt dropped what it said.
+    (b"family: x\nlinear_weights: ['wq']\n\xff", r"not UTF-8 text \(byte 33\)"),
+    pytest.param("[" * 20000, r"invalid YAML: nested too deeply", id="nested-20000-deep"),
+    ("linear_weights: ['wq']\nblacklists: [lm_head]\n", r"unknown key\(s\) blacklists; a "
+                                                       r"rules file takes family, description"),
     ("family: x\nlinear_weights: []\n", r"linear_weights"),
     ("linear_weights: ['(']\n", r"invalid regular expression"),
     ("linear_weights: ['wq']\nblacklist: ['']\n", r"blacklist"),
     ("linear_weights: ['wq']\nreject: 'experts'\n", r"reject must be a list of regular "),
     ("linear_weights: ['wq']\nreject: ['(']\n", r"invalid regular expression"),
 ])
-def test_config_bad_yaml(tmp_path: Path, llama: Path, content: Optional[str],
+def test_config_bad_yaml(tmp_path: Path, llama: Path, content: Union[str, bytes, None],
                          pattern: str) -> None:
     config = tmp_path / "bad.yaml"
-    if content is not None:
+    if isinstance(content, bytes):
+        config.write_bytes(content)
+    elif content is not None:
         config.write_text(content)
     dst = tmp_path / "w8.ckpt"
     _assert_one_error_line(run("convert", "--config", config, llama, dst), pattern)
     assert not dst.exists()
+
+
+def test_config_that_is_no_regular_file(tmp_path: Path, llama: Path) -> None:
+    """A FIFO hung until a signal came; /dev/zero was read until memory ran out."""
+    fifo = tmp_path / "rules.yaml"
+    os.mkfifo(fifo)
+    for config, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device")):
+        _assert_one_error_line(run("convert", "--config", config, llama, tmp_path / "w8.ckpt"),
+                               rf"^error: {config}: is {kind}.*, not a text file$")
 
 
 def test_empty_blacklist_entry_is_refused(tmp_path: Path, llama: Path) -> None:

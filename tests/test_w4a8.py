@@ -167,12 +167,23 @@ def test_converts_and_describes(tmp_path: Path) -> None:
         if name not in model.linears:
             assert described[name] == FLOAT and np.array_equal(written[name], array), name
     assert f"{out / NAME}: {2 * len(experts)} W4A8_DYNAMIC, " in result.stdout
+    assert "warning" not in result.stderr
     found = detect_scheme(infos)
     assert (found.scheme, found.group_size, found.label) == ("w4a8-dynamic", 128,
                                                              "w4a8-dynamic g128")
     assert cli("verify", src, out / "model.safetensors").exit_code == 0
     again = cli("convert", out / "model.safetensors", tmp_path / "again.safetensors")
     assert again.exit_code == 2 and "w4a8-dynamic" in again.stderr
+
+
+def test_no_routed_expert_quantized_is_said(tmp_path: Path) -> None:
+    """With every routed expert blacklisted (or a dense model), the output is w8a8-dynamic's,
+    byte for byte, while the summary named w4a8-dynamic g128: now a warning says so."""
+    *_, infos, result = converted(tmp_path, "--blacklist", "mlp.experts.")
+    assert detect_scheme(infos).scheme == "w8a8-dynamic"
+    assert result.stderr == (f"warning: {tmp_path / 'model.safetensors'}: no routed expert "
+                             "(mlp.experts.N.*_proj) was quantized, so --scheme w4a8-dynamic "
+                             "wrote no int4 layer: the output is what w8a8-dynamic writes\n")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,

@@ -19,7 +19,7 @@ from typing import Dict
 import numpy as np
 import pytest
 
-from ckpt_rtn import dtypes
+from ckpt_rtn import dtypes, paths
 from ckpt_rtn.description import FLOAT, NAME, W8A8_DYNAMIC, methods
 from ckpt_rtn.directory import MANIFEST, sha256_of
 from ckpt_rtn.formats import TensorInfo, open_reader
@@ -156,6 +156,45 @@ def test_single_file(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
     assert "writes safetensors" in refused.stderr and not (tmp_path / "w8.ckpt").exists()
     assert not (tmp_path / NAME).exists()
+
+
+def test_two_outputs_in_one_folder_share_its_description(tmp_path: Path) -> None:
+    """Two runs into one folder at once: each wrote the one description there, the last
+    replacing the first's, and both exited 0. Its lock is held for the run, as the
+    output's is."""
+    _, _, src = qwen3(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    with paths.destination_lock(out / NAME):  # the other run, writing b.safetensors
+        second = cli("convert", src, out / "a.safetensors", "--scheme", "w8a8-dynamic")
+    assert second.exit_code == 2 and second.stderr == (
+        f"error: {out / NAME}: is being written by another ckpt-rtn run (pid {os.getpid()})\n")
+    assert sorted(os.listdir(out)) == []
+
+
+def test_another_description_beside_a_single_output(tmp_path: Path) -> None:
+    """MindFormers refuses a folder holding two descriptions ("multiple config files"):
+    convert wrote its own beside another, and verify called the pair identical; a report
+    named like a description went there too."""
+    _, _, src = qwen3(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dst, other = out / "model.safetensors", out / "quantization_description.json"
+    other.write_text("{}")
+    refused = cli("convert", src, dst, "--scheme", "w8a8-dynamic")
+    assert refused.exit_code == 2 and refused.stderr == (
+        f"error: {other}: is a quantization description too, and MindFormers refuses a folder "
+        f"holding two: remove it, or write {dst} to another folder\n")
+    other.unlink()
+    report = out / "x_quant_model_description.json"
+    named = cli("convert", src, dst, "--scheme", "w8a8-dynamic", "--report", report)
+    assert named.exit_code == 2 and "a report of this name" in named.stderr
+    assert sorted(os.listdir(out)) == []
+    assert cli("convert", src, dst, "--scheme", "w8a8-dynamic", "-q").exit_code == 0
+    other.write_text("{}")
+    checked = cli("verify", src, dst)
+    assert checked.exit_code == 1 and ("quantization_description.json: is another quantization "
+                                       "description beside the output") in checked.stdout
 
 
 def sharded_qwen3(tmp_path: Path) -> Path:

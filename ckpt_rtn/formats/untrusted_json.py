@@ -75,6 +75,8 @@ def loads(data: "bytes | str", path: "os.PathLike[str] | str", what: str, *,
     """The document in `data` (UTF-8 bytes or text); any fault is an `error` about `path`."""
     with refusing(path, what, error=error):
         text = data.decode("utf-8") if isinstance(data, bytes) else data
+        if text.startswith("\ufeff"):  # json's own message: "Expecting value ... (char 0)"
+            raise error(path, f"{what} is not valid JSON (it starts with a byte-order mark)")
         document = DECODER.decode(text)
     if not _within_depth(document):
         raise error(path, f"{what} is nested more than {MAX_DEPTH} deep")
