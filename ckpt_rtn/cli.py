@@ -403,6 +403,8 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address:
                                         report=report_path)
     except KeyboardInterrupt as exc:
         signum = _interrupted(exc).signum
+        if not os.path.isdir(dst):  # stopped before anything was written
+            raise Interrupted(signum, dst) from None
         raise Interrupted(signum, dst, "finished files are kept, run again with --resume to "
                           "complete") from None
     for shard in result.converted:

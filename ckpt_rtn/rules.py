@@ -237,6 +237,9 @@ def _include_patterns(include: Tuple[str, ...],
     """--include as weight patterns of the family's layout, after checking --blacklist."""
     if not all(blacklist):
         raise ConfigError(None, "--blacklist: an empty entry would match every layer")
+    if not all(include):
+        raise ConfigError(None, "--include: an empty pattern would select every 2-D float "
+                          "weight (embeddings too)")
     return tuple(WeightPattern(_compile(p, "--include"), None) for p in include)
 
 

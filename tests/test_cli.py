@@ -415,6 +415,9 @@ def test_empty_blacklist_entry_is_refused(tmp_path: Path, llama: Path) -> None:
     _assert_one_error_line(run("convert", "--blacklist", "", llama, dst), r"--blacklist")
     _assert_one_error_line(run("convert", "--dry-run", "--blacklist", "", llama, dst),
                            r"--blacklist")
+    # It selected every 2-D float weight, the embedding too, exit 0.
+    _assert_one_error_line(run("convert", "--include", "", llama, dst),
+                           r"--include: an empty pattern would select every 2-D float weight")
     assert not dst.exists()
 
 

@@ -544,10 +544,11 @@ def test_sigterm_mid_directory_run(tmp_path: Path, shards: Path) -> None:
     dst = tmp_path / "out"
     result = Gated(tmp_path, shards, dst).signal(signal.SIGTERM)
     assert result.exit_code == 128 + signal.SIGTERM
-    assert result.stderr.splitlines() == [
-        f"error: {dst}: interrupted by SIGTERM; finished files are kept, run again with "
-        "--resume to complete"]
-    assert not dst.exists()  # stopped in its first shard: nothing finished, nothing kept
+    # Stopped in its first shard: nothing finished, nothing kept, nothing to --resume (it
+    # said that finished files were kept).
+    assert result.stderr.splitlines() == [f"error: {dst}: interrupted by SIGTERM; no output "
+                                          "was written"]
+    assert not dst.exists()
 
 
 def test_sigkill_then_rerun_removes_the_dead_runs_files(tmp_path: Path, src: Path,
