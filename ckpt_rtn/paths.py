@@ -76,10 +76,11 @@ def input_stat(path: "os.PathLike[str] | str", error: Type[CkptRtnError] = Forma
 
 
 def read_text(path: "os.PathLike[str] | str", error: Type[CkptRtnError]) -> str:
-    """A UTF-8 input file's text (see input_stat); anything wrong is `error`."""
-    input_stat(path, error, "a text file")
+    """A UTF-8 input file's text (a regular file: see open_input); anything wrong is
+    `error`."""
+    fd = open_input(path, error, "a text file")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(fd, encoding="utf-8") as f:
             return f.read()
     except OSError as exc:
         raise error(path, f"cannot read: {exc.strerror}") from None
@@ -87,8 +88,9 @@ def read_text(path: "os.PathLike[str] | str", error: Type[CkptRtnError]) -> str:
         raise error(path, f"not UTF-8 text (byte {exc.start})") from None
 
 
-def open_input(path: "os.PathLike[str] | str") -> int:
-    """A read-only descriptor on a regular file.
+def open_input(path: "os.PathLike[str] | str", error: Type[CkptRtnError] = FormatError,
+               what: str = "a checkpoint file") -> int:
+    """A read-only descriptor on a regular file (else `error`, naming `what` it should be).
 
     O_NONBLOCK makes opening a FIFO return at once (where a plain open waits
     for a writer), so a file swapped for a FIFO after a stat is still refused.
@@ -96,11 +98,11 @@ def open_input(path: "os.PathLike[str] | str") -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise FormatError(path, f"cannot open: {exc.strerror}") from None
+        raise error(path, f"cannot open: {exc.strerror}") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        raise FormatError(path, f"is {kind(mode)}, not a checkpoint file")
+        raise error(path, f"is {kind(mode)}, not {what}")
     os.set_blocking(fd, True)
     return fd
 
