@@ -24,7 +24,8 @@ from .formats.atomic import AtomicFile
 from .numerics import to_work
 from .options import ConvertOptions, Part
 from .rules import RuleChoice, available_families
-from .schemes import SCHEME_NAMES, CheckpointScheme, detect_scheme, get_scheme, model_mismatch
+from .schemes import (SCHEME_NAMES, CheckpointScheme, Scheme, detect_scheme, get_scheme,
+                      model_mismatch)
 from .settings import NAME as SETTINGS_NAME, recorded
 
 if TYPE_CHECKING:  # MindSpore-side modules are imported by the commands that need them
@@ -355,7 +356,10 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
             methods.write(description.render(result.plan.outputs))
             methods.commit()
     _warn_about(result.plan)
-    _warn_if_no_experts(src, [result.plan])
+    scheme = result.plan.scheme
+    if scheme.experts is not None and result.plan.quantized and all(
+            scheme.for_layer(step.layer) is scheme for step in result.plan.quantized):
+        _warn_no_int4(src, scheme)
     _warn_if_compiling_each_run(bool(result.plan.quantized))
     if not quiet:
         _print_summary(dst, result)
@@ -409,7 +413,10 @@ def _convert_directory(src: str, dst: str, options: ConvertOptions, ray_address:
                           "complete") from None
     for shard in result.converted:
         _warn_about(shard.plan)
-    _warn_if_no_experts(src, [shard.plan for shard in result.converted])
+    if options.scheme.experts is not None and options.part is None:  # from the whole output
+        methods = description.read_methods(os.path.join(dst, description.NAME))
+        if description.W8A8_DYNAMIC in methods and description.W4A8_DYNAMIC not in methods:
+            _warn_no_int4(src, options.scheme)
     _warn_if_compiling_each_run(any(shard.plan.quantized for shard in result.converted))
     if report_path is not None:
         # A directory is committed file by file (that is what makes it resumable): a report
@@ -493,21 +500,17 @@ def _warn_about(plan: converter.Plan) -> None:
               "output is a copy (see --config / --include)")
 
 
-def _warn_if_no_experts(src: str, plans: Sequence[converter.Plan]) -> None:
+def _warn_no_int4(src: str, scheme: Scheme) -> None:
     """A scheme with its own expert quantization (w4a8-dynamic) that met no routed expert
     wrote what the plain scheme writes, which its label alone would not tell."""
-    steps = [step for plan in plans for step in plan.quantized]
-    if not steps or plans[0].scheme.experts is None:
-        return
-    scheme = plans[0].scheme
-    if all(scheme.for_layer(step.layer) is scheme for step in steps):  # type: ignore[arg-type]
-        _tell(f"warning: {src}: no routed expert (mlp.experts.N.*_proj) was quantized, so "
-              f"--scheme {scheme.name} wrote no int4 layer: the output is what w8a8-dynamic "
-              "writes")
+    _tell(f"warning: {src}: no routed expert (mlp.experts.N.*_proj) was quantized, so "
+          f"--scheme {scheme.name} wrote no int4 layer: the output is what w8a8-dynamic writes")
 
 
 def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
-    size = plan.output_size  # first: it refuses what the writer would, before any line
+    # First: it refuses what the writer would, before any line, naming the file as it would.
+    size = formats.planned_size(plan.outputs, format=plan.out_format, metadata=plan.metadata,
+                                crc=plan.crc, path=dst)
     rows = [(s.source.name, str(s.source.dtype), _shape(s.source.shape),
              human_bytes(s.source.nbytes), human_bytes(sum(o.nbytes for o in s.outputs)))
             for s in plan.quantized]

@@ -125,7 +125,7 @@ class Plan:
     def output_size(self) -> int:
         """Exact size in bytes of the file this plan writes."""
         return formats.planned_size(self.outputs, format=self.out_format,
-                                    metadata=self.metadata, crc=self.crc, path=self.source)
+                                    metadata=self.metadata, crc=self.crc)
 
 
 @dataclass(frozen=True)
@@ -304,7 +304,7 @@ def output_format(dst: "os.PathLike[str] | str", requested: Optional[str], crc: 
     if requested is not None and named not in (None, requested):
         raise OutputError(dst, f"--format {requested} would write a {requested} file under a "
                           f".{named} name, which readers (ckpt-rtn's too) take for {named}: "
-                          f"name it .{'ckpt' if requested == 'ckpt' else 'safetensors'}")
+                          f"name it .{requested}")
     fmt = requested or named
     if fmt is None:
         raise OutputError(dst, "cannot tell the output format from the file name: "
@@ -332,13 +332,17 @@ def check_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
         claims.write(description, "the quantization description")
         claims.write_in_place(paths.lock_path(description), "the description's lock file")
         paths.check_destination(description, overwrite=overwrite)
-        for other in others_beside(dst):
-            raise OutputError(other, "is a quantization description too, and MindFormers "
+        others = others_beside(dst)
+        if others:
+            raise OutputError(others[0], "is a quantization description too, and MindFormers "
                               f"refuses a folder holding two: remove it, or write {dst} to "
                               "another folder")
-        if report is not None and is_description(os.path.basename(report)):
-            raise OutputError(report, "MindFormers would take a report of this name for a "
-                              "second quantization description: name it otherwise")
+        if report is not None and is_description(os.path.basename(report)) and \
+                paths.resolved(os.path.dirname(os.path.abspath(report))) == \
+                paths.resolved(os.path.dirname(os.path.abspath(dst))):
+            raise OutputError(report, "MindFormers would take a report of this name beside the "
+                              "output for a second quantization description: name it "
+                              "otherwise, or write it elsewhere")
 
 
 @contextlib.contextmanager

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Set
 
 from . import dtypes
 from .dtypes import from_mindspore_name
+from .formats import untrusted_json
 from .formats.tensor import TensorInfo
 from .golden_stick import mcore_names
 from .schemes import detect_scheme
@@ -68,6 +69,16 @@ def render(tensors: Iterable[TensorInfo]) -> bytes:
     if found is not None and found.scheme == "w4a8-dynamic":
         described[GROUP_SIZE] = found.group_size
     return json.dumps(described, indent=2).encode() + b"\n"
+
+
+def read_methods(path: "os.PathLike[str] | str") -> Set[str]:
+    """The methods a description written by ckpt-rtn gives its tensors ("FLOAT", ...); none
+    where there is none."""
+    if not os.path.isfile(path):
+        return set()
+    described = untrusted_json.load_file(path, "quantization description")
+    return {v for v in described.values() if isinstance(v, str)} \
+        if isinstance(described, dict) else set()
 
 
 def path_beside(output: "os.PathLike[str] | str") -> str:

@@ -226,7 +226,8 @@ def _weight_pattern(path: Path, entry: object) -> WeightPattern:
     if isinstance(entry, str):
         return WeightPattern(_compile(entry, str(path)))
     if (isinstance(entry, dict) and isinstance(entry.get("pattern"), str)
-            and entry.get("layout", OUT_IN) in (OUT_IN, IN_OUT)):
+            and entry.get("layout", OUT_IN) in (OUT_IN, IN_OUT)
+            and set(entry) <= {"pattern", "layout"}):  # `layuot:` would mean out_in
         return WeightPattern(_compile(entry["pattern"], str(path)), entry.get("layout", OUT_IN))
     raise ConfigError(path, f"linear_weights entry {entry!r}: expected a regular expression or "
                       f"{{pattern: REGEX, layout: {OUT_IN}|{IN_OUT}}}")

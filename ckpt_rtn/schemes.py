@@ -42,7 +42,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -343,29 +343,63 @@ def model_mismatch(baseline: Sequence[TensorInfo], other: Sequence[TensorInfo]) 
 
     From headers alone, names and shapes (dtypes are the loader's to judge), so that a
     command measuring several checkpoints of one model refuses a stranger before it spends
-    minutes measuring the others. A quantized layer `<p>` may differ only where the
-    scheme puts its tensors: `<p>.weight` becomes its codes, scale and zero point, and a
-    bias takes the scheme's name.
+    minutes measuring the others. A quantized layer `<p>` differs only where the scheme
+    puts its tensors: `<p>.weight` becomes the codes, scale and zero point the scheme makes
+    of a weight of that shape, stored [out, in] or [in, out], and a bias takes the scheme's
+    name.
     """
     if detect_scheme(baseline) is not None:
         return None
-    expected = {t.name: t.shape for t in baseline if t.dtype is not dtypes.STRING}
+    expected = {t.name: t for t in baseline if t.dtype is not dtypes.STRING}
     theirs = {t.name: t.shape for t in other if t.dtype is not dtypes.STRING}
-    allowed = set()
     found = detect_scheme(other)
+    try:
+        scheme = None if found is None else get_scheme(found.scheme, found.group_size)
+    except ValueError:  # a group size ckpt-rtn does not write: its shapes are not known here
+        scheme = None
+    made: Set[str] = set()  # the quantized layers' tensors, their shapes checked per layer
+    reshaped = []
     for layer in found.layers if found is not None else ():
-        names = found.names(layer)
-        if expected.pop(f"{layer}.weight", None) is None:
+        weight = expected.pop(f"{layer}.weight", None)
+        if weight is None:
             return f"it quantizes {layer!r}, whose weight {layer}.weight the baseline lacks"
-        allowed.update(name for name in (names.weight, names.scale, names.zp_neg) if name)
         bias = expected.pop(f"{layer}.bias", None)
         if bias is not None:
-            expected[names.bias] = bias
-    reshaped = [f"{name} {tuple(theirs[name])} (baseline {tuple(expected[name])})"
-                for name in sorted(set(expected) & set(theirs))
-                if tuple(theirs[name]) != tuple(expected[name])]
+            expected[found.names(layer).bias] = bias
+        names = found.names(layer)
+        made.update(name for name in (names.weight, names.scale, names.zp_neg) if name)
+        if scheme is None:  # names alone
+            continue
+        fits = next((outputs for outputs in (_quantized_as(scheme, layer, weight, in_out)
+                                             for in_out in (False, True))
+                     if outputs is not None
+                     and all(theirs.get(name) == shape for name, shape in outputs.items())),
+                    None)
+        if fits is None:
+            reshaped.append(f"{layer} (not what {found.label} makes of the baseline's "
+                            f"{list(weight.shape)} {layer}.weight)")
+    reshaped += [f"{name} {tuple(theirs[name])} (baseline {tuple(expected[name].shape)})"
+                 for name in sorted(set(expected) & set(theirs))
+                 if tuple(theirs[name]) != tuple(expected[name].shape)]
     return mismatch_summary(sorted(set(expected) - set(theirs)),
-                            sorted(set(theirs) - set(expected) - allowed), reshaped)
+                            sorted(set(theirs) - set(expected) - made), reshaped)
+
+
+def _quantized_as(scheme: Scheme, layer: str, weight: TensorInfo,
+                  in_out: bool) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """The names and shapes `scheme` writes for `weight`, read as [in, out] or [out, in];
+    None where it cannot quantize such a weight."""
+    if len(weight.shape) != 2:
+        return None
+    out_channels, in_channels = weight.shape[::-1] if in_out else weight.shape
+    chosen = scheme.for_layer(layer)
+    if chosen.check(out_channels, in_channels) is not None:
+        return None
+    outputs = chosen.outputs(layer, weight.dtype, out_channels, in_channels)
+    shapes = {t.name: tuple(t.shape) for t in outputs}
+    if in_out and not chosen.packs_int4:  # int8 codes keep the layout, as convert writes them
+        shapes[outputs[0].name] = tuple(weight.shape)
+    return shapes
 
 
 def mismatch_summary(missing: Sequence[str], unexpected: Sequence[str],

@@ -585,7 +585,8 @@ def _source_with_index(tmp_path: Path, sharded_src: Path, index_text: str) -> Pa
     # A Hugging Face snapshot with pytorch_model.bin.index.json beside the safetensors.
     ({"model.norm_out.weight": "pytorch_model-00001-of-00002.bin"},
      r"indexes PyTorch weights \('pytorch_model-00001-of-00002\.bin'\), which ckpt-rtn does "
-     r"not read: convert the \.safetensors shards from a copy without the PyTorch files"),
+     r"not read, and would copy unquantized beside its output: convert a copy of the "
+     r"directory without them"),
 ])
 def test_malformed_index_weight_map(tmp_path: Path, sharded_src: Path, weight_map: object,
                                     reason: str) -> None:
@@ -632,17 +633,18 @@ def test_a_file_named_as_an_index_that_cannot_be_read(tmp_path: Path, sharded_sr
 
 def test_pytorch_weights_beside_the_shards_are_refused(tmp_path: Path,
                                                        sharded_src: Path) -> None:
-    """Unindexed PyTorch weights (a single-file snapshot's pytorch_model.bin, Llama 3's
-    original/consolidated.00.pth) were copied, unquantized, beside the quantized shards."""
-    for rel in ("pytorch_model.bin", "original/consolidated.00.pth"):
+    """Unindexed PyTorch files (a single-file snapshot's pytorch_model.bin, Llama 3's
+    original/consolidated.00.pth, a trainer's optimizer.pt) were copied, unquantized,
+    beside the quantized shards."""
+    for rel in ("pytorch_model.bin", "original/consolidated.00.pth", "optimizer.pt"):
         src = _source_with_index(tmp_path / rel.replace("/", "_"), sharded_src,
                                  (sharded_src / INDEX).read_text())
         (src / rel).parent.mkdir(exist_ok=True)
         (src / rel).write_bytes(b"PK\x03\x04")
         dst = tmp_path / "out"
         assert_refused(run("convert", "-q", "--config", "llama2", src, dst), src / rel,
-                       r"PyTorch weights, which ckpt-rtn does not read and would copy "
-                       r"unquantized beside the quantized ones")
+                       r"a PyTorch file, which ckpt-rtn does not read, and would copy "
+                       r"unquantized beside its output")
         assert not dst.exists()
 
 
@@ -1019,7 +1021,7 @@ def test_names_safetensors_keeps_for_itself(tmp_path: Path, name: str, dtype: dt
                                                                           dtypes.FLOAT32 else 2)))
     dst = tmp_path / "out.safetensors"
     extra = [*(["--dry-run"] if dry_run else []), *(["--crc"] if crc else [])]
-    assert_refused(run("convert", "--config", "llama2", src, dst, *extra), src if dry_run else dst,
+    assert_refused(run("convert", "--config", "llama2", src, dst, *extra), dst,
                    re.escape(f"{name!r}: {reason}; write a .ckpt instead"), leaves=[dst],
                    directory=tmp_path)
 

@@ -383,6 +383,8 @@ def test_config_unknown_family(tmp_path: Path, llama: Path) -> None:
     pytest.param("[" * 1000, r"invalid YAML: nested too deeply", id="nested-1000-deep"),
     ("linear_weights: ['wq']\nblacklists: [lm_head]\n", r"unknown key\(s\) blacklists; a "
                                                        r"rules file takes family, description"),
+    ("linear_weights: [{pattern: wq, layuot: in_out}]\n", r"linear_weights entry .*: expected a "
+                                                         r"regular expression or \{pattern"),
     ("family: x\nlinear_weights: []\n", r"linear_weights"),
     ("linear_weights: ['(']\n", r"invalid regular expression"),
     ("linear_weights: ['wq']\nblacklist: ['']\n", r"blacklist"),

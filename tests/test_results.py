@@ -84,6 +84,18 @@ def test_compare_refuses_another_model_from_the_headers(tmp_path: Path) -> None:
     save_file(larger, str(tmp_path / "other.safetensors"))
     assert model_mismatch(header, _header(tmp_path / "other.safetensors")) == (
         "missing 1: lm_head.weight; mismatched 1: model.norm_out.weight (512,) (baseline (256,))")
+    wider = {name: value.astype(np.float16)  # only the MLP's size differs: its Linear layers
+             for name, value in llama_weights(hidden=256, kv=64, ffn=1024).items()}
+    wider["model.layers.0.attention.wq.bias"] = weights["model.layers.0.attention.wq.bias"]
+    save_file(wider, str(tmp_path / "wider.safetensors"))
+    for scheme, label in (("w8a16", "w8a16"), ("w4a16", "w4a16 g128")):
+        out = tmp_path / f"wider-{scheme}.safetensors"
+        assert cli("convert", tmp_path / "wider.safetensors", out, "--scheme", scheme,
+                   "-q").exit_code == 0
+        problem = model_mismatch(header, _header(out))  # None, when only names were checked
+        assert problem is not None and problem.startswith(
+            f"mismatched 6: model.layers.0.feed_forward.w1 (not what {label} makes of the "
+            "baseline's [512, 256] model.layers.0.feed_forward.w1.weight)"), problem
     quantized = _header(tmp_path / "w8a16.safetensors")
     assert model_mismatch([t for t in header if t.name != "model.layers.1.attention.wo.weight"],
                           quantized) == ("it quantizes 'model.layers.1.attention.wo', whose "

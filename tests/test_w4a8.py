@@ -186,6 +186,31 @@ def test_no_routed_expert_quantized_is_said(tmp_path: Path) -> None:
                              "wrote no int4 layer: the output is what w8a8-dynamic writes\n")
 
 
+def test_a_directory_is_judged_whole_for_that_warning(tmp_path: Path) -> None:
+    """The dense layer in one shard, the experts in the other: a --part of the dense shard,
+    or a --resume after it, warned of no routed expert though the output has them."""
+    model = deepseek_v3()
+    arrays = arrays_of(model)
+    src = tmp_path / "src"
+    src.mkdir()
+    experts = [n for n in model.tensors if n.startswith("model.layers.1.")]
+    shards = {"model-00001-of-00002.safetensors": [n for n in model.tensors if n not in experts],
+              "model-00002-of-00002.safetensors": experts}
+    for shard, names in shards.items():
+        write_safetensors(src / shard, model, arrays, names)
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: s for s, names in shards.items() for n in names}}))
+    dst = tmp_path / "out"
+    runs = [cli("convert", src, dst, "--scheme", "w4a8-dynamic", "-q", *extra)
+            for extra in (["--part", "0/2"], ["--part", "1/2"], ["--resume"])]
+    assert [(r.exit_code, r.stderr) for r in runs] == [(0, "")] * 3
+    blacklisted = cli("convert", src, tmp_path / "dense", "--scheme", "w4a8-dynamic", "-q",
+                      "--blacklist", "mlp.experts.")
+    assert blacklisted.exit_code == 0 and blacklisted.stderr == (
+        f"warning: {src}: no routed expert (mlp.experts.N.*_proj) was quantized, so --scheme "
+        "w4a8-dynamic wrote no int4 layer: the output is what w8a8-dynamic writes\n")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
                     reason="needs the mindspore extra (MindFormers 1.9)")
 def test_mindformers_mcore_deepseek_v3_loads_it(tmp_path: Path) -> None:

@@ -105,10 +105,12 @@ def files(path: str) -> List[str]:
 
 
 def remove(path: str) -> None:
+    """A file or a directory tree."""
     if os.path.isdir(path):
         shutil.rmtree(path)
     else:
         os.unlink(path)
+
 
 if __name__ == "__main__":
     main()
