@@ -562,6 +562,8 @@ def verify(src: str, dst: str, no_verify_crc: bool, workers: Optional[int], quie
     if os.path.isdir(src) != os.path.isdir(dst):
         raise UnsupportedError(dst, "SRC is a directory, so DST must be one too"
                                if os.path.isdir(src) else "SRC is a file, so DST must be one too")
+    if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
+        raise UnsupportedError(dst, "is SRC itself; convert never writes its own input")
     run = checks.verify_directory if os.path.isdir(src) else checks.verify_file
     with _progress_bar(quiet, "verify") as progress:
         verdict = run(src, dst, verify_crc=not no_verify_crc, workers=workers, progress=progress)

@@ -87,7 +87,8 @@ MANIFEST = "ckpt-rtn-manifest.json"
 PART_MANIFEST = re.compile(r"ckpt-rtn-manifest\.part-\d+-of-\d+\.json")
 #: A part manifest's lock file (paths.lock_path).
 _PART_LOCK = re.compile(r"\." + PART_MANIFEST.pattern + r"\.ckpt-rtn\.lock")
-#: An index JSON takes some 100 bytes per tensor; a larger .json is not read as one.
+#: An index JSON takes some 100 bytes per tensor, a manifest some 150 bytes: a larger
+#: .json is not read as one, nor a manifest read at all.
 _MAX_INDEX_SIZE = 256 * 1024 * 1024
 #: PyTorch's files (`pytorch_model.bin`, Meta's `original/consolidated.00.pth`, a trainer's
 #: `optimizer.pt`): never read, and a copy would put them unquantized beside the output.
@@ -837,7 +838,7 @@ def _merged_manifest(dst: str, settings: Settings,
 def read_manifest(path: str, error: Type[CkptRtnError], advice: str = "") -> Dict[str, object]:
     """A manifest whose shape was checked (files' size, sha256 and tensor lists): `--resume`
     and `verify` trust its entries. Anything else raises `error`, with `advice` after it."""
-    manifest = untrusted_json.load_file(path, "manifest", error=error)
+    manifest = untrusted_json.load_file(path, "manifest", max_size=_MAX_INDEX_SIZE, error=error)
     problem = _manifest_problem(manifest)
     if problem is not None:
         raise error(path, f"unreadable manifest ({problem}){advice}")

@@ -249,6 +249,9 @@ def _compile(pattern: str, where: str) -> "re.Pattern[str]":
         return re.compile(pattern)
     except re.error as exc:
         raise ConfigError(None, f"{where}: invalid regular expression {pattern!r}: {exc}") from None
+    except (OverflowError, RecursionError):  # a{4294967296}; groups nested thousands deep
+        raise ConfigError(None, f"{where}: regular expression {pattern[:60]!r}"
+                          f"{'...' if len(pattern) > 60 else ''} is too large to compile") from None
 
 
 def yaml_problem(exc: "yaml.YAMLError") -> str:

@@ -37,6 +37,7 @@ from .formats import ckpt, crc32, safetensors
 from .formats.strategy import is_strategy_file
 from .formats.tensor import TensorInfo, TensorReader, raw_bytes
 from .formats.untrusted_json import brief
+from .options import ConvertOptions
 from .rtn import RowBounds
 from .settings import TOOL, Settings, recorded
 
@@ -96,7 +97,8 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
                      progress: Optional[converter.ProgressFn] = None) -> Verdict:
     """Compare the directory `dst` with the conversion of `src` under its manifest's settings."""
     manifest_path = os.path.join(dst, directory.MANIFEST)
-    files, settings = _read_manifest(manifest_path)
+    manifest, settings = _read_manifest(manifest_path)
+    files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
     _check_version(settings, manifest_path)
     layout = directory._scan(src)  # pylint: disable=protected-access
     if not layout.shards:
@@ -106,11 +108,21 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
         verdict.differences.append(Difference(directory.MANIFEST, "settings name the output "
                                               f"format {settings.format}; convert records none "
                                               "for a directory"))
-    mcore = settings.build_scheme().mcore
-    written = [description.NAME] if mcore else []
-    present = _check_files(layout.shards + layout.others + layout.indexes + written, files, dst,
-                           verdict.differences)
-    planned = _check_shards(src, dst, layout, files, present, settings, verdict,
+    scheme = settings.build_scheme()
+    links = directory.fp8_links(src, layout.shards)
+    # What convert refuses of this SRC, verify does too: no DST can be its output (one made
+    # of parts, or by an older version, could still agree file by file).
+    if scheme.mcore:
+        directory._check_mcore_input(src, layout, scheme)  # pylint: disable=protected-access
+    directory._check_indexes(src, layout)  # pylint: disable=protected-access
+    directory._check_output_names(  # pylint: disable=protected-access
+        src, layout, settings.build_rules(),
+        ConvertOptions(rules=settings.build_rules(), scheme=scheme, crc=settings.crc), links)
+    written = [description.NAME] if scheme.mcore else []
+    expected = layout.shards + layout.others + layout.indexes + written
+    present = _check_files(expected, files, dst, verdict.differences)
+    verdict.differences += _check_manifest(manifest, expected, settings, layout)
+    planned = _check_shards(src, dst, layout, files, present, settings, verdict, links,
                             verify_crc=verify_crc, workers=workers, progress=progress)
     for rel in (rel for rel in layout.others if rel in present):
         config = directory.copied_config(os.path.join(src, rel))
@@ -128,17 +140,51 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
             verdict.differences.append(Difference(rel, "is not the index convert writes "
                                                   "(weight_map or total_size)"))
         verdict.indexes += 1
-    if mcore and description.NAME in present:
+    if scheme.mcore and description.NAME in present:
         verdict.differences += _check_description(
             os.path.join(dst, description.NAME), directory.description_of(layout.shards, planned))
     return verdict
 
 
 def _holds(path: str, expected: bytes) -> bool:
-    """Whether the regular file at `path` holds exactly `expected`, reading no more of it
-    than those bytes and one."""
-    with open(path, "rb") as f:
-        return f.read(len(expected) + 1) == expected
+    """Whether the regular file at `path` (an output's) holds exactly `expected`, reading no
+    more of it than those bytes and one; False if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(expected) + 1) == expected
+    except OSError:
+        return False
+
+
+def _check_manifest(manifest: Dict[str, object], expected: List[str], settings: Settings,
+                    layout: "directory._Layout") -> List[Difference]:
+    """The manifest's other parts against what convert writes: its keys, tool and version,
+    settings (as written, not only as read), the source files it was made from (their
+    sizes: a copy of SRC has other modification times) and each entry's fields, in order."""
+    found: List[str] = []
+    written = directory._new_manifest(settings, layout.stamps())  # pylint: disable=W0212
+    if list(manifest) != list(written):
+        found.append(f"holds the keys {', '.join(map(brief, manifest))} where convert writes "
+                     f"{', '.join(written)}")
+    for key in ("tool", "version", "settings"):
+        if key in manifest and manifest[key] != written[key]:
+            found.append(f"{key} {brief(manifest[key])} where convert writes "
+                         f"{brief(written[key])}")
+    sources = manifest.get("sources")
+    if not isinstance(sources, dict) or sorted(sources) != sorted(layout.sizes) or any(
+            not isinstance(stamp, list) or len(stamp) != 2 or stamp[0] != layout.sizes[rel]
+            for rel, stamp in sources.items()):
+        found.append("sources do not name the source's files with their sizes")
+    files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
+    if [rel for rel in files if rel in expected] != [rel for rel in expected if rel in files]:
+        found.append("lists the files in another order than convert")
+    shards = set(layout.shards)
+    for rel, entry in files.items():
+        keys = ["size", "sha256", *(["tensor_count", "tensors"] if rel in shards else [])]
+        if list(entry) != keys:
+            found.append(f"the entry of {rel} holds {', '.join(map(brief, entry))} where "
+                         f"convert writes {', '.join(keys)}")
+    return [Difference(directory.MANIFEST, what) for what in found]
 
 
 def _check_description(path: str, expected: bytes) -> List[Difference]:
@@ -183,7 +229,8 @@ def _check_files(expected: List[str], files: Dict[str, Dict[str, object]], dst: 
 
 def _check_shards(src: str, dst: str, layout: "directory._Layout",
                   files: Dict[str, Dict[str, object]], present: Set[str], settings: Settings,
-                  verdict: Verdict, *, verify_crc: bool, workers: Optional[int],
+                  verdict: Verdict, links: directory.Fp8Links, *, verify_crc: bool,
+                  workers: Optional[int],
                   progress: Optional[converter.ProgressFn]) -> Dict[str, Dict[str, object]]:
     """Every shard, with the row bounds convert takes over all ranks when strategy files are
     there; returns each one's planned tensors, as the manifest lists them, for the indexes."""
@@ -192,7 +239,6 @@ def _check_shards(src: str, dst: str, layout: "directory._Layout",
         src, layout.shards, strategies, settings.build_rules(), settings.build_scheme())
         if strategies else {})
     total = sum(layout.sizes[rel] for rel in layout.shards)
-    links = directory.fp8_links(src, layout.shards)
 
     def shard_progress(advance: int, _total: int) -> None:
         if progress is not None:
@@ -209,7 +255,8 @@ def _check_shards(src: str, dst: str, layout: "directory._Layout",
         tensors = directory.manifest_tensors(plan)
         planned[rel] = {"tensors": tensors}
         entry = files.get(rel)
-        if entry is not None and (entry.get("tensors") != tensors
+        # As JSON: a shape of floats ([64.0]) equals convert's ([64]) in Python, not in JSON.
+        if entry is not None and (json.dumps(entry.get("tensors")) != json.dumps(tensors)
                                   or entry.get("tensor_count") != len(tensors)):
             verdict.differences.append(Difference(directory.MANIFEST, "the tensors it lists for "
                                                   f"{rel} are not those convert writes"))
@@ -410,15 +457,18 @@ class _FileCheck:
         return os.pread(self.fd, length, offset)
 
 
-def _read_manifest(path: str) -> Tuple[Dict[str, Dict[str, object]], Settings]:
+def _read_manifest(path: str) -> Tuple[Dict[str, object], Settings]:
     """A directory's manifest, checked: its files' entries and its settings."""
-    if not os.path.isfile(path):
-        raise FormatError(os.path.dirname(path), f"has no {directory.MANIFEST}: not an output "
-                          f"directory of {TOOL} convert (or written by a version before it "
-                          "kept one)")
+    if not os.path.lexists(path):
+        dst = os.path.dirname(path)
+        if directory._part_manifest_names(dst):  # pylint: disable=protected-access
+            raise FormatError(dst, f"holds the manifests of --part runs only: run the final "
+                              f"{TOOL} convert --resume (without --part) first")
+        raise FormatError(dst, f"has no {directory.MANIFEST}: not an output directory of "
+                          f"{TOOL} convert (or written by a version before it kept one)")
+    paths.input_stat(path, FormatError, "a manifest")
     manifest = directory.read_manifest(path, FormatError)
-    files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
-    return files, Settings.from_dict(manifest.get("settings"), path)
+    return manifest, Settings.from_dict(manifest.get("settings"), path)
 
 
 def _check_entry(entry: Optional[Dict[str, object]], rel: str, path: str) -> List[Difference]:
@@ -447,7 +497,10 @@ def _files_under(root: str) -> Tuple[Set[str], Dict[str, str]]:
     anything else found there (which is never opened: a FIFO would block)."""
     files: Set[str] = set()
     irregular: Dict[str, str] = {}
-    for base, dirs, names in os.walk(root):
+    def unlisted(exc: OSError) -> None:  # its files would go unseen
+        irregular[os.path.relpath(exc.filename, root)] = (f"a directory that cannot be listed "
+                                                          f"({exc.strerror})")
+    for base, dirs, names in os.walk(root, onerror=unlisted):
         dirs.sort()
         for name in [d for d in dirs if os.path.islink(os.path.join(base, d))]:
             irregular[os.path.relpath(os.path.join(base, name), root)] = "a symbolic link"
@@ -470,9 +523,19 @@ def _files_under(root: str) -> Tuple[Set[str], Dict[str, str]]:
 
 
 def _files_differ(a: str, b: str) -> Optional[int]:
-    """The first offset where two files differ (the shorter one's size if one is a prefix)."""
+    """The first offset where the source's file `a` and the output's `b` differ (the shorter
+    one's size if one is a prefix; 0 if `b` cannot be read)."""
     pos = 0
-    with open(a, "rb") as fa, open(b, "rb") as fb:
+    try:
+        fa = open(a, "rb")  # pylint: disable=consider-using-with
+    except OSError as exc:
+        raise FormatError(a, f"cannot read: {exc.strerror}") from None
+    try:
+        fb = open(b, "rb")  # pylint: disable=consider-using-with
+    except OSError:
+        fa.close()
+        return 0
+    with fa, fb:
         while True:
             x, y = fa.read(_BLOCK), fb.read(_BLOCK)
             at = _first_difference(memoryview(x), memoryview(y))

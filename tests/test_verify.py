@@ -292,7 +292,8 @@ def test_safetensors_crc_num_is_verified(src: Path, tmp_path: Path) -> None:
 
 
 def test_output_without_settings_is_refused(src: Path, tmp_path: Path) -> None:
-    refused(verify(src, src), src, "records no ckpt-rtn settings",
+    copy = Path(shutil.copy(src, tmp_path / "copy.ckpt"))
+    refused(verify(src, copy), copy, "records no ckpt-rtn settings",
             "not written by ckpt-rtn, or by a version before")
     dst = convert(src, tmp_path / "out.ckpt")
     stripped = rewrite(dst, tmp_path / "stripped.ckpt",
@@ -477,3 +478,110 @@ def test_verify_peak_rss_is_bounded_and_independent_of_model_size(tmp_path: Path
     assert peaks["large"] <= 1.5 * 2**30 + 3 * largest
     # 8x the layers: the peak may move by a few tensors, not by the model.
     assert peaks["large"] - peaks["small"] < 3 * largest, (peaks, largest)
+
+
+def _hf_two_shards(tmp_path: Path) -> Tuple[Path, Path, Dict[str, List[str]]]:
+    from safetensors.numpy import save_file
+    src, out = tmp_path / "hf", tmp_path / "out"
+    shards = write_two_shards(src, fp16_weights(), lambda path, arrays: save_file(
+        arrays, str(path)), {"total_size": 1})
+    assert cli("convert", src, out, "-q", "--config", "llama2").exit_code == 0
+    return src, out, shards
+
+
+def test_a_source_convert_refuses_is_refused(tmp_path: Path) -> None:
+    """SRC's second shard holds a tensor under the name w8a16 gives a scale of the first's:
+    convert refuses that directory, but its parts convert, and a DST assembled from them
+    (or made by an older version) was called identical, its index pointing a loader at the
+    stray tensor."""
+    from safetensors.numpy import load_file, save_file
+    src, out, shards = _hf_two_shards(tmp_path)
+    first, second = shards
+    layer = shards[first][-1][:-len(".weight")]
+    arrays = load_file(str(src / second))
+    arrays[f"{layer}._weight_quantizer.scale"] = np.full(4, 7, np.float16)
+    save_file(arrays, str(src / second))
+    refused(verify(src, out), src / second, "would both be written as "
+            f"'{layer}._weight_quantizer.scale'")
+
+
+def test_the_whole_manifest_is_checked(tmp_path: Path) -> None:
+    """Only its files' sizes, digests and tensor lists were: edited sources, settings with a
+    key convert does not write, a tool or version, an entry with fields of another kind,
+    shapes as floats, entries in another order all verified as identical."""
+    src, out, shards = _hf_two_shards(tmp_path)
+    original = json.loads((out / MANIFEST).read_text())
+    first = next(iter(shards))
+
+    def edited(change: Callable[[dict], None]) -> List[str]:
+        manifest = json.loads(json.dumps(original))
+        change(manifest)
+        (out / MANIFEST).write_text(json.dumps(manifest))
+        return [d for d in differences(verify(src, out)) if d.startswith(MANIFEST)]
+
+    def floats(m: dict) -> None:
+        m["files"][first]["tensors"][0]["shape"] = [float(x) for x in
+                                                    m["files"][first]["tensors"][0]["shape"]]
+    cases = [
+        (lambda m: m.update(sources={"x": [1, 2]}), "sources do not name the source's files"),
+        (lambda m: m["settings"].update(extra=1), "settings {"),
+        (lambda m: m.update(tool="other"), "tool 'other' where convert writes 'ckpt-rtn'"),
+        (lambda m: m["files"]["model.safetensors.index.json"].update(tensors=[]),
+         "the entry of model.safetensors.index.json holds 'size', 'sha256', 'tensors'"),
+        (floats, f"the tensors it lists for {first} are not those convert writes"),
+        (lambda m: m.update(files=dict(reversed(list(m["files"].items())))),
+         "lists the files in another order than convert"),
+        (lambda m: m.update(extra=1), "holds the keys 'tool', 'version', 'settings', 'sources', "
+                                      "'files', 'extra' where convert writes"),
+    ]
+    for change, what in cases:
+        found = edited(change)
+        assert len(found) == 1 and what in found[0], (what, found)
+    (out / MANIFEST).write_text(json.dumps(original))
+    assert verify(src, out).exit_code == 0
+
+
+def test_what_verify_cannot_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output directory it cannot list hid the files in it (identical, exit 0); a source
+    file it cannot read was a traceback; SRC given as DST was identical."""
+    src, out, _ = _hf_two_shards(tmp_path)
+    (out / "hidden").mkdir()
+    (out / "hidden" / "extra.safetensors").write_bytes(b"x")
+    real = os.scandir
+
+    def unreadable(path="."):  # what a directory of mode 000 gives a user other than root
+        if os.path.basename(os.fspath(path)) == "hidden":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", unreadable)
+    found = differences(verify(src, out))
+    monkeypatch.undo()
+    assert found == ["hidden: is a directory that cannot be listed (Permission denied), not a "
+                     "file convert writes"], found
+    shutil.rmtree(out / "hidden")
+    # A source file that cannot be read (deleted meanwhile, or not readable to this user):
+    # a traceback from verify's byte comparison. An output file that cannot be: different.
+    from ckpt_rtn.errors import FormatError
+    from ckpt_rtn.verify import _files_differ
+    with pytest.raises(FormatError, match="cannot read: Is a directory"):
+        _files_differ(str(tmp_path), str(src / "model.safetensors.index.json"))
+    assert _files_differ(str(src / "model.safetensors.index.json"), str(tmp_path)) == 0
+    refused(verify(src, src), src, "is SRC itself")
+
+
+def test_oversized_patterns_manifests_and_unfinished_parts(tmp_path: Path) -> None:
+    """A pattern too large for `re` was a traceback (OverflowError, RecursionError); a
+    manifest was read whole, however large (2 GB of memory for a 1 GiB one); a DST of --part
+    runs alone was 'not an output directory'."""
+    src, out, _ = _hf_two_shards(tmp_path)
+    for pattern in ("a{4294967296}",):  # (groups nested thousands deep: RecursionError)
+        result = cli("convert", src, tmp_path / "o", "--include", pattern)
+        assert result.exit_code == 2 and result.stderr.startswith("error: --include: regular "
+                                                                  "expression '"), result.output
+        assert result.stderr.endswith("is too large to compile\n")
+    with open(out / MANIFEST, "r+b") as f:
+        f.truncate(300 * 1024 * 1024)  # sparse: never read
+    refused(verify(src, out), out / MANIFEST, "manifest of 314572800 bytes is larger than")
+    parts = tmp_path / "parts"
+    assert cli("convert", src, parts, "-q", "--config", "llama2", "--part", "0/2").exit_code == 0
+    refused(verify(src, parts), parts, "holds the manifests of --part runs only")
