@@ -304,7 +304,7 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
     """
     rules = RuleChoice(config, tuple(include), tuple(blacklist), not no_default_blacklist)
     report_dir = os.path.dirname(os.path.abspath(report_path or "."))
-    # (a directory run creates DST: the report may go there)
+    # (a directory run creates DST, and says why its report may not go there)
     if report_path is not None and not os.path.isdir(report_dir) and not (
             os.path.isdir(src) and paths.resolved(report_dir) == paths.resolved(dst)):
         raise OutputError(report_path, "the report's directory does not exist")

@@ -90,12 +90,18 @@ _PART_LOCK = re.compile(r"\." + PART_MANIFEST.pattern + r"\.ckpt-rtn\.lock")
 #: An index JSON takes some 100 bytes per tensor, a manifest some 150 bytes: a larger
 #: .json is not read as one, nor a manifest read at all.
 _MAX_INDEX_SIZE = 256 * 1024 * 1024
-#: PyTorch's files (`pytorch_model.bin`, Meta's `original/consolidated.00.pth`, a trainer's
-#: `optimizer.pt`): never read, and a copy would put them unquantized beside the output.
-_PYTORCH_SUFFIXES = (".bin", ".pt", ".pth")
-_PYTORCH_ADVICE = ("which ckpt-rtn does not read, and would copy unquantized beside its "
+#: Model weights in other frameworks' files, as Hugging Face names them (PyTorch's
+#: `pytorch_model-00001-of-00002.bin`, TensorFlow's `tf_model.h5`, Flax's
+#: `flax_model.msgpack`) and Meta's releases (`original/consolidated.00.pth`): never read, and
+#: a copy would put them unquantized beside the output. Other files of those suffixes (a
+#: trainer's `training_args.bin`) are copied as any other.
+_FOREIGN_WEIGHTS = re.compile(r"(?:pytorch_model|tf_model|flax_model)(?:[-.][^/]*)?"
+                              r"\.(?:bin|h5|msgpack)|consolidated\.[^/]*\.pth", re.IGNORECASE)
+#: What an index naming such files as its shards names: weights, whatever the file names.
+_FOREIGN_SUFFIXES = (".bin", ".pt", ".pth", ".h5", ".msgpack")
+_FOREIGN_ADVICE = ("which ckpt-rtn does not read, and would copy unquantized beside its "
                    "output: convert a copy of the directory without them (e.g. huggingface-cli "
-                   "download --exclude '*.bin' '*.pt' '*.pth')")
+                   "download --exclude '*.bin' '*.h5' '*.msgpack' 'original/*')")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -543,7 +549,22 @@ def _scan(src: str) -> _Layout:
     """
     layout = _Layout([], [], [], {}, [])
     _walk(src, src, layout, set())
+    for rel in [rel for rel in layout.indexes if _indexes_absent_foreign_weights(src, rel)]:
+        layout.indexes.remove(rel)  # metadata alone, as huggingface-cli's --exclude '*.bin'
+        layout.others.append(rel)   # leaves pytorch_model.bin.index.json: copied
     return layout
+
+
+def _indexes_absent_foreign_weights(src: str, rel: str) -> bool:
+    """Whether the index `rel` names only other frameworks' weight files, none of them in
+    SRC (_walk refuses those that are)."""
+    try:
+        shards = set(_read_index(os.path.join(src, rel))[1].values())
+    except CkptRtnError:  # refused by name when it is checked
+        return False
+    return bool(shards) and all(shard.lower().endswith(_FOREIGN_SUFFIXES) and not
+                                os.path.lexists(os.path.join(src, os.path.dirname(rel), shard))
+                                for shard in shards)
 
 
 def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, int]]) -> None:
@@ -577,8 +598,9 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
             raise FormatError(entry.path, f"is {paths.kind(mode)}; a checkpoint directory "
                               "may hold only regular files and directories")
         rel = os.path.relpath(entry.path, src)
-        if entry.name.endswith(_PYTORCH_SUFFIXES):
-            raise UnsupportedError(entry.path, f"a PyTorch file, {_PYTORCH_ADVICE}")
+        if _FOREIGN_WEIGHTS.fullmatch(entry.name):
+            raise UnsupportedError(entry.path, f"model weights of another framework, "
+                                   f"{_FOREIGN_ADVICE}")
         if format_from_suffix(entry.name) is not None and not is_strategy_file(entry.path):
             layout.shards.append(rel)
         elif entry.name.endswith(".json") and _is_index(entry.path):
@@ -618,6 +640,10 @@ def _check_paths(src: str, dst: str, layout: _Layout, report: Optional[str],
     if report is not None:
         claims.write(report, "the report")
         paths.check_destination(report, overwrite=True)
+        if paths.resolved(report).startswith(paths.resolved(dst) + os.sep):
+            raise OutputError(report, "is inside DST, which holds the conversion alone "
+                              "(verify reports any other file there, and MindFormers reads "
+                              "the directory): write the report elsewhere")
 
 
 def _refuse_linked_parents(dst: str, rel: str) -> None:
@@ -981,9 +1007,9 @@ def _check_indexes(src: str, layout: _Layout) -> None:
         for shard in sorted(set(_read_index(path)[1].values())):
             if os.path.normpath(os.path.join(os.path.dirname(rel), shard)) in shards:
                 continue
-            if shard.endswith(_PYTORCH_SUFFIXES):  # a snapshot with both formats
-                raise UnsupportedError(path, f"indexes PyTorch weights ({shard!r}), "
-                                       f"{_PYTORCH_ADVICE}")
+            if shard.lower().endswith(_FOREIGN_SUFFIXES):  # beside its weights: a snapshot
+                raise UnsupportedError(path, f"indexes weights of another framework "  # of both
+                                       f"({shard!r}), {_FOREIGN_ADVICE}")
             raise FormatError(path, f"weight_map names {shard!r}, which is not a "
                               ".safetensors or .ckpt file of this directory")
 

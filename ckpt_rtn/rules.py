@@ -201,8 +201,10 @@ _KEYS = ("family", "description", "linear_weights", "blacklist", "detect", "reje
 def _rules_from(path: Path, data: object) -> Rules:
     if not isinstance(data, dict):
         raise ConfigError(path, "expected a mapping with family, linear_weights, blacklist")
-    unknown = sorted(map(str, set(data) - set(_KEYS)))
-    if unknown:  # a typo (`blacklists:`) would drop what the key says, without a word
+    # A typo (`blacklists:`) would drop what the key says, without a word; a key starting
+    # with a dot is YAML's usual place for anchors (`.common: &common`), read by no one.
+    unknown = sorted(key for key in map(str, set(data) - set(_KEYS)) if not key.startswith("."))
+    if unknown:
         raise ConfigError(path, f"unknown key(s) {', '.join(unknown)}; a rules file takes "
                           f"{', '.join(_KEYS)}")
     patterns, blacklist = data.get("linear_weights"), data.get("blacklist", [])

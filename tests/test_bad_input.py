@@ -582,11 +582,11 @@ def _source_with_index(tmp_path: Path, sharded_src: Path, index_text: str) -> Pa
     ({"model.norm_out.weight": "model-00002-of-00002.safetensors"},
      r"weight_map names 'model-00002-of-00002.safetensors', which is not a \.safetensors or "
      r"\.ckpt file of this directory"),
-    # A Hugging Face snapshot with pytorch_model.bin.index.json beside the safetensors.
-    ({"model.norm_out.weight": "pytorch_model-00001-of-00002.bin"},
-     r"indexes PyTorch weights \('pytorch_model-00001-of-00002\.bin'\), which ckpt-rtn does "
-     r"not read, and would copy unquantized beside its output: convert a copy of the "
-     r"directory without them"),
+    # An index naming the safetensors shard and, there too, PyTorch weights.
+    ({"model.norm_out.weight": "pytorch_model-00001-of-00002.bin", "x": SHARD},
+     r"indexes weights of another framework \('pytorch_model-00001-of-00002\.bin'\), which "
+     r"ckpt-rtn does not read, and would copy unquantized beside its output: convert a copy "
+     r"of the directory without them"),
 ])
 def test_malformed_index_weight_map(tmp_path: Path, sharded_src: Path, weight_map: object,
                                     reason: str) -> None:
@@ -631,21 +631,36 @@ def test_a_file_named_as_an_index_that_cannot_be_read(tmp_path: Path, sharded_sr
     assert not dst.exists()
 
 
-def test_pytorch_weights_beside_the_shards_are_refused(tmp_path: Path,
-                                                       sharded_src: Path) -> None:
-    """Unindexed PyTorch files (a single-file snapshot's pytorch_model.bin, Llama 3's
-    original/consolidated.00.pth, a trainer's optimizer.pt) were copied, unquantized,
-    beside the quantized shards."""
-    for rel in ("pytorch_model.bin", "original/consolidated.00.pth", "optimizer.pt"):
+def test_other_frameworks_weights_beside_the_shards_are_refused(tmp_path: Path,
+                                                                 sharded_src: Path) -> None:
+    """Unindexed weights of another framework (a single-file snapshot's pytorch_model.bin,
+    Llama 3's original/consolidated.00.pth, an old repo's tf_model.h5) were copied,
+    unquantized, beside the quantized shards. Other files of those suffixes are copied: a
+    trainer's training_args.bin (no weights) refused the directory, and so did the
+    pytorch_model.bin.index.json that huggingface-cli's --exclude '*.bin' leaves, which the
+    refusal itself advised."""
+    for rel in ("pytorch_model.bin", "original/consolidated.00.pth", "TF_MODEL.H5",
+                "flax_model-00001-of-00002.msgpack"):
         src = _source_with_index(tmp_path / rel.replace("/", "_"), sharded_src,
                                  (sharded_src / INDEX).read_text())
         (src / rel).parent.mkdir(exist_ok=True)
         (src / rel).write_bytes(b"PK\x03\x04")
         dst = tmp_path / "out"
         assert_refused(run("convert", "-q", "--config", "llama2", src, dst), src / rel,
-                       r"a PyTorch file, which ckpt-rtn does not read, and would copy "
-                       r"unquantized beside its output")
+                       r"model weights of another framework, which ckpt-rtn does not read, and "
+                       r"would copy unquantized beside its output")
         assert not dst.exists()
+    src = _source_with_index(tmp_path / "kept", sharded_src, (sharded_src / INDEX).read_text())
+    (src / "training_args.bin").write_bytes(b"PK\x03\x04")
+    pytorch_index = src / "pytorch_model.bin.index.json"
+    pytorch_index.write_text(json.dumps({"weight_map": {"model.norm_out.weight":
+                                                        "pytorch_model-00001-of-00001.bin"}}))
+    dst = tmp_path / "kept_out"
+    result = run("convert", "-q", "--config", "llama2", src, dst)
+    assert result.exit_code == 0, result.output
+    assert (dst / "training_args.bin").read_bytes() == b"PK\x03\x04"
+    assert (dst / pytorch_index.name).read_text() == pytorch_index.read_text()
+    assert run("verify", src, dst).exit_code == 0
 
 
 GOOD_SHA = "0" * 64

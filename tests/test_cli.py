@@ -404,6 +404,13 @@ def test_config_bad_yaml(tmp_path: Path, llama: Path, content: Union[str, bytes,
     assert not dst.exists()
 
 
+def test_config_keys_starting_with_a_dot_hold_anchors(tmp_path: Path, llama: Path) -> None:
+    config = tmp_path / "rules.yaml"
+    config.write_text(".common: &wq 'attention\\.wq\\.weight$'\nlinear_weights: [*wq]\n")
+    result = run("convert", "-q", "--config", config, llama, tmp_path / "w8.ckpt")
+    assert result.exit_code == 0, result.output
+
+
 def test_config_that_is_no_regular_file(tmp_path: Path, llama: Path) -> None:
     """A FIFO hung until a signal came; /dev/zero was read until memory ran out."""
     fifo = tmp_path / "rules.yaml"

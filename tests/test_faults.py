@@ -212,10 +212,17 @@ def test_directory_report_onto_a_path_the_run_uses(tmp_path: Path, llama: Path, 
 
 
 def test_directory_report_beside_the_outputs_is_written(tmp_path: Path, shards: Path) -> None:
+    """Beside DST, not in it: a report in DST was an extra file, so that verify called the
+    output different."""
     dst = tmp_path / "out"
-    result = cli("convert", "-q", *LLAMA2, "--report", dst / "report.json", shards, dst)
+    inside = cli("convert", "-q", *LLAMA2, "--report", dst / "report.json", shards, dst)
+    assert_refused(inside, dst / "report.json", r"is inside DST, which holds the conversion "
+                   r"alone \(verify reports any other file there")
+    assert not dst.exists()
+    result = cli("convert", "-q", *LLAMA2, "--report", tmp_path / "report.json", shards, dst)
     assert result.exit_code == 0, result.stderr
-    report = json.loads((dst / "report.json").read_text())
+    assert cli("verify", shards, dst).exit_code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["shards"]) == 2
     for key in ("read_s", "quantize_s", "write_s"):  # the directory's: its shards' added up
         assert report["stages"][key] == pytest.approx(
