@@ -849,8 +849,8 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
     is a row: checkpoint size, the Linear weights in the file, perplexity,
     SQuAD F1/EM by both metrics, prefill and decode tokens/s, weight memory
     and peak RSS; each checkpoint is a column, beside its change against the
-    baseline. Every checkpoint must be the baseline's model, as it is or
-    quantized (checked from the headers before any is measured). Each
+    baseline. Every checkpoint must be a floating-point baseline's model, as
+    it is or quantized (checked from the headers before any is measured). Each
     checkpoint runs in a fresh process. Measures what `eval` measures; give
     at least one of --text, --wikitext, --squad.
     """

@@ -12,7 +12,8 @@ its metadata. When all of that matches, the bytes between the tensors (the
 trailer are compared as well, so a clean verdict means byte-identical.
 
 A directory is checked file by file against its manifest (size, sha256,
-tensor lists): every shard as above, with the whole-weight row bounds
+tensor lists), and the manifest against the one `convert` writes; a SRC
+`convert` refuses is refused here too. Every shard as above, with the whole-weight row bounds
 `convert` uses when strategy files are present; copied files byte for byte
 against the source's; each rewritten index against the one `convert` writes.
 A w8a8-dynamic output's quant_model_description.json (beside a file, or in
@@ -498,9 +499,11 @@ def _files_under(root: str) -> Tuple[Set[str], Dict[str, str]]:
     anything else found there (which is never opened: a FIFO would block)."""
     files: Set[str] = set()
     irregular: Dict[str, str] = {}
+
     def unlisted(exc: OSError) -> None:  # its files would go unseen
         irregular[os.path.relpath(exc.filename, root)] = (f"a directory that cannot be listed "
                                                           f"({exc.strerror})")
+
     for base, dirs, names in os.walk(root, onerror=unlisted):
         dirs.sort()
         for name in [d for d in dirs if os.path.islink(os.path.join(base, d))]:
