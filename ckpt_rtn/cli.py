@@ -91,6 +91,10 @@ def _reported(command: F) -> F:
         except CkptRtnError as exc:
             _tell(f"error: {exc}")
             sys.exit(2)
+        except OSError as exc:  # I/O our errors did not name (a failing disk): still one line
+            where = f"{exc.filename}: " if exc.filename else ""
+            _tell(f"error: {where}{exc.strerror or exc}")
+            sys.exit(2)
         except MemoryError as exc:  # numpy's names the allocation that failed
             context = click.get_current_context(silent=True)
             hint = {"convert": "fewer --workers", "verify": "fewer --workers",
@@ -150,10 +154,16 @@ def _say(message: str) -> None:
         except UnicodeEncodeError:  # a file name that is not UTF-8 (surrogate-escaped bytes)
             click.echo(message.encode("utf-8", "backslashreplace").decode("utf-8"))
     except OSError as exc:
-        _discard(sys.stdout)
-        if isinstance(exc, BrokenPipeError):
-            sys.exit(128 + signal.SIGPIPE)
-        raise OutputError("standard output", f"cannot write: {exc.strerror}") from None
+        raise _stdout_error(exc) from None
+
+
+def _stdout_error(exc: OSError) -> OutputError:
+    """A write to standard output failed: a pipe closed by its reader ends the command
+    quietly, as SIGPIPE ends other tools; anything else is our error, returned."""
+    _discard(sys.stdout)
+    if isinstance(exc, BrokenPipeError):
+        sys.exit(128 + signal.SIGPIPE)
+    return OutputError("standard output", f"cannot write: {exc.strerror}")
 
 
 def human_bytes(n: int) -> str:
@@ -192,6 +202,9 @@ class _CommandLine(click.Group):
         except click.Abort:  # click's word for a KeyboardInterrupt outside the commands
             _tell(Interrupted(signal.SIGINT).line())
             sys.exit(128 + signal.SIGINT)
+        except OSError as exc:  # --help or --version onto a standard output that fails
+            _tell(f"error: {_stdout_error(exc)}")
+            sys.exit(2)
 
 
 @click.group(cls=_CommandLine, context_settings={"help_option_names": ["-h", "--help"]})

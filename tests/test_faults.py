@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ import pytest
 from ckpt_rtn import formats, paths
 from ckpt_rtn.directory import MANIFEST
 from ckpt_rtn.errors import OutputError
+from ckpt_rtn.formats import atomic
 from ckpt_rtn.formats.atomic import TEMP_PATTERN
 from ckpt_rtn.paths import LOCK_NAME, LOCK_PATTERN
 
@@ -727,20 +729,69 @@ def test_command_without_its_extra_says_which_to_install(tmp_path: Path, command
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-@pytest.mark.parametrize("command", ["inspect", "verify", "convert"])
+@pytest.mark.parametrize("command", ["inspect", "verify", "convert", "--help", "--version"])
 def test_a_full_standard_output_is_one_line(tmp_path: Path, src: Path, command: str) -> None:
-    """Standard output on a full disk was a traceback with exit 1 (verify's "differs"); the
-    conversion it reports on stays written."""
+    """Standard output on a full disk was a traceback with exit 1 (verify's "differs"), and
+    for --help and --version still was; the conversion it reports on stays written."""
     dst = tmp_path / "out.ckpt"
-    if command != "convert":
+    if command in ("inspect", "verify"):
         assert cli("convert", "-q", src, dst).exit_code == 0
-    args = {"inspect": [src], "verify": [src, dst], "convert": [src, dst]}[command]
+    args = {"inspect": [src], "verify": [src, dst], "convert": [src, dst]}.get(command, [])
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "-c", MAIN, command, *map(str, args)],
                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
     assert (proc.returncode, proc.stderr) == (
         2, "error: standard output: cannot write: No space left on device\n")
-    assert dst.exists()
+    assert dst.exists() or command.startswith("--")
+
+
+@pytest.mark.parametrize("command", ["inspect", "convert", "verify"])
+def test_an_input_that_fails_to_read_is_one_line(tmp_path: Path, src: Path, command: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing disk's EIO while reading an input (its index, or a tensor) was a traceback,
+    exit 1."""
+    dst = tmp_path / "out.ckpt"
+    assert cli("convert", "-q", src, dst).exit_code == 0
+    def failing(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "pread", failing)  # the index's reads, and a small file's tensors
+    args = {"inspect": [src], "convert": [src, tmp_path / "again.ckpt"],
+            "verify": [src, dst]}[command]
+    result = cli(command, *args)
+    monkeypatch.undo()
+    read_first = dst if command == "verify" else src  # verify reads DST's settings first
+    assert result.exit_code == 2 and result.stderr == (
+        f"error: {read_first}: cannot read: Input/output error\n"), result.output
+    assert not (tmp_path / "again.ckpt").exists()
+
+
+def test_a_rename_is_made_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file's bytes were synced, its directory not: a crash after exit 0 could bring the
+    temporary name back (seen on ext4 after a journal abort)."""
+    synced: List[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+    monkeypatch.setattr(os, "fsync", recording)
+    atomic.write_bytes_atomic(tmp_path / "o.json", b"{}")
+    assert synced == ["file", "directory"]
+
+
+def test_a_temporary_file_that_cannot_be_removed_is_left_to_the_next_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a filesystem turned read-only, a failed write's temporary file cannot be removed:
+    that OSError replaced the write's own error with a traceback."""
+    out = atomic.AtomicFile(tmp_path / "o.bin")
+    out.write(b"x")
+
+    def refused(path: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(os, "unlink", refused)
+    out.discard()
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(out.temp_path)]
 
 
 def test_a_closed_pipe_ends_quietly(src: Path) -> None:

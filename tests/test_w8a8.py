@@ -8,6 +8,7 @@ own Mcore network and loader, on CPU.
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -197,6 +198,32 @@ def test_another_description_beside_a_single_output(tmp_path: Path) -> None:
     checked = cli("verify", src, dst)
     assert checked.exit_code == 1 and ("quantization_description.json: is another quantization "
                                        "description beside the output") in checked.stdout
+
+
+def test_a_failed_output_rename_puts_back_what_the_others_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report and description are renamed first, the output last: when its rename failed,
+    the two were removed, the earlier run's report and description with them."""
+    _, _, src = qwen3(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dst, report = out / "model.safetensors", out / "report.json"
+    assert cli("convert", src, dst, "--scheme", "w8a8-dynamic", "-q",
+               "--report", report).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = os.replace
+
+    def failing(a, b, **kwargs):
+        if os.fspath(b) == os.fspath(dst):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(a, b, **kwargs)
+    monkeypatch.setattr(os, "replace", failing)
+    result = cli("convert", src, dst, "--scheme", "w8a8-dynamic", "--overwrite", "--report",
+                 report)
+    monkeypatch.undo()
+    assert result.exit_code == 2 and result.stderr == (f"error: {dst}: cannot write: "
+                                                       "Input/output error\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file either
 
 
 def sharded_qwen3(tmp_path: Path) -> Path:

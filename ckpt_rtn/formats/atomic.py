@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from contextvars import ContextVar
-from typing import BinaryIO, Iterable, Iterator, List, Optional, Set
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Set
 
 from ..errors import FormatError, OutputError
 from ..paths import TEMP_PATTERN, open_input, temp_path
@@ -88,6 +88,7 @@ class AtomicFile:
             raise OutputError(self.path, f"cannot write: {exc.strerror}") from None
         self._renamed = True
         _live.discard(self.temp_path)
+        _sync_directory(os.path.dirname(os.path.abspath(self.path)))
 
     def discard(self) -> None:
         """Close and delete the temporary file; the final path is untouched."""
@@ -98,7 +99,9 @@ class AtomicFile:
                 pass
             self.file = None
         if not self._renamed:
-            with contextlib.suppress(FileNotFoundError):
+            # Best effort: on a filesystem turned read-only (or failing) it stays, and the
+            # next run on this destination removes it; the error that got here is the news.
+            with contextlib.suppress(OSError):
                 os.unlink(self.temp_path)
             _live.discard(self.temp_path)
 
@@ -117,28 +120,80 @@ def committed_together() -> Iterator[None]:
     Every file is complete and synced before the first rename, so only a
     rename can still fail. They are renamed last committed first: the first
     (the output, whose existence pipelines test for) appears last, and if a
-    rename fails the files already renamed are removed again.
+    rename fails the files already renamed are taken back: what their names
+    held before (an earlier run's report or description, under --overwrite)
+    is put back from a hard link made before the renames, or they are removed.
     """
     pending: List[AtomicFile] = []
     token = _deferred.set(pending)
     renamed: List[AtomicFile] = []
+    earlier: Dict[str, str] = {}  # a replaced file -> a hard link to what it held
     try:
         yield
         _deferred.reset(token)
         token = None
+        for out in pending:
+            kept = _keep_aside(out.path)
+            if kept is not None:
+                earlier[out.path] = kept
         for out in reversed(pending):
             out._rename()  # noqa: SLF001
             renamed.append(out)
     except BaseException:
         for out in renamed:
             with contextlib.suppress(OSError):
-                os.unlink(out.path)
+                if out.path in earlier:
+                    os.replace(earlier.pop(out.path), out.path)
+                else:
+                    os.unlink(out.path)
         for out in pending:
             out.discard()
         raise
     finally:
         if token is not None:
             _deferred.reset(token)
+        for kept in earlier.values():
+            with contextlib.suppress(OSError):
+                os.unlink(kept)
+            _live.discard(kept)
+
+
+def _keep_aside(path: str) -> Optional[str]:
+    """A hard link to the regular file at `path`, under a temporary name of this process
+    (so a dead run's is removed as its temporary files are); None if there is no such file,
+    or the filesystem makes no hard links (then a failed group cannot put it back)."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return None
+    kept = temp_path(path + _KEPT)
+    _live.add(kept)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(kept)
+        os.link(path, kept, follow_symlinks=False)
+    except OSError:
+        _live.discard(kept)
+        return None
+    return kept
+
+
+#: What a kept earlier file's name adds to the name it is kept for (see _keep_aside).
+_KEPT = ".earlier"
+
+
+def _sync_directory(directory: str) -> None:
+    """Make a rename into `directory` durable: until its directory is synced, a crash can
+    bring back the temporary name (the file's bytes were synced before). Best effort: some
+    filesystems cannot sync a directory, and the file is in place either way."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_own_temp_files() -> None:
@@ -203,8 +258,9 @@ def remove_dead_temp_files(directory: "os.PathLike[str] | str", name: Optional[s
         raise OutputError(directory, f"cannot list: {exc.strerror}") from None
     for entry in entries:
         match = TEMP_PATTERN.fullmatch(entry.name)
-        if match is None or (name is not None and entry.name != os.path.basename(
-                temp_path(os.path.join(directory, name), int(match.group(1))))):
+        if match is None or (name is not None and entry.name not in (
+                os.path.basename(temp_path(os.path.join(directory, own), int(match.group(1))))
+                for own in (name, name + _KEPT))):
             continue
         if pid_alive(int(match.group(1))) or os.path.realpath(entry.path) in kept \
                 or not entry.is_file(follow_symlinks=False):

@@ -115,7 +115,8 @@ class CkptReader(TensorReader):
         #: (pos, crc): the running CRC of the file's first `pos` bytes, while deferred.
         self._crc_state: Optional[Tuple[int, int]] = None
         try:
-            self._index(verify_crc and not defer_crc)
+            with self.reading():
+                self._index(verify_crc and not defer_crc)
         except BaseException:
             self.close()
             raise
@@ -140,7 +141,8 @@ class CkptReader(TensorReader):
             return
         pos, crc = self._crc_state
         self._crc_state = None
-        self._check_crc(self._crc_range(pos, self._end, crc))
+        with self.reading():
+            self._check_crc(self._crc_range(pos, self._end, crc))
 
     def _crc_through(self, info: TensorInfo, data: memoryview) -> Tuple[int, int]:
         """Extend the running CRC over a tensor just read (and the headers before it)."""

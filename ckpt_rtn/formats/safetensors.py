@@ -146,7 +146,8 @@ class SafetensorsReader(TensorReader):
         self._crc_parts: Optional["array[int]"] = None
         self._crc_known = bytearray()
         try:
-            self._index(verify_crc)
+            with self.reading():
+                self._index(verify_crc)
             if verify_crc and self.crc is not None:
                 self._crc_parts = array("L", [0]) * len(self.tensors)
                 self._crc_known = bytearray(len(self.tensors))
@@ -399,8 +400,9 @@ class SafetensorsReader(TensorReader):
         i = known.find(0)
         while i >= 0:
             start = self._offsets[i]
-            parts[i] = self._crc_range(start, start + self._lengths[i],
-                                       zlib.crc32(self.tensors[i].name.encode("utf-8")))
+            with self.reading():
+                parts[i] = self._crc_range(start, start + self._lengths[i],
+                                           zlib.crc32(self.tensors[i].name.encode("utf-8")))
             i = known.find(0, i + 1)
         names = [t.name for t in self.tensors]
         order = sorted(range(len(names)), key=names.__getitem__)

@@ -1,6 +1,7 @@
 """What a checkpoint file holds, independent of its format."""
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -8,7 +9,7 @@ import threading
 import zlib
 from array import array
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -134,7 +135,16 @@ class TensorReader:
 
     def read(self, info: TensorInfo) -> np.ndarray:
         """The tensor's data as a numpy array of its storage dtype and shape."""
-        return as_array(info, self._read_raw(info))
+        with self.reading():
+            return as_array(info, self._read_raw(info))
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """An I/O error of the file (EIO from a failing disk) as our error, naming it."""
+        try:
+            yield
+        except OSError as exc:
+            raise FormatError(self.path, f"cannot read: {exc.strerror}") from None
 
     def _read_raw(self, info: TensorInfo) -> np.ndarray:
         """A tensor's bytes as one uint8 array: mapped from the file if large and in one
