@@ -92,8 +92,8 @@ def _reported(command: F) -> F:
             _tell(f"error: {exc}")
             sys.exit(2)
         except OSError as exc:  # I/O our errors did not name (a failing disk): still one line
-            where = f"{exc.filename}: " if exc.filename else ""
-            _tell(f"error: {where}{exc.strerror or exc}")
+            where = exc.filename if exc.filename else "a file this command uses"
+            _tell(f"error: {where}: cannot read or write: {exc.strerror or exc}")
             sys.exit(2)
         except MemoryError as exc:  # numpy's names the allocation that failed
             context = click.get_current_context(silent=True)

@@ -93,15 +93,18 @@ _MAX_INDEX_SIZE = 256 * 1024 * 1024
 #: Model weights in other frameworks' files, as Hugging Face names them (PyTorch's
 #: `pytorch_model-00001-of-00002.bin`, TensorFlow's `tf_model.h5`, Flax's
 #: `flax_model.msgpack`) and Meta's releases (`original/consolidated.00.pth`): never read, and
-#: a copy would put them unquantized beside the output. Other files of those suffixes (a
-#: trainer's `training_args.bin`) are copied as any other.
+#: a copy would put them unquantized beside the output.
 _FOREIGN_WEIGHTS = re.compile(r"(?:pytorch_model|tf_model|flax_model)(?:[-.][^/]*)?"
-                              r"\.(?:bin|h5|msgpack)|consolidated\.[^/]*\.pth", re.IGNORECASE)
-#: What an index naming such files as its shards names: weights, whatever the file names.
+                              r"\.(?:bin|h5|msgpack)|consolidated[^/]*\.pth", re.IGNORECASE)
+#: Those frameworks' suffixes: an index naming such files as its shards names weights, and
+#: a file of one from _FOREIGN_MIN bytes holds weights or training state (`optimizer.pt`, a
+#: LoRA `adapter_model.bin`, `model.pt`), while smaller ones (a trainer's
+#: `training_args.bin`, `rng_state.pth`, `scheduler.pt`) are copied as any other file.
 _FOREIGN_SUFFIXES = (".bin", ".pt", ".pth", ".h5", ".msgpack")
+_FOREIGN_MIN = 1024 * 1024
 _FOREIGN_ADVICE = ("which ckpt-rtn does not read, and would copy unquantized beside its "
                    "output: convert a copy of the directory without them (e.g. huggingface-cli "
-                   "download --exclude '*.bin' '*.h5' '*.msgpack' 'original/*')")
+                   "download --exclude '*.bin' '*.pt' '*.h5' '*.msgpack' 'original/*')")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -601,6 +604,9 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
         if _FOREIGN_WEIGHTS.fullmatch(entry.name):
             raise UnsupportedError(entry.path, f"model weights of another framework, "
                                    f"{_FOREIGN_ADVICE}")
+        if entry.name.lower().endswith(_FOREIGN_SUFFIXES) and st.st_size >= _FOREIGN_MIN:
+            raise UnsupportedError(entry.path, f"{st.st_size} bytes in another framework's "
+                                   f"format (weights or training state), {_FOREIGN_ADVICE}")
         if format_from_suffix(entry.name) is not None and not is_strategy_file(entry.path):
             layout.shards.append(rel)
         elif entry.name.endswith(".json") and _is_index(entry.path):

@@ -35,17 +35,22 @@ from .errors import CkptRtnError, FormatError, OutputError
 
 #: Temporary files, `.<name>.ckpt-rtn-<pid>.tmp` (group 1: the writer's PID); left behind only
 #: by a killed process.
-TEMP_PATTERN = re.compile(r"\..+\.ckpt-rtn-(\d+)\.tmp")
+TEMP_PATTERN = re.compile(r"\..+\.ckpt-rtn-(\d+)(?:\.earlier)?\.tmp")
 #: The lock file inside an output directory.
 LOCK_NAME = ".ckpt-rtn.lock"
 #: Lock files: LOCK_NAME, and `.<name>.ckpt-rtn.lock` beside an output file.
 LOCK_PATTERN = re.compile(r"\.(?:.+\.)?ckpt-rtn\.lock")
 
 
-def temp_path(path: "os.PathLike[str] | str", pid: Optional[int] = None) -> str:
-    """Where this process (or `pid`) writes `path` before renaming it onto `path`."""
+def temp_path(path: "os.PathLike[str] | str", pid: Optional[int] = None, *,
+              earlier: bool = False) -> str:
+    """Where this process (or `pid`) writes `path` before renaming it onto `path`; with
+    `earlier`, where it keeps what `path` held while a group of renames may still be undone
+    (a name no temporary file of another path can have)."""
     directory, name = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(directory, f".{name}.ckpt-rtn-{os.getpid() if pid is None else pid}.tmp")
+    tail = ".earlier" if earlier else ""
+    return os.path.join(directory,
+                        f".{name}.ckpt-rtn-{os.getpid() if pid is None else pid}{tail}.tmp")
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),

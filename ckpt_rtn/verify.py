@@ -116,9 +116,9 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
     if scheme.mcore:
         directory._check_mcore_input(src, layout, scheme)  # pylint: disable=protected-access
     directory._check_indexes(src, layout)  # pylint: disable=protected-access
+    rules = settings.build_rules()
     directory._check_output_names(  # pylint: disable=protected-access
-        src, layout, settings.build_rules(),
-        ConvertOptions(rules=settings.build_rules(), scheme=scheme, crc=settings.crc), links)
+        src, layout, rules, ConvertOptions(rules=rules, scheme=scheme, crc=settings.crc), links)
     written = [description.NAME] if scheme.mcore else []
     expected = layout.shards + layout.others + layout.indexes + written
     present = _check_files(expected, files, dst, verdict.differences)
@@ -164,7 +164,8 @@ def _check_manifest(manifest: Dict[str, object], expected: List[str], settings: 
     sizes: a copy of SRC has other modification times), each entry's fields, and the
     files' order."""
     found: List[str] = []
-    written = directory._new_manifest(settings, layout.stamps())  # pylint: disable=W0212
+    written = directory._new_manifest(  # pylint: disable=protected-access
+        settings, layout.stamps())
     if set(manifest) != set(written):  # in any order: a resumed run's may differ
         found.append(f"holds the keys {', '.join(map(brief, manifest))} where convert writes "
                      f"{', '.join(written)}")
@@ -178,7 +179,8 @@ def _check_manifest(manifest: Dict[str, object], expected: List[str], settings: 
             for rel, stamp in sources.items()):
         found.append("sources do not name the source's files with their sizes")
     files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
-    if [rel for rel in files if rel in expected] != [rel for rel in expected if rel in files]:
+    known = set(expected)
+    if [rel for rel in files if rel in known] != [rel for rel in expected if rel in files]:
         found.append("lists the files in another order than convert")
     shards = set(layout.shards)
     for rel, entry in files.items():
@@ -221,8 +223,9 @@ def _check_files(expected: List[str], files: Dict[str, Dict[str, object]], dst: 
                     if rel not in present and rel not in irregular]
     differences += [Difference(rel, "extra file: convert does not write it")
                     for rel in sorted(present - set(expected))]
+    known = set(expected)
     differences += [Difference(directory.MANIFEST, f"lists {rel}, which convert does not write")
-                    for rel in files if rel not in expected]
+                    for rel in files if rel not in known]
     for rel in expected:
         if rel in present:
             differences += _check_entry(files.get(rel), rel, os.path.join(dst, rel))
@@ -456,7 +459,8 @@ class _FileCheck:
             self._add("size", f"{size} bytes where convert writes {expected_size}")
 
     def _read_at(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        with self.out.reading():
+            return os.pread(self.fd, length, offset)
 
 
 def _read_manifest(path: str) -> Tuple[Dict[str, object], Settings]:

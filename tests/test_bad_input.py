@@ -650,8 +650,18 @@ def test_other_frameworks_weights_beside_the_shards_are_refused(tmp_path: Path,
                        r"model weights of another framework, which ckpt-rtn does not read, and "
                        r"would copy unquantized beside its output")
         assert not dst.exists()
+    # A file of those suffixes from 1 MiB on holds weights or training state, whatever its
+    # name (optimizer.pt was copied, at twice the model's size in float32).
+    src = _source_with_index(tmp_path / "optimizer", sharded_src,
+                             (sharded_src / INDEX).read_text())
+    with open(src / "optimizer.pt", "wb") as f:
+        f.truncate(1024 * 1024)
+    assert_refused(run("convert", "-q", "--config", "llama2", src, tmp_path / "out"),
+                   src / "optimizer.pt", r"1048576 bytes in another framework's format "
+                   r"\(weights or training state\), which ckpt-rtn does not read")
     src = _source_with_index(tmp_path / "kept", sharded_src, (sharded_src / INDEX).read_text())
     (src / "training_args.bin").write_bytes(b"PK\x03\x04")
+    (src / "rng_state.pth").write_bytes(bytes(1024 * 1024 - 1))
     pytorch_index = src / "pytorch_model.bin.index.json"
     pytorch_index.write_text(json.dumps({"weight_map": {"model.norm_out.weight":
                                                         "pytorch_model-00001-of-00001.bin"}}))

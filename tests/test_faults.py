@@ -779,6 +779,28 @@ def test_a_rename_is_made_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert synced == ["file", "directory"]
 
 
+def test_a_stop_during_a_groups_renames_takes_them_all_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop signal after a rename, while its directory is synced, left that file renamed
+    (the new report beside the old output): the group's undo went by a list the interrupted
+    rename had not reached."""
+    out, report = tmp_path / "o.bin", tmp_path / "r.json"
+    out.write_bytes(b"old out")
+    report.write_bytes(b"old report")
+
+    def stopped(directory: str) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(atomic, "_sync_directory", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.committed_together():
+            for path, data in ((out, b"new out"), (report, b"new report")):
+                with atomic.AtomicFile(path) as new:
+                    new.write(data)
+                    new.commit()
+    assert (out.read_bytes(), report.read_bytes()) == (b"old out", b"old report")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.bin", "r.json"]
+
+
 def test_a_temporary_file_that_cannot_be_removed_is_left_to_the_next_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a filesystem turned read-only, a failed write's temporary file cannot be removed:

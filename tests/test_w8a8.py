@@ -218,12 +218,25 @@ def test_a_failed_output_rename_puts_back_what_the_others_replaced(
             raise OSError(errno.EIO, "Input/output error")
         return real(a, b, **kwargs)
     monkeypatch.setattr(os, "replace", failing)
-    result = cli("convert", src, dst, "--scheme", "w8a8-dynamic", "--overwrite", "--report",
-                 report)
-    monkeypatch.undo()
+    # Another selection (layer 0 kept): another description, and another report.
+    again = ["convert", src, dst, "--scheme", "w8a8-dynamic", "--overwrite", "--blacklist",
+             "layers.0.", "--report", report]
+    result = cli(*again)
     assert result.exit_code == 2 and result.stderr == (f"error: {dst}: cannot write: "
                                                        "Input/output error\n")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file either
+    # Where no hard link can be made, what was replaced cannot be put back: it is removed,
+    # never left beside an output it does not describe.
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(errno.EPERM, "Operation not permitted")))
+    assert cli(*again).exit_code == 2
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == ["model.safetensors"]
+    # A report named as the kept copy of the output once was: the report it is.
+    named = out / "model.safetensors.earlier"
+    assert cli("convert", src, dst, "--scheme", "w8a8-dynamic", "--overwrite", "-q",
+               "--report", named).exit_code == 0
+    assert json.loads(named.read_text())["tool"] == "ckpt-rtn"
 
 
 def sharded_qwen3(tmp_path: Path) -> Path:

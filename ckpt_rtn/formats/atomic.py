@@ -126,7 +126,6 @@ def committed_together() -> Iterator[None]:
     """
     pending: List[AtomicFile] = []
     token = _deferred.set(pending)
-    renamed: List[AtomicFile] = []
     earlier: Dict[str, str] = {}  # a replaced file -> a hard link to what it held
     try:
         yield
@@ -138,9 +137,10 @@ def committed_together() -> Iterator[None]:
                 earlier[out.path] = kept
         for out in reversed(pending):
             out._rename()  # noqa: SLF001
-            renamed.append(out)
     except BaseException:
-        for out in renamed:
+        # By each file's own flag: a stop signal can land after a rename, before its caller
+        # would have recorded it (while the directory is synced, say).
+        for out in (out for out in pending if out._renamed):  # noqa: SLF001
             with contextlib.suppress(OSError):
                 if out.path in earlier:
                     os.replace(earlier.pop(out.path), out.path)
@@ -164,7 +164,7 @@ def _keep_aside(path: str) -> Optional[str]:
     or the filesystem makes no hard links (then a failed group cannot put it back)."""
     if not os.path.isfile(path) or os.path.islink(path):
         return None
-    kept = temp_path(path + _KEPT)
+    kept = temp_path(path, earlier=True)
     _live.add(kept)
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -175,9 +175,6 @@ def _keep_aside(path: str) -> Optional[str]:
         return None
     return kept
 
-
-#: What a kept earlier file's name adds to the name it is kept for (see _keep_aside).
-_KEPT = ".earlier"
 
 
 def _sync_directory(directory: str) -> None:
@@ -259,8 +256,8 @@ def remove_dead_temp_files(directory: "os.PathLike[str] | str", name: Optional[s
     for entry in entries:
         match = TEMP_PATTERN.fullmatch(entry.name)
         if match is None or (name is not None and entry.name not in (
-                os.path.basename(temp_path(os.path.join(directory, own), int(match.group(1))))
-                for own in (name, name + _KEPT))):
+                os.path.basename(temp_path(os.path.join(directory, name), int(match.group(1)),
+                                           earlier=earlier)) for earlier in (False, True))):
             continue
         if pid_alive(int(match.group(1))) or os.path.realpath(entry.path) in kept \
                 or not entry.is_file(follow_symlinks=False):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import mmap
 import os
@@ -140,10 +141,14 @@ class TensorReader:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
-        """An I/O error of the file (EIO from a failing disk) as our error, naming it."""
+        """An I/O error of the file (EIO from a failing disk) as our error, naming it; a map
+        that finds no memory (ENOMEM) as what it is. An error of a mapped tensor's pages
+        comes later, as SIGBUS, where no handler can turn it into a line."""
         try:
             yield
         except OSError as exc:
+            if exc.errno == errno.ENOMEM:
+                raise MemoryError(f"mapping {self.path}: {exc.strerror}") from None
             raise FormatError(self.path, f"cannot read: {exc.strerror}") from None
 
     def _read_raw(self, info: TensorInfo) -> np.ndarray:
