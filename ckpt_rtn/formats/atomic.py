@@ -176,7 +176,6 @@ def _keep_aside(path: str) -> Optional[str]:
     return kept
 
 
-
 def _sync_directory(directory: str) -> None:
     """Make a rename into `directory` durable: until its directory is synced, a crash can
     bring back the temporary name (the file's bytes were synced before). Best effort: some
