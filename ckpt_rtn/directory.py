@@ -140,6 +140,11 @@ class _Layout:
     #: Each file's modification time (ns), by relative path.
     mtimes: Dict[str, int] = field(default_factory=dict)
 
+    def outputs(self, mcore: bool) -> List[str]:
+        """What a whole run writes, in its manifest's order (a description with an Mcore
+        scheme)."""
+        return self.shards + self.others + self.indexes + ([description.NAME] if mcore else [])
+
     def stamps(self) -> Dict[str, List[int]]:
         """Each file's [size, modification time]: every manifest records them, and a run
         over a SRC changed since one was written is refused (_check_sources)."""
@@ -205,19 +210,15 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
         raise ConfigError(dst, f"--part {part} always resumes its own shards; --overwrite "
                           "applies to a whole run (remove DST to start the parts over)")
     manifest_name = MANIFEST if part is None else part_manifest(part)
-    if options.scheme.mcore:
-        _check_mcore_input(src, layout, options.scheme)
-    _check_paths(src, dst, layout, report, manifest_name, options.scheme.mcore)
     rules = converter.rules_for(options.rules,
                                 _detection_tensors(src, layout.shards, options.rules), src)
     settings = options.settings(rules, None)
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
     for rel in layout.others:  # refused before anything is written
         copied_config(os.path.join(src, rel))
-    _check_indexes(src, layout)
     links = fp8_links(src, layout.shards)
-    if part is None:  # once a run: each of N parts planning all N shards would cost N^2
-        _check_output_names(src, layout, rules, options, links)
+    check_source(src, layout, rules, options, links, across_shards=part is None)
+    _check_paths(src, dst, layout, report, manifest_name, options.scheme.mcore)
     result = DirectoryResult()
     if part is None:
         shards = layout.shards
@@ -246,9 +247,8 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
               if pending and strategies else {})
     result.global_scales = sorted(bounds)
     if part is None and options.overwrite and not options.resume:  # every check is passed
-        result.removed = _remove_earlier_output(dst, {
-            *layout.shards, *layout.others, *layout.indexes,
-            *([description.NAME] if options.scheme.mcore else [])}, _inodes(src, layout))
+        result.removed = _remove_earlier_output(dst, set(layout.outputs(options.scheme.mcore)),
+                                                _inodes(src, layout))
         # This run's, from now: a --resume after an interrupt continues it, where the
         # earlier runs' manifests (another SRC, other settings) refused it.
         _save(dst, MANIFEST, manifest)
@@ -301,8 +301,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
         _record(dst, manifest, description.NAME, os.path.join(dst, description.NAME), None)
     # In the layout's order, however the parts finished: the same bytes as one run's.
     files = manifest["files"]
-    order = [rel for rel in layout.shards + layout.others + layout.indexes + [description.NAME]
-             if rel in files]
+    order = [rel for rel in layout.outputs(options.scheme.mcore) if rel in files]
     manifest["files"] = {rel: files[rel] for rel in order}  # and nothing a manifest made up
     _save(dst, MANIFEST, manifest)
     _remove_part_manifests(dst)  # merged into this run's
@@ -362,6 +361,20 @@ def fp8_links(src: str, shards: List[str]) -> Fp8Links:
 
 #: The model's configuration that Hugging Face loaders read beside the shards.
 CONFIG = "config.json"
+
+
+def check_source(src: str, layout: _Layout, rules: Rules, options: ConvertOptions,
+                 links: Fp8Links, *, across_shards: bool = True) -> None:
+    """Refuse what no conversion of SRC's files taken together can be, before anything is
+    written (and `verify`, for which no DST can then be the output): shards an Mcore scheme
+    cannot write or a description already there, an index naming a shard SRC lacks, and,
+    `across_shards`, the clashes between shards of one index (a whole run checks them once:
+    each of N parts planning all N shards would cost N^2)."""
+    if options.scheme.mcore:
+        _check_mcore_input(src, layout, options.scheme)
+    _check_indexes(src, layout)
+    if across_shards:
+        _check_output_names(src, layout, rules, options, links)
 
 
 def _check_output_names(src: str, layout: _Layout, rules: Rules, options: ConvertOptions,
@@ -636,8 +649,7 @@ def _check_paths(src: str, dst: str, layout: _Layout, report: Optional[str],
     claims.write_in_place(paths.lock_path(dst, directory=True), "the output's lock file")
     claims.write(os.path.join(dst, manifest), "the manifest")
     paths.check_destination(os.path.join(dst, manifest), overwrite=True)
-    written = layout.shards + layout.others + layout.indexes
-    for rel in written + ([description.NAME] if writes_description else []):
+    for rel in layout.outputs(writes_description):
         out = os.path.join(dst, rel)
         _refuse_linked_parents(dst, rel)
         claims.write(out, "an output file")

@@ -113,14 +113,10 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
     links = directory.fp8_links(src, layout.shards)
     # What convert refuses of this SRC, verify does too: no DST can be its output (one made
     # of parts, or by an older version, could still agree file by file).
-    if scheme.mcore:
-        directory._check_mcore_input(src, layout, scheme)  # pylint: disable=protected-access
-    directory._check_indexes(src, layout)  # pylint: disable=protected-access
     rules = settings.build_rules()
-    directory._check_output_names(  # pylint: disable=protected-access
-        src, layout, rules, ConvertOptions(rules=rules, scheme=scheme, crc=settings.crc), links)
-    written = [description.NAME] if scheme.mcore else []
-    expected = layout.shards + layout.others + layout.indexes + written
+    directory.check_source(src, layout, rules,
+                           ConvertOptions(rules=rules, scheme=scheme, crc=settings.crc), links)
+    expected = layout.outputs(scheme.mcore)
     present = _check_files(expected, files, dst, verdict.differences)
     verdict.differences += _check_manifest(manifest, expected, settings, layout)
     planned = _check_shards(src, dst, layout, files, present, settings, verdict, links,
