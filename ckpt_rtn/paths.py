@@ -262,7 +262,7 @@ _PID_WIDTH = 16
 def _acquire(shown: str, lock: str, shared: bool = False) -> int:
     """flock a lock file that is still the one at its path (its holder may delete it)."""
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    for _ in range(100):
+    for attempt in range(100):
         try:
             fd = os.open(lock, flags, 0o644)
         except OSError as exc:
@@ -278,8 +278,15 @@ def _acquire(shown: str, lock: str, shared: bool = False) -> int:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise OutputError(shown, "is being written by another ckpt-rtn run "
-                                  f"({_holder(fd)})") from None
+                if not shared or attempt == 99:
+                    raise OutputError(shown, "is being written by another ckpt-rtn run "
+                                      f"({_holder(fd)})") from None
+                # A sharer that is releasing holds it exclusively for a moment, to learn
+                # whether it is the last (_release): a part starting then waits that moment
+                # out, where a run that holds it exclusively holds it for its whole life.
+                os.close(fd)
+                time.sleep(0.01)
+                continue
             except OSError as exc:
                 raise OutputError(shown, f"cannot lock {lock}: {exc.strerror}") from None
         except BaseException:

@@ -14,6 +14,7 @@ chmod would deny nothing).
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -622,6 +624,27 @@ def test_second_directory_run_fails_at_once(tmp_path: Path, shards: Path,
     assert sorted(json.loads((dst / MANIFEST).read_text())["files"]) == [
         "rank_0/net.ckpt", "rank_1/net.ckpt"]
     assert leftovers(dst) == []
+
+
+def test_a_part_starting_while_another_part_releases_waits_that_out(tmp_path: Path) -> None:
+    """A releasing part holds the shared lock exclusively for a moment, to learn whether it
+    is the last: a part starting then was refused as if a whole run held DST (a --ray run
+    failed so on a loaded machine)."""
+    dst = tmp_path / "out"
+    dst.mkdir()
+    releasing = os.open(paths.lock_path(dst, directory=True), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(releasing, fcntl.LOCK_EX)
+    threading.Timer(0.1, os.close, (releasing,)).start()
+    with paths.destination_lock(dst, directory=True, shared=True):
+        pass
+    held = os.open(paths.lock_path(dst, directory=True), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a whole run, for its whole life: still refused
+    try:
+        with pytest.raises(OutputError, match="is being written by another ckpt-rtn run"):
+            with paths.destination_lock(dst, directory=True, shared=True):
+                pass
+    finally:
+        os.close(held)
 
 
 def test_a_lock_on_a_deleted_lock_file_is_not_trusted(tmp_path: Path,
