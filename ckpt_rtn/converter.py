@@ -292,10 +292,7 @@ def _quantized_outputs(path: str, scheme: Scheme, selection: Selection,
     reason = scheme.check(out_channels, in_channels)
     if reason is not None:
         raise QuantizationError(path, f"tensor {info.name!r} {list(info.shape)}: {reason}")
-    outputs = scheme.outputs(selection.layer, info.dtype, out_channels, in_channels)
-    if selection.layout == IN_OUT and not scheme.packs_int4:  # int8 codes keep the layout
-        outputs = (replace(outputs[0], shape=info.shape),) + outputs[1:]
-    return outputs
+    return scheme.stored_outputs(selection.layer, info, selection.layout == IN_OUT)
 
 
 def output_format(dst: "os.PathLike[str] | str", requested: Optional[str], crc: bool) -> str:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterable, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -192,6 +192,16 @@ class Scheme:
         if names.zp_neg is None:
             return weight, scale
         return weight, scale, TensorInfo.of(names.zp_neg, dtype, scale_shape)
+
+    def stored_outputs(self, layer: str, info: TensorInfo,
+                       in_out: bool) -> Tuple[TensorInfo, ...]:
+        """`outputs` for the weight `info`, stored [in, out] if `in_out` (else [out, in]), as
+        convert writes them: int8 codes keep the weight's layout; int4 ones are packed."""
+        out_channels, in_channels = info.shape[::-1] if in_out else info.shape
+        outputs = self.outputs(layer, info.dtype, out_channels, in_channels)
+        if in_out and not self.packs_int4:
+            outputs = (replace(outputs[0], shape=info.shape),) + outputs[1:]
+        return outputs
 
     def quantize(self, weight: np.ndarray, fmt: FloatFormat, *, pool: Optional[Executor],
                  stats: bool, bounds: Optional[RowBounds] = None,
@@ -363,10 +373,10 @@ def model_mismatch(baseline: Sequence[TensorInfo], other: Sequence[TensorInfo]) 
         weight = expected.pop(f"{layer}.weight", None)
         if weight is None:
             return f"it quantizes {layer!r}, whose weight {layer}.weight the baseline lacks"
+        names = found.names(layer)
         bias = expected.pop(f"{layer}.bias", None)
         if bias is not None:
-            expected[found.names(layer).bias] = bias
-        names = found.names(layer)
+            expected[names.bias] = bias
         made.update(name for name in (names.weight, names.scale, names.zp_neg) if name)
         if scheme is None:  # names alone
             continue
@@ -395,11 +405,7 @@ def _quantized_as(scheme: Scheme, layer: str, weight: TensorInfo,
     chosen = scheme.for_layer(layer)
     if chosen.check(out_channels, in_channels) is not None:
         return None
-    outputs = chosen.outputs(layer, weight.dtype, out_channels, in_channels)
-    shapes = {t.name: tuple(t.shape) for t in outputs}
-    if in_out and not chosen.packs_int4:  # int8 codes keep the layout, as convert writes them
-        shapes[outputs[0].name] = tuple(weight.shape)
-    return shapes
+    return {t.name: tuple(t.shape) for t in chosen.stored_outputs(layer, weight, in_out)}
 
 
 def mismatch_summary(missing: Sequence[str], unexpected: Sequence[str],
