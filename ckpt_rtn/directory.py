@@ -129,7 +129,10 @@ class DirectoryResult:
 
 
 @dataclass
-class _Layout:
+class SourceTree:
+    """SRC's files as `scan` classifies them, by path relative to SRC: what a whole run
+    converts, rewrites and copies, and what verify checks DST against."""
+
     shards: List[str]
     indexes: List[str]
     others: List[str]
@@ -164,7 +167,7 @@ def convert_directory(src: str, dst: str, options: ConvertOptions = ConvertOptio
     anything this run reads or writes.
     """
     _check_directories(src, dst)
-    layout = _scan(src)
+    layout = scan(src)
     if not layout.shards:
         raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
     if not os.path.lexists(dst) and format_from_suffix(dst) is not None:
@@ -191,13 +194,13 @@ def shard_list(src: str, dst: str) -> List[str]:
     """The shards of `src` (relative paths), after convert_directory's first checks: what
     `--ray` deals into parts before any part runs."""
     _check_directories(src, dst)
-    shards = _scan(src).shards
+    shards = scan(src).shards
     if not shards:
         raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
     return shards
 
 
-def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions,
+def _convert_locked(src: str, dst: str, layout: SourceTree, options: ConvertOptions,
                     progress: Optional[converter.ProgressFn],
                     report: Optional[str]) -> DirectoryResult:
     """Convert the shards (those of `options.part` only, if given); a whole run then copies
@@ -223,7 +226,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
     if part is None:
         shards = layout.shards
         manifest = (_merged_manifest(dst, settings, layout.stamps()) if options.resume
-                    else _new_manifest(settings, layout.stamps()))
+                    else new_manifest(settings, layout.stamps()))
         done = manifest
         _remove_dead_temp_files(dst)
     else:
@@ -243,7 +246,7 @@ def _convert_locked(src: str, dst: str, layout: _Layout, options: ConvertOptions
 
     pending = [rel for rel in shards if not _is_done(done, rel, os.path.join(dst, rel))]
     # Over every rank's shard, not only this part's: a part's scales are a whole run's.
-    bounds = (_bounds_over_ranks(src, layout.shards, strategies, rules, options.scheme)
+    bounds = (bounds_over_ranks(src, layout.shards, strategies, rules, options.scheme)
               if pending and strategies else {})
     result.global_scales = sorted(bounds)
     if part is None and options.overwrite and not options.resume:  # every check is passed
@@ -363,7 +366,7 @@ def fp8_links(src: str, shards: List[str]) -> Fp8Links:
 CONFIG = "config.json"
 
 
-def check_source(src: str, layout: _Layout, rules: Rules, options: ConvertOptions,
+def check_source(src: str, layout: SourceTree, rules: Rules, options: ConvertOptions,
                  links: Fp8Links, *, across_shards: bool = True) -> None:
     """Refuse what no conversion of SRC's files taken together can be, before anything is
     written (and `verify`, for which no DST can then be the output): shards an Mcore scheme
@@ -377,7 +380,7 @@ def check_source(src: str, layout: _Layout, rules: Rules, options: ConvertOption
         _check_output_names(src, layout, rules, options, links)
 
 
-def _check_output_names(src: str, layout: _Layout, rules: Rules, options: ConvertOptions,
+def _check_output_names(src: str, layout: SourceTree, rules: Rules, options: ConvertOptions,
                         links: Fp8Links) -> None:
     """Plan every shard from its header, so that a plan that fails does before anything is
     written, and refuse, among the shards of one index, a name two of them would write
@@ -460,7 +463,7 @@ def description_of(shards: List[str], files: Dict[str, Dict[str, object]]) -> by
     return description.render(tensors)
 
 
-def _check_mcore_input(src: str, layout: _Layout, scheme: Scheme) -> None:
+def _check_mcore_input(src: str, layout: SourceTree, scheme: Scheme) -> None:
     """MindFormers' Mcore networks load a directory of safetensors with one quantization
     description: refuse other shards, and a description already in the input."""
     for rel in layout.shards:
@@ -495,7 +498,7 @@ def _detection_tensors(src: str, shards: List[str],
     return tensors
 
 
-def _bounds_over_ranks(src: str, shards: List[str], strategies: List[str], rules: Rules,
+def bounds_over_ranks(src: str, shards: List[str], strategies: List[str], rules: Rules,
                        scheme: Scheme) -> Dict[str, RowBounds]:
     """Per-output-channel (min, max) over all ranks, for weights split along input channels."""
     layouts: Dict[str, Layout] = {}
@@ -557,13 +560,13 @@ def _check_empty(dst: str, overwrite: bool, resume: bool) -> None:
                           "an interrupted run, or --overwrite")
 
 
-def _scan(src: str) -> _Layout:
+def scan(src: str) -> SourceTree:
     """Every file under `src`, classified; symlinked directories are followed.
 
     Anything but regular files and directories (a FIFO, a device, a socket,
     a dangling link) is refused by name: reading it could block or never end.
     """
-    layout = _Layout([], [], [], {}, [])
+    layout = SourceTree([], [], [], {}, [])
     _walk(src, src, layout, set())
     for rel in [rel for rel in layout.indexes if _indexes_absent_foreign_weights(src, rel)]:
         layout.indexes.remove(rel)  # metadata alone, as huggingface-cli's --exclude '*.bin'
@@ -583,7 +586,7 @@ def _indexes_absent_foreign_weights(src: str, rel: str) -> bool:
                                 for shard in shards)
 
 
-def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, int]]) -> None:
+def _walk(src: str, directory: str, layout: SourceTree, ancestors: Set[Tuple[int, int]]) -> None:
     try:
         st = os.stat(directory)
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
@@ -635,7 +638,7 @@ def _walk(src: str, directory: str, layout: _Layout, ancestors: Set[Tuple[int, i
         _walk(src, subdirectory, layout, ancestors)
 
 
-def _check_paths(src: str, dst: str, layout: _Layout, report: Optional[str],
+def _check_paths(src: str, dst: str, layout: SourceTree, report: Optional[str],
                  manifest: str = MANIFEST, writes_description: bool = False) -> None:
     """Nothing this run writes may land on anything it reads (a symlinked input directory or
     file may lead into DST) or on another of its files; every destination must be replaceable
@@ -703,7 +706,7 @@ def _remove_earlier_output(dst: str, writes: Set[str],
     else there is not known to be ours to remove, and stays."""
     removed = []
     top = paths.resolved(dst)
-    for name in [MANIFEST, *_part_manifest_names(dst)]:
+    for name in [MANIFEST, *part_manifest_names(dst)]:
         path = os.path.join(dst, name)
         try:
             manifest = read_manifest(path, OutputError)
@@ -730,7 +733,7 @@ def _remove_earlier_output(dst: str, writes: Set[str],
     return removed
 
 
-def _inodes(src: str, layout: _Layout) -> Set[Tuple[int, int]]:
+def _inodes(src: str, layout: SourceTree) -> Set[Tuple[int, int]]:
     """The device and inode of every input file, as reached from SRC (through links)."""
     return {found for found in (paths.inode(os.path.join(src, rel)) for rel in layout.sizes)
             if found is not None}
@@ -777,7 +780,7 @@ def _tensor_entries(tensors: List[TensorInfo]) -> List[Dict[str, object]]:
             for t in tensors]
 
 
-def _new_manifest(settings: Settings, sources: Dict[str, List[int]]) -> Dict[str, object]:
+def new_manifest(settings: Settings, sources: Dict[str, List[int]]) -> Dict[str, object]:
     return {"tool": "ckpt-rtn", "version": __version__, "settings": settings.to_dict(),
             "sources": sources, "files": {}}
 
@@ -785,10 +788,10 @@ def _new_manifest(settings: Settings, sources: Dict[str, List[int]]) -> Dict[str
 def _load_manifest(dst: str, settings: Settings, sources: Dict[str, List[int]],
                    name: str = MANIFEST) -> Dict[str, object]:
     """The manifest `name` in `dst` (new if there is none), refused if made with other
-    settings or from another SRC (`sources`: its files' stamps, _Layout.stamps())."""
+    settings or from another SRC (`sources`: its files' stamps, SourceTree.stamps())."""
     path = os.path.join(dst, name)
     if not os.path.exists(path):
-        return _new_manifest(settings, sources)
+        return new_manifest(settings, sources)
     manifest = read_manifest(path, ConfigError, "; remove it (and the output) to start over")
     _check_settings(path, manifest, settings)
     _check_sources(path, manifest, sources)
@@ -840,7 +843,7 @@ def _dead_part_locks(dst: str) -> List[str]:
         raise OutputError(dst, f"cannot list: {exc.strerror}") from None
 
 
-def _part_manifest_names(dst: str) -> List[str]:
+def part_manifest_names(dst: str) -> List[str]:
     try:
         return sorted(name for name in os.listdir(dst) if PART_MANIFEST.fullmatch(name))
     except OSError as exc:
@@ -848,7 +851,7 @@ def _part_manifest_names(dst: str) -> List[str]:
 
 
 def _remove_part_manifests(dst: str) -> None:
-    for name in _part_manifest_names(dst):
+    for name in part_manifest_names(dst):
         _remove(os.path.join(dst, name))
 
 
@@ -858,9 +861,9 @@ def _part_manifests(dst: str, settings: Settings, sources: Dict[str, List[int]],
     directory's shows done. Every manifest already in `dst` is checked first, so a part
     started with other options than the others (or over a changed SRC) fails at once, not
     at the merge."""
-    mine = _new_manifest(settings, sources)
+    mine = new_manifest(settings, sources)
     done = _load_manifest(dst, settings, sources)
-    for name in _part_manifest_names(dst):
+    for name in part_manifest_names(dst):
         manifest = _load_manifest(dst, settings, sources, name)
         if name == own:
             mine = manifest
@@ -873,7 +876,7 @@ def _merged_manifest(dst: str, settings: Settings,
     """The directory's manifest with every part's entries added (a part's is the newer);
     each entry is still checked against its file before it is trusted (_is_done)."""
     manifest = _load_manifest(dst, settings, sources)
-    for name in _part_manifest_names(dst):
+    for name in part_manifest_names(dst):
         part = _load_manifest(dst, settings, sources, name)
         manifest["files"].update(part["files"])  # type: ignore[union-attr]
     return manifest
@@ -1016,7 +1019,7 @@ def _read_index(path: str) -> Tuple[Dict[str, object], Dict[str, str]]:
     return index, old_map
 
 
-def _check_indexes(src: str, layout: _Layout) -> None:
+def _check_indexes(src: str, layout: SourceTree) -> None:
     """Refuse an index naming a shard that SRC does not hold before anything is written: its
     rewrite, after every shard is converted, would fail, and so would every --resume."""
     shards = set(layout.shards)

@@ -101,7 +101,7 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
     manifest, settings = _read_manifest(manifest_path)
     files: Dict[str, Dict[str, object]] = manifest["files"]  # type: ignore[assignment]
     _check_version(settings, manifest_path)
-    layout = directory._scan(src)  # pylint: disable=protected-access
+    layout = directory.scan(src)
     if not layout.shards:
         raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
     verdict = Verdict(settings)
@@ -154,13 +154,13 @@ def _holds(path: str, expected: bytes) -> bool:
 
 
 def _check_manifest(manifest: Dict[str, object], expected: List[str], settings: Settings,
-                    layout: "directory._Layout") -> List[Difference]:
+                    layout: "directory.SourceTree") -> List[Difference]:
     """The manifest's other parts against what convert writes: its keys, tool and version,
     settings (as written, not only as read), the source files it was made from (their
     sizes: a copy of SRC has other modification times), each entry's fields, and the
     files' order."""
     found: List[str] = []
-    written = directory._new_manifest(  # pylint: disable=protected-access
+    written = directory.new_manifest(
         settings, layout.stamps())
     if set(manifest) != set(written):  # in any order: a resumed run's may differ
         found.append(f"holds the keys {', '.join(map(brief, manifest))} where convert writes "
@@ -228,7 +228,7 @@ def _check_files(expected: List[str], files: Dict[str, Dict[str, object]], dst: 
     return present
 
 
-def _check_shards(src: str, dst: str, layout: "directory._Layout",
+def _check_shards(src: str, dst: str, layout: "directory.SourceTree",
                   files: Dict[str, Dict[str, object]], present: Set[str], settings: Settings,
                   verdict: Verdict, links: directory.Fp8Links, *, verify_crc: bool,
                   workers: Optional[int],
@@ -236,7 +236,7 @@ def _check_shards(src: str, dst: str, layout: "directory._Layout",
     """Every shard, with the row bounds convert takes over all ranks when strategy files are
     there; returns each one's planned tensors, as the manifest lists them, for the indexes."""
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
-    bounds = (directory._bounds_over_ranks(  # pylint: disable=protected-access
+    bounds = (directory.bounds_over_ranks(
         src, layout.shards, strategies, settings.build_rules(), settings.build_scheme())
         if strategies else {})
     total = sum(layout.sizes[rel] for rel in layout.shards)
@@ -463,7 +463,7 @@ def _read_manifest(path: str) -> Tuple[Dict[str, object], Settings]:
     """A directory's manifest, checked: its files' entries and its settings."""
     if not os.path.lexists(path):
         dst = os.path.dirname(path)
-        if directory._part_manifest_names(dst):  # pylint: disable=protected-access
+        if directory.part_manifest_names(dst):
             raise FormatError(dst, f"holds the manifests of --part runs only: run the final "
                               f"{TOOL} convert --resume (without --part) first")
         raise FormatError(dst, f"has no {directory.MANIFEST}: not an output directory of "

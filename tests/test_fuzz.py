@@ -364,7 +364,7 @@ def test_directory_of_mutated_files(tmp_path_factory: pytest.TempPathFactory,
                 else data.draw(json_files(json.loads(content)))
         (src / rel).write_bytes(content)
     try:
-        directory._scan(str(src))
+        directory.scan(str(src))
         only_our_errors(convert_directory, str(src), str(root / "dst"),
                         ConvertOptions(load_rules("llama2")))
     finally:
