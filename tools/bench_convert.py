@@ -53,6 +53,17 @@ runs without --report (no error measurement, no stage times).
 
     python tools/bench_convert.py --layers 1 --naive-layers 0 --repeat 3 --rev main \
         --scheme-args "--scheme w4a16"
+
+--python PY (repeatable) also runs every ckpt-rtn command of the working tree
+under that interpreter, interleaved: a virtual environment holding only what
+`pip install .` installs, say, next to the development one. Where SciPy is
+importable (MindSpore's extra brings it), numba's set-up imports it to look
+for BLAS, which every conversion waits for; the table's first lines say which
+interpreter has it.
+
+    python3 -m venv /tmp/converter && /tmp/converter/bin/pip install .
+    python tools/bench_convert.py --layers 1 --naive-layers 0 --repeat 5 \
+        --python /tmp/converter/bin/python --scheme-args "--scheme w4a16"
 """
 from __future__ import annotations
 
@@ -153,6 +164,38 @@ Run = Tuple[str, str, Optional[str]]
 _FLOOR = "dd oflag=direct bs=256M, W8A16 output's bytes"
 
 
+#: What an interpreter brings that changes ckpt-rtn's speed (see --python).
+_ENVIRONMENT = r"""
+import importlib.util, sys
+import numba, numpy
+scipy = "yes" if importlib.util.find_spec("scipy") else "no"
+print(f"Python {sys.version.split()[0]}, numpy {numpy.__version__}, numba {numba.__version__}, "
+      f"SciPy importable: {scipy}")
+"""
+
+
+def environment(python: str) -> str:
+    """One line on `python`'s versions and whether numba's set-up will import SciPy."""
+    try:
+        result = subprocess.run([python, "-c", _ENVIRONMENT], capture_output=True, text=True)
+    except OSError as exc:
+        sys.exit(f"--python {python}: {exc.strerror}")
+    lines = (result.stderr if result.returncode else result.stdout).strip().splitlines()
+    if result.returncode or not lines:
+        sys.exit(f"--python {python}: {lines[-1] if lines else 'not a Python interpreter'}")
+    return lines[-1]
+
+
+def under_interpreters(runs: List[Run], pythons: List[str]) -> List[Run]:
+    """Each ckpt-rtn run again under each interpreter, with the working tree's package
+    (run from the repository's root, which `python -m` imports first)."""
+    prefix = f"{sys.executable} -m ckpt_rtn "
+    return [(f"{label} ({python})",
+             f"cd {shlex.quote(ROOT)} && {shlex.quote(python)} -m ckpt_rtn "
+             + command[len(prefix):], report)
+            for python in pythons for label, command, report in runs]
+
+
 def at_revisions(runs: List[Run], trees: List[Tuple[str, str]]) -> List[Run]:
     """Each ckpt-rtn run again from each (revision, tree): run from the tree's directory,
     `python -m` imports that tree's package before any installed one."""
@@ -184,6 +227,10 @@ def main() -> None:
                         help="also run each ckpt-rtn command as the package is at this git "
                              "revision, or in this directory (repeatable), interleaved with "
                              "the working tree's")
+    parser.add_argument("--python", action="append", default=[], metavar="PY",
+                        help="also run each ckpt-rtn command of the working tree under this "
+                             "interpreter (repeatable), interleaved: a virtual environment "
+                             "with only the converter's install, say")
     parser.add_argument("--no-report", action="store_true",
                         help="run ckpt-rtn without --report (no error measurement, no stage "
                              "times)")
@@ -193,6 +240,7 @@ def main() -> None:
     sweep = args.workers or sorted({1, widest})
     scratch = tempfile.TemporaryDirectory(prefix="bench-revs-")
     trees = [(rev, checkout(ROOT, rev, scratch.name)) for rev in args.rev]  # a bad one fails first
+    environments = {python: environment(python) for python in [sys.executable] + args.python}
     directory = os.path.abspath(args.dir)
     big = os.path.join(directory, f"llama70b_{args.layers}l.ckpt")
     out = os.path.join(directory, "out.ckpt")
@@ -226,7 +274,8 @@ def main() -> None:
     runs += [(f"ckpt-rtn --workers {widest} {extra}",
               f"{cli} --workers {widest} {extra} {big} {out}", report)
              for extra in args.scheme_args]
-    runs += at_revisions([run for run in runs if run[0].startswith("ckpt-rtn")], trees)
+    ours = [run for run in runs if run[0].startswith("ckpt-rtn")]
+    runs += under_interpreters(ours, args.python) + at_revisions(ours, trees)
     best: Dict[str, Dict[str, object]] = {}
     for _ in range(args.repeat):
         for label, command, path in runs:
@@ -256,6 +305,8 @@ def main() -> None:
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(f"machine: {len(os.sched_getaffinity(0))} cores, {ram:.1f} GiB RAM")
+    for python, described in environments.items():
+        print(f"{python}: {described}")
     # wall: the whole process (Python start, imports, kernel loading included); convert: the
     # conversion's own time from --report, which the stages are measured against.
     # kernels: the time the quantize stage waited for numba's set-up before its first weight.
@@ -300,7 +351,10 @@ def main() -> None:
             ("ckpt-rtn / naive throughput (same input)",
              ratio(f"{all_cores} (naive's input)", "naive MindSpore (naive's input)")),
             *((f"ckpt-rtn {extra} / cat throughput",
-               ratio(f"{all_cores} {extra}", "cat in > out")) for extra in args.scheme_args)):
+               ratio(f"{all_cores} {extra}", "cat in > out")) for extra in args.scheme_args),
+            *((f"ckpt-rtn (all workers){extra} ({python}) / cat throughput",
+               ratio(f"{all_cores}{extra} ({python})", "cat in > out"))
+              for python in args.python for extra in [""] + [f" {e}" for e in args.scheme_args])):
         print(f"{label}: {value:.2f}" if value else f"{label}: n/a")
     if args.json:
         with open(args.json, "w") as f:
