@@ -698,12 +698,16 @@ def _make_directories(path: str) -> bool:
 def _remove_earlier_output(dst: str, writes: Set[str],
                            inputs: Set[Tuple[int, int]]) -> List[str]:
     """--overwrite: remove, before anything is written, the files DST's manifests (the whole
-    run's, and the parts') record that this run will not write again (the shards of an SRC
-    that had more, a description of another scheme), so that DST ends up holding this run's
-    output and no stale file a loader would also take. Only files still exactly as
-    recorded (size and sha256), inside DST, and not one of this run's inputs (`inputs`:
-    their device and inode; SRC may reach into DST through a link) are removed: anything
-    else there is not known to be ours to remove, and stays."""
+    run's, and the parts') record, so that DST holds this run's output and no stale file
+    a loader would also take, even where the run fails or is stopped: an earlier index
+    kept until this run's replaced it pointed at shards removed meanwhile, and earlier
+    shards kept until their turn came mixed two runs' tensors. A file this run will not
+    write again (the shards of an SRC that had more, a description of another scheme) is
+    removed only where still exactly as recorded (size and sha256); one it writes again
+    goes whatever it holds, as it would when replaced. Either only inside DST, as a
+    regular file, and not one of this run's inputs (`inputs`: their device and inode;
+    SRC may reach into DST through a link): anything else there is not known to be ours
+    to remove, and stays."""
     removed = []
     top = paths.resolved(dst)
     for name in [MANIFEST, *part_manifest_names(dst)]:
@@ -719,9 +723,9 @@ def _remove_earlier_output(dst: str, writes: Set[str],
                           and not rel.startswith(os.pardir)
                           and paths.resolved(os.path.dirname(out)) == os.path.dirname(
                               os.path.join(top, rel)))
-                ours = (rel not in writes and rel not in removed and inside
-                        and not os.path.islink(out) and paths.inode(out) not in inputs
-                        and _is_done(manifest, rel, out))
+                ours = (rel not in removed and inside and not os.path.islink(out)
+                        and os.path.isfile(out) and paths.inode(out) not in inputs
+                        and (rel in writes or _is_done(manifest, rel, out)))
             except (ValueError, UnicodeError):  # a name no file can have (NUL, a surrogate)
                 continue
             except CkptRtnError:  # unreadable: not known to be ours
@@ -730,7 +734,7 @@ def _remove_earlier_output(dst: str, writes: Set[str],
                 _remove(out)
                 removed.append(rel)
                 _remove_emptied_parents(dst, rel)
-    return removed
+    return [rel for rel in removed if rel not in writes]  # those not replaced: the report's
 
 
 def _inodes(src: str, layout: SourceTree) -> Set[Tuple[int, int]]:

@@ -135,6 +135,31 @@ def test_sharded_safetensors_index_is_rewritten(tmp_path: Path) -> None:
     assert new_index["metadata"] == {"total_size": total, "note": "x"}
 
 
+def test_a_failed_overwrite_leaves_no_file_of_the_earlier_output(tmp_path: Path) -> None:
+    """--overwrite removes the earlier output before it converts; it kept the files this run
+    writes again until their turn came. When the run then failed on its second shard, DST
+    held the new first shard beside the earlier second one (two schemes' tensors, both
+    loaded by a loader that takes every *.safetensors) and the earlier index and config,
+    the index naming the earlier run's tensors."""
+    weights = {k: v.astype(np.float16) for k, v in llama_weights(layers=2).items()}
+    src, bad, dst = tmp_path / "src", tmp_path / "bad", tmp_path / "dst"
+    shards = write_two_shards(src, weights, ms_save, {})
+    (src / "config.json").write_text('{"hidden_size": 64}')
+    assert cli("convert", src, dst, "-q").exit_code == 0
+    second = "model-00002-of-00002.safetensors"
+    broken = next(name for name in shards[second] if name.endswith("wq.weight"))
+    weights[broken] = weights[broken].copy()
+    weights[broken][0, 0] = np.nan
+    write_two_shards(bad, weights, ms_save, {})
+    (bad / "config.json").write_text('{"hidden_size": 64}')
+
+    result = cli("convert", bad, dst, "--overwrite", "--scheme", "w8a16-ptq", "-q")
+    assert result.exit_code == 2 and "inf or NaN" in result.stderr
+    assert sorted(os.listdir(dst)) == [MANIFEST, "model-00001-of-00002.safetensors"]
+    with open_reader(dst / "model-00001-of-00002.safetensors") as reader:
+        assert any(info.name.endswith("._layer.matmul.weight_scale") for info in reader.tensors)
+
+
 def test_a_tensor_held_by_two_shards_stays_where_the_index_points(tmp_path: Path) -> None:
     """The input holds a copied tensor twice, with other values: the index picked the first
     shard's, which a loader reads. The rewritten index pointed at the last shard's (and
