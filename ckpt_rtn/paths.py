@@ -318,13 +318,39 @@ def _same_file(fd: int, path: str) -> bool:
 
 
 def _holder(fd: int) -> str:
-    """'pid N' from a held lock file (its holder writes it just after locking)."""
+    """'pid N' (or 'pids N, M' for the parts that share a directory's) of who holds the
+    lock on `fd`'s file: as the kernel lists them where it does (/proc/locks), else as the
+    file records (its holder writes it just after locking). The record is the last sharer's,
+    which may have ended while others hold on."""
+    pids = _lock_holders(fd)
+    if pids:
+        return f"pid {pids[0]}" if len(pids) == 1 else f"pids {', '.join(map(str, pids))}"
     for _ in range(50):
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         if text.isdigit():
             return f"pid {text}"
         time.sleep(0.01)
     return "pid unknown"
+
+
+def _lock_holders(fd: int) -> List[int]:
+    """The PIDs of this machine's processes holding a flock on `fd`'s file, from
+    /proc/locks (Linux; empty elsewhere, or where it cannot be read). A holder on another
+    machine, sharing the filesystem, is not listed."""
+    held = os.fstat(fd)
+    device = f"{os.major(held.st_dev):02x}:{os.minor(held.st_dev):02x}:{held.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return []
+    pids = set()
+    for line in lines:
+        fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device \
+                and fields[4].isdigit() and int(fields[4]) not in (0, os.getpid()):
+            pids.add(int(fields[4]))
+    return sorted(pids)
 
 
 def _release(lock: str, fd: int, shared: bool = False) -> None:

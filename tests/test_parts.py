@@ -173,6 +173,31 @@ def test_parts_share_the_directory_but_a_final_run_waits_for_them(source,
         assert twice.exit_code == 2 and "another ckpt-rtn run" in twice.stderr
 
 
+def test_a_refusal_names_the_part_that_holds_the_directory(source, tmp_path: Path) -> None:
+    """Parts share DST's lock and each writes its PID into it, so the file names the last
+    part that started. A final run refused while part 0 still ran named part 1's PID, a
+    process that had already ended; it names the holders the kernel lists."""
+    src, _ = source
+    dst = tmp_path / "out"
+    dst.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from ckpt_rtn import paths\n"
+         "with paths.destination_lock(sys.argv[1], directory=True, shared=True):\n"
+         "    print('held', flush=True); time.sleep(60)\n", str(dst)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        part = cli("convert", src, dst, "-q", "--part", "0/3", *LLAMA2)  # then ends
+        assert part.exit_code == 0, part.stderr
+        final = cli("convert", src, dst, "--resume", *LLAMA2)
+        assert final.exit_code == 2
+        assert f"is being written by another ckpt-rtn run (pid {holder.pid})" in final.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_assignment_is_balanced_by_bytes_and_deterministic() -> None:
     sizes = {"a": 10, "b": 70, "c": 30, "d": 30, "e": 20, "f": 40}
     assert assign(sizes, 3) == [["b"], ["f", "e", "a"], ["c", "d"]]
