@@ -32,7 +32,7 @@ from .numerics import FloatFormat
 from .options import ConvertOptions
 from .pipeline import run_pipeline
 from .rtn import NonFiniteWeightError, RowBounds, kernel_name
-from .rules import IN_OUT, OUT_IN, RuleChoice, Rules, Selection
+from .rules import IN_OUT, MINDFORMERS, OUT_IN, RuleChoice, Rules, Selection
 from .packing import transpose_into, transposed
 from .schemes import Quantized, Scheme, detect_scheme, get_scheme
 from .settings import NAME as SETTINGS_NAME, Settings
@@ -209,6 +209,11 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
                                "format MindFormers' Mcore networks load, not "
                                f"{out_format} (name a single output .safetensors; a directory's "
                                ".ckpt shards would stay .ckpt)")
+    if scheme.mcore and rules.naming == MINDFORMERS:
+        raise UnsupportedError(reader.path, f"--scheme {scheme.name} writes for MindFormers' "
+                               "Mcore networks, which load Hugging Face names; these are "
+                               f"MindFormers' {rules.family} names, which its legacy networks "
+                               "load: use --scheme w8a16, w8a16-ptq or w4a16")
     selections = {info.name: rules.select(info) for info in reader.tensors}
     quantized = {s.layer for s in selections.values() if s is not None}
     scales, consumed = fp8.pair_scales(reader.tensors, reader.path, others)

@@ -65,6 +65,9 @@ class Rules:
     #: The family's own patterns, kept when --include replaces `linear_weights`:
     #: they still tell the layout of the weights --include selects.
     family_weights: Tuple[WeightPattern, ...] = ()
+    #: Whose parameter names these are: MINDFORMERS (its legacy networks; no Mcore
+    #: network loads them), HUGGING_FACE, or None where the rules file does not say.
+    naming: Optional[str] = None
 
     def select(self, info: TensorInfo) -> Optional[Selection]:
         """Whether this tensor is a Linear weight to quantize, and how it is laid out."""
@@ -195,7 +198,9 @@ def detect_family(names: Iterable[str]) -> Rules:
 
 
 #: The keys of a rules YAML (the built-in ones in ckpt_rtn/configs/ show each in use).
-_KEYS = ("family", "description", "linear_weights", "blacklist", "detect", "reject")
+_KEYS = ("family", "description", "naming", "linear_weights", "blacklist", "detect", "reject")
+#: The values of `naming`.
+MINDFORMERS, HUGGING_FACE = "mindformers", "hugging-face"
 
 
 def _rules_from(path: Path, data: object) -> Rules:
@@ -216,9 +221,13 @@ def _rules_from(path: Path, data: object) -> Rules:
     for key, value in (("detect", detect), ("reject", reject)):
         if not (isinstance(value, list) and all(isinstance(d, str) for d in value)):
             raise ConfigError(path, f"{key} must be a list of regular expressions")
+    naming = data.get("naming")
+    if naming not in (None, MINDFORMERS, HUGGING_FACE):
+        raise ConfigError(path, f"naming must be {MINDFORMERS} or {HUGGING_FACE}, not "
+                          f"{naming!r}")
     weights = tuple(_weight_pattern(path, p) for p in patterns)
     return Rules(family=str(data.get("family", path.stem)), linear_weights=weights,
-                 blacklist=tuple(blacklist),
+                 blacklist=tuple(blacklist), naming=naming,
                  detect=tuple(_compile(d, str(path)) for d in detect),
                  reject=tuple(_compile(r, str(path)) for r in reject), family_weights=weights)
 

@@ -19,16 +19,20 @@ from typing import Dict
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from ckpt_rtn import dtypes, paths
 from ckpt_rtn.description import FLOAT, NAME, W8A8_DYNAMIC, methods
 from ckpt_rtn.directory import MANIFEST, sha256_of
+from ckpt_rtn.errors import ConfigError
 from ckpt_rtn.formats import TensorInfo, open_reader
 from ckpt_rtn.numerics import FloatFormat, bf16_to_float32, float32_to_bf16, to_work
 from ckpt_rtn.rtn import RtnSpec, quantize_rtn
+from ckpt_rtn.rules import load_rules
 from ckpt_rtn.schemes import detect_scheme, get_scheme
 
-from conftest import cli, mcore_load
+from conftest import cli, llama_weights, mcore_load
+from test_directory import write_ckpt
 from test_hf_families import MODELS, arrays_of, write_safetensors
 
 SCHEME = get_scheme("w8a8-dynamic")
@@ -327,6 +331,35 @@ def test_directory_refusals(tmp_path: Path) -> None:
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: {src / NAME}: is a quantization description")
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("scheme", ["w8a8-dynamic", "w4a8-dynamic"])
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_mindformers_legacy_names_are_refused(tmp_path: Path, scheme: str, suffix: str) -> None:
+    """A MindFormers Llama2 checkpoint (`attention.wq`) converted with exit 0 and a
+    description: no Mcore network loads those names, so no loader could take the output."""
+    src, dst = tmp_path / f"llama2{suffix}", tmp_path / "out" / "model.safetensors"
+    weights = {k: v.astype(np.float16) for k, v in llama_weights().items()}
+    if suffix == ".safetensors":
+        save_file(weights, str(src))
+    else:
+        write_ckpt(src, weights)
+    dst.parent.mkdir()
+    result = cli("convert", src, dst, "--scheme", scheme)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "MindFormers' llama2 names" in result.stderr and "w8a16" in result.stderr
+    assert os.listdir(dst.parent) == []
+
+
+def test_a_rules_file_says_whose_names_it_holds(tmp_path: Path) -> None:
+    """`naming` takes two values, and says nothing when left out."""
+    rules = tmp_path / "mine.yaml"
+    rules.write_text("family: mine\nnaming: mindformer\nlinear_weights: ['wq']\n")
+    with pytest.raises(ConfigError, match="naming must be mindformers or hugging-face"):
+        load_rules(rules)
+    rules.write_text("family: mine\nlinear_weights: ['wq']\n")
+    assert load_rules(rules).naming is None
+    assert load_rules("hf-llama").naming == "hugging-face"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mindformers") is None,
