@@ -255,8 +255,10 @@ def main() -> None:
               help="Do not check the input's CRC (.ckpt trailer or safetensors crc_num; it is "
               "checked by default).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace DST if it exists (a regular file: a directory, device, FIFO or "
-                   "symlink is never replaced).")
+              help="Replace DST if it exists. A file DST must be a regular file (a "
+                   "directory, device, FIFO or symlink is never replaced); into a directory "
+                   "DST, a directory SRC's run first removes the files an earlier run recorded "
+                   "in its manifest.")
 @click.option("--resume", is_flag=True,
               help="Directory input: finish an interrupted run into DST, skipping the files "
                    "its ckpt-rtn-manifest.json shows complete and intact.")
@@ -285,7 +287,8 @@ def main() -> None:
                    "dequantization error (measured while quantizing, which it slows by "
                    "~40%). For a file, the report and DST appear together or neither does.")
 @click.option("--dry-run", is_flag=True,
-              help="List what would be quantized and the exact output size; write nothing.")
+              help="List what would be quantized and the exact output size; write nothing "
+                   "(a single file).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_reported
 def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: Optional[str],
@@ -338,9 +341,12 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
         raise UnsupportedError(src, "--ray applies to a directory of shards; a single file "
                                "is converted here")
     if os.path.isdir(src):
-        if out_format is not None or dry_run:
-            raise UnsupportedError(src, "--format and --dry-run apply to a single file; a "
-                                   "directory keeps each shard's format")
+        if out_format is not None:
+            raise UnsupportedError(src, "--format applies to a single file; a directory keeps "
+                                   "each shard's format")
+        if dry_run:
+            raise UnsupportedError(src, "--dry-run applies to a single file (run it on a "
+                                   "shard to see that shard's plan)")
         _convert_directory(src, dst, options, ray_address, report_path=report_path,
                            quiet=quiet)
         return

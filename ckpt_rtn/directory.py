@@ -820,7 +820,8 @@ def _check_sources(path: str, manifest: Dict[str, object],
     how = ("is gone" if rel not in sources else "is new" if rel not in recorded
            else "has changed (its size or modification time)")
     raise ConfigError(path, f"the input's {rel} {how} since this manifest was written; "
-                      "start over in a new directory, or with --overwrite")
+                      "start over in a new directory, or with a whole run's --overwrite "
+                      "(or remove DST to start the parts over)")
 
 
 def _check_settings(path: str, manifest: Dict[str, object], settings: Settings) -> None:

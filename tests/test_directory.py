@@ -281,9 +281,10 @@ def test_resume_with_other_settings_is_refused(shard_dirs, tmp_path: Path) -> No
 
 def test_directory_options_that_do_not_apply(shard_dirs, tmp_path: Path) -> None:
     src, _ = shard_dirs
-    for extra in (["--format", "ckpt"], ["--dry-run"]):
+    for extra, other in ((["--format", "ckpt"], "--dry-run"), (["--dry-run"], "--format")):
         result = cli("convert", src, tmp_path / "out", *extra)
-        assert result.exit_code == 2 and "directory" in result.stderr
+        assert result.exit_code == 2 and f"{extra[0]} applies to a single file" in result.stderr
+        assert other not in result.stderr  # it named both, whichever was given
     single = src / "rank_0" / "net.ckpt"
     result = cli("convert", single, tmp_path / "x.ckpt", "--resume")
     assert result.exit_code == 2 and "--resume" in result.stderr

@@ -252,7 +252,8 @@ def test_a_source_changed_since_the_manifest_is_refused(source, tmp_path: Path, 
                "added": "is new"}[change]
     assert result.stderr.splitlines() == [
         f"error: {dst / 'ckpt-rtn-manifest.part-0-of-2.json'}: the input's {rel} {how_now} "
-        "since this manifest was written; start over in a new directory, or with --overwrite"]
+        "since this manifest was written; start over in a new directory, or with a whole "
+        "run's --overwrite (or remove DST to start the parts over)"]
     assert cli("convert", src, dst, "--overwrite", "-q", *LLAMA2).exit_code == 0
 
 
