@@ -287,8 +287,8 @@ def main() -> None:
                    "dequantization error (measured while quantizing, which it slows by "
                    "~40%). For a file, the report and DST appear together or neither does.")
 @click.option("--dry-run", is_flag=True,
-              help="List what would be quantized and the exact output size; write nothing "
-                   "(a single file).")
+              help="List what would be quantized and the exact output size; write "
+                   "nothing (for a directory: each shard, and every file a whole run writes).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_reported
 def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: Optional[str],
@@ -345,8 +345,14 @@ def convert(src: str, dst: str, config: Optional[str], scheme: str, group_size: 
             raise UnsupportedError(src, "--format applies to a single file; a directory keeps "
                                    "each shard's format")
         if dry_run:
-            raise UnsupportedError(src, "--dry-run applies to a single file (run it on a "
-                                   "shard to see that shard's plan)")
+            refused = [name for name, given in (("--resume", resume), ("--part", part),
+                                                ("--ray", ray_address), ("--report", report_path))
+                       if given is not None and given is not False]
+            if refused:
+                raise UnsupportedError(None, f"--dry-run plans a whole run, which {refused[0]} "
+                                       "is not")
+            _print_directory_dry_run(directory.plan_directory(src, dst, options), dst)
+            return
         _convert_directory(src, dst, options, ray_address, report_path=report_path,
                            quiet=quiet)
         return
@@ -550,6 +556,28 @@ def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
          f"{', '.join(rules.blacklist) or '-'}); "
          f"output {plan.out_format}: {size} bytes ({human_bytes(size)}, "
          f"{size / input_size:.1%} of the input)")
+
+
+def _print_directory_dry_run(plan: directory.DirectoryPlan, dst: str) -> None:
+    rows = [(rel, f"{len(shard.quantized)} of {len(shard.steps)}",
+             human_bytes(sum(step.source.nbytes for step in shard.steps)),
+             human_bytes(plan.sizes[rel])) for rel, shard in plan.plans.items()]
+    _table(("shard", "quantized", "tensor bytes in", "file bytes out"), rows)
+    for shard in plan.plans.values():
+        _warn_about(shard)
+    others = [rel for rel in plan.sizes if rel not in plan.plans]
+    if others:
+        _say(f"would also write {', '.join(others)}")
+    scheme = next(iter(plan.plans.values())).scheme
+    quantized = sum(len(shard.quantized) for shard in plan.plans.values())
+    total = sum(len(shard.steps) + len(shard.dropped) + len(shard.consumed)
+                for shard in plan.plans.values())
+    size = sum(plan.sizes.values())
+    _say(f"{quantized} of {total} tensors in {len(plan.plans)} shards would be quantized "
+         f"({plan.rules.family} rules, {scheme.label}, blacklist: "
+         f"{', '.join(plan.rules.blacklist) or '-'}); output: {size} bytes "
+         f"({human_bytes(size)}, {size / plan.input_size:.1%} of the input) and "
+         f"{os.path.join(dst, directory.MANIFEST)}")
 
 
 @main.command()

@@ -70,7 +70,7 @@ from typing import Dict, List, Optional, Set, Tuple, Type
 
 import numpy as np
 
-from . import __version__, converter, description, dtypes, fp8, paths
+from . import __version__, converter, description, dtypes, formats, fp8, paths
 from .errors import CkptRtnError, ConfigError, FormatError, OutputError, UnsupportedError
 from .formats import format_from_suffix, open_reader, untrusted_json
 from .formats.atomic import TEMP_PATTERN, copy_atomic, remove_dead_temp_files, write_bytes_atomic
@@ -167,13 +167,7 @@ def convert_directory(src: str, dst: str, options: ConvertOptions = ConvertOptio
     anything this run reads or writes.
     """
     _check_directories(src, dst)
-    layout = scan(src)
-    if not layout.shards:
-        raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
-    if not os.path.lexists(dst) and format_from_suffix(dst) is not None:
-        raise OutputError(dst, "the input is a directory of shards, so the output is a "
-                          f"directory too; name it without the {os.path.splitext(dst)[1]} "
-                          "suffix")
+    layout = _source(src, dst)
     created = _make_directories(dst)
     try:
         if options.part is None:
@@ -190,14 +184,64 @@ def convert_directory(src: str, dst: str, options: ConvertOptions = ConvertOptio
         raise
 
 
+@dataclass(frozen=True)
+class DirectoryPlan:
+    """What a whole run of SRC would write (--dry-run): each shard's plan, and the size of
+    every file it would write but the manifest, in the manifest's order."""
+
+    rules: Rules
+    plans: Dict[str, converter.Plan]
+    sizes: Dict[str, int]
+    input_size: int
+
+
+def plan_directory(src: str, dst: str,
+                   options: ConvertOptions = ConvertOptions()) -> DirectoryPlan:
+    """The checks a whole run makes before it writes, and the files it would then write,
+    with their exact sizes (the indexes' and the description's bytes made as the run makes
+    them); nothing is written, and DST need not exist."""
+    _check_directories(src, dst)
+    layout = _source(src, dst)
+    if os.path.isdir(dst):
+        _check_empty(dst, options.overwrite, options.resume)
+    rules = converter.rules_for(options.rules,
+                                _detection_tensors(src, layout.shards, options.rules), src)
+    copies = {rel: copied_config(os.path.join(src, rel)) for rel in layout.others}
+    plans = check_source(src, layout, rules, options, fp8_links(src, layout.shards))
+    if os.path.isdir(dst):  # else nothing can lead into it
+        _check_paths(src, dst, layout, None, MANIFEST, options.scheme.mcore)
+    sizes = {rel: formats.planned_size(plan.outputs, format=plan.out_format,
+                                       metadata=plan.metadata, crc=plan.crc,
+                                       path=os.path.join(dst, rel))
+             for rel, plan in plans.items()}
+    sizes.update((rel, layout.sizes[rel] if copy is None else len(copy))
+                 for rel, copy in copies.items())
+    files: Dict[str, Dict[str, object]] = {rel: {"tensors": manifest_tensors(plan)}
+                                           for rel, plan in plans.items()}
+    sizes.update((rel, len(rewritten_index(src, rel, files))) for rel in layout.indexes)
+    if options.scheme.mcore:
+        sizes[description.NAME] = len(description_of(layout.shards, files))
+    return DirectoryPlan(rules, plans, sizes, sum(layout.sizes.values()))
+
+
 def shard_list(src: str, dst: str) -> List[str]:
     """The shards of `src` (relative paths), after convert_directory's first checks: what
     `--ray` deals into parts before any part runs."""
     _check_directories(src, dst)
-    shards = scan(src).shards
-    if not shards:
+    return _source(src, dst).shards
+
+
+def _source(src: str, dst: str) -> SourceTree:
+    """SRC's files (see scan), which must hold a shard, for a directory DST, which a new one
+    must not be named like a file."""
+    layout = scan(src)
+    if not layout.shards:
         raise FormatError(src, "no .ckpt or .safetensors checkpoint files in this directory")
-    return shards
+    if not os.path.lexists(dst) and format_from_suffix(dst) is not None:
+        raise OutputError(dst, "the input is a directory of shards, so the output is a "
+                          f"directory too; name it without the {os.path.splitext(dst)[1]} "
+                          "suffix")
+    return layout
 
 
 def _convert_locked(src: str, dst: str, layout: SourceTree, options: ConvertOptions,
@@ -367,35 +411,43 @@ CONFIG = "config.json"
 
 
 def check_source(src: str, layout: SourceTree, rules: Rules, options: ConvertOptions,
-                 links: Fp8Links, *, across_shards: bool = True) -> None:
+                 links: Fp8Links, *, across_shards: bool = True) -> Dict[str, converter.Plan]:
     """Refuse what no conversion of SRC's files taken together can be, before anything is
     written (and `verify`, for which no DST can then be the output): shards an Mcore scheme
     cannot write or a description already there, an index naming a shard SRC lacks, and,
     `across_shards`, the clashes between shards of one index (a whole run checks them once:
-    each of N parts planning all N shards would cost N^2)."""
+    each of N parts planning all N shards would cost N^2). Returns each shard's plan, made
+    from its header for those checks (none unless `across_shards`)."""
     if options.scheme.mcore:
         _check_mcore_input(src, layout, options.scheme)
     _check_indexes(src, layout)
-    if across_shards:
-        _check_output_names(src, layout, rules, options, links)
+    if not across_shards:
+        return {}
+    plans = {rel: _plan_shard(src, rel, rules, options, links) for rel in layout.shards}
+    _check_output_names(src, layout, options, plans)
+    return plans
 
 
-def _check_output_names(src: str, layout: SourceTree, rules: Rules, options: ConvertOptions,
-                        links: Fp8Links) -> None:
-    """Plan every shard from its header, so that a plan that fails does before anything is
-    written, and refuse, among the shards of one index, a name two of them would write
-    because one renames a tensor to it (an input tensor named as the scheme names another
-    shard's layer's scale: the index would point at one of them, and a loader take it for
-    the other), and a bias the scheme would rename kept apart from its quantized weight
-    (it would keep its old name). Shards of no index (rank directories) each hold a
-    checkpoint of their own. A whole run checks; a part leaves it to the run that ends."""
+def _plan_shard(src: str, rel: str, rules: Rules, options: ConvertOptions,
+                links: Fp8Links) -> converter.Plan:
+    """A shard's plan from its header, as a whole run makes it."""
+    fmt = converter.output_format(rel, None, options.crc)
+    with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
+        return converter.make_plan(reader, rules, fmt, crc=options.crc, scheme=options.scheme,
+                                   others=links.others(src, rel))
+
+
+def _check_output_names(src: str, layout: SourceTree, options: ConvertOptions,
+                        plans: Dict[str, converter.Plan]) -> None:
+    """Refuse, among the shards of one index, a name two of them would write because one
+    renames a tensor to it (an input tensor named as the scheme names another shard's
+    layer's scale: the index would point at one of them, and a loader take it for the
+    other), and a bias the scheme would rename kept apart from its quantized weight (it
+    would keep its old name). Shards of no index (rank directories) each hold a checkpoint
+    of their own. A whole run checks; a part leaves it to the run that ends."""
     outputs: Dict[str, List[Tuple[str, str]]] = {}  # shard -> (output name, input name)
     renamed_biases: Dict[str, List[str]] = {}  # a quantized layer's bias -> its weight's shards
-    for rel in layout.shards:
-        fmt = converter.output_format(rel, None, options.crc)
-        with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
-            plan = converter.make_plan(reader, rules, fmt, crc=options.crc,
-                                       scheme=options.scheme, others=links.others(src, rel))
+    for rel, plan in plans.items():
         outputs[rel] = [(out.name, step.source.name) for step in plan.steps
                         for out in step.outputs]
         for step in plan.quantized:

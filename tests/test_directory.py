@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,6 +161,43 @@ def test_a_failed_overwrite_leaves_no_file_of_the_earlier_output(tmp_path: Path)
         assert any(info.name.endswith("._layer.matmul.weight_scale") for info in reader.tensors)
 
 
+def written_bytes(dst: Path) -> int:
+    """What a whole run wrote into `dst`, its manifest aside."""
+    return sum(p.stat().st_size for p in dst.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def test_a_directory_dry_run_gives_each_shard_and_the_exact_output_size(
+        tmp_path: Path) -> None:
+    """--dry-run was refused for a directory. It plans every shard from its header, makes
+    the same checks as a whole run before it writes, and gives the bytes of every file the
+    run then writes (the rewritten index and the copies too), writing nothing."""
+    weights = {k: v.astype(np.float16) for k, v in llama_weights(layers=2).items()}
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_two_shards(src, weights, lambda path, arrays: save_file(arrays, str(path)),
+                     {"total_size": 1})
+    (src / "config.json").write_text('{"hidden_size": 64}')
+    planned = cli("convert", src, dst, "--dry-run")
+    assert planned.exit_code == 0, planned.stderr
+    assert not dst.exists()
+    rows = planned.stdout.splitlines()
+    assert rows[1].startswith("model-00001-of-00002.safetensors  7 of 10 ")
+    assert rows[2].startswith("model-00002-of-00002.safetensors  7 of 11 ")
+    assert rows[3] == "would also write config.json, model.safetensors.index.json"
+    size = int(re.search(r"output: (\d+) bytes", rows[4]).group(1))
+    assert "14 of 21 tensors in 2 shards would be quantized (llama2 rules" in rows[4]
+    assert cli("convert", src, dst, "-q").exit_code == 0
+    assert written_bytes(dst) == size
+    again = cli("convert", src, dst, "--dry-run")  # as a run would: DST is not empty
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    assert cli("convert", src, dst, "--dry-run", "--overwrite").stdout == planned.stdout
+    for extra in (["--resume"], ["--part", "0/2"], ["--ray", "local"],
+                  ["--report", str(tmp_path / "r.json")]):
+        refused = cli("convert", src, tmp_path / "other", "--dry-run", *extra)
+        assert refused.exit_code == 2, extra
+        assert refused.stderr == f"error: --dry-run plans a whole run, which {extra[0]} is not\n"
+    assert not (tmp_path / "other").exists() and not (tmp_path / "r.json").exists()
+
+
 def test_a_tensor_held_by_two_shards_stays_where_the_index_points(tmp_path: Path) -> None:
     """The input holds a copied tensor twice, with other values: the index picked the first
     shard's, which a loader reads. The rewritten index pointed at the last shard's (and
@@ -281,10 +319,8 @@ def test_resume_with_other_settings_is_refused(shard_dirs, tmp_path: Path) -> No
 
 def test_directory_options_that_do_not_apply(shard_dirs, tmp_path: Path) -> None:
     src, _ = shard_dirs
-    for extra, other in ((["--format", "ckpt"], "--dry-run"), (["--dry-run"], "--format")):
-        result = cli("convert", src, tmp_path / "out", *extra)
-        assert result.exit_code == 2 and f"{extra[0]} applies to a single file" in result.stderr
-        assert other not in result.stderr  # it named both, whichever was given
+    result = cli("convert", src, tmp_path / "out", "--format", "ckpt")
+    assert result.exit_code == 2 and "--format applies to a single file" in result.stderr
     single = src / "rank_0" / "net.ckpt"
     result = cli("convert", single, tmp_path / "x.ckpt", "--resume")
     assert result.exit_code == 2 and "--resume" in result.stderr

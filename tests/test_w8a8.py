@@ -324,6 +324,16 @@ def test_directory_description_is_the_final_runs(tmp_path: Path) -> None:
     assert missing.exit_code == 1 and f"{NAME}: missing" in missing.stdout
 
 
+def test_directory_dry_run_counts_the_description(tmp_path: Path) -> None:
+    src, dst = sharded_qwen3(tmp_path), tmp_path / "dst"
+    planned = cli("convert", src, dst, "--scheme", "w8a8-dynamic", "--dry-run")
+    assert planned.exit_code == 0, planned.stderr
+    assert f"{NAME}" in planned.stdout.splitlines()[-2]
+    size = int(re.search(r"output: (\d+) bytes", planned.stdout).group(1))
+    assert cli("convert", src, dst, "--scheme", "w8a8-dynamic", "-q").exit_code == 0
+    assert size == sum(p.stat().st_size for p in dst.iterdir() if p.name != MANIFEST)
+
+
 def test_directory_refusals(tmp_path: Path) -> None:
     src = sharded_qwen3(tmp_path)
     (src / NAME).write_text("{}")
