@@ -385,9 +385,10 @@ class Fp8Links:
 
 def fp8_links(src: str, shards: List[str]) -> Fp8Links:
     """Which FP8 weights of the safetensors shards (read from their headers) have their block
-    scales in another shard."""
+    scales in another shard. Scales held by two shards are refused: each shard's weight
+    read its own, the index's choice aside, and the other copy was dropped unread."""
     weights: Dict[str, str] = {}
-    scales: Dict[str, str] = {}
+    scales: Dict[str, List[str]] = {}
     for rel in shards:
         if format_from_suffix(rel) != "safetensors":
             continue
@@ -396,13 +397,18 @@ def fp8_links(src: str, shards: List[str]) -> Fp8Links:
                 if info.dtype is dtypes.FLOAT8_E4M3:
                     weights[info.name] = rel
                 elif info.name.endswith(fp8.SCALE_SUFFIX):
-                    scales[info.name] = rel
+                    scales.setdefault(info.name, []).append(rel)
     links = Fp8Links({}, {})
     for name, rel in weights.items():
         scale = name + fp8.SCALE_SUFFIX
-        if scales.get(scale, rel) != rel:
-            links.needs.setdefault(rel, {})[scale] = scales[scale]
-            links.taken.setdefault(scales[scale], set()).add(scale)
+        held = scales.get(scale, [rel])
+        if len(held) > 1:
+            raise FormatError(os.path.join(src, held[1]), f"tensor {scale!r} is held by "
+                              f"{held[0]} too: the block scales of FP8 {name!r} must be in "
+                              "one shard")
+        if held[0] != rel:
+            links.needs.setdefault(rel, {})[scale] = held[0]
+            links.taken.setdefault(held[0], set()).add(scale)
     return links
 
 

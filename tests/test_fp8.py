@@ -283,6 +283,36 @@ def test_scales_without_their_weight_are_refused(tmp_path: Path) -> None:
            "weight" in result.stderr
 
 
+def test_block_scales_held_by_two_shards_are_refused(tmp_path: Path) -> None:
+    """The weight's shard and another both held its scales, with other values, and the
+    index named the other: the weight was dequantized with its own shard's (exit 0), and
+    the other copy dropped, where a loader following the index reads the other."""
+    weight = "model.layers.0.self_attn.o_proj.weight"
+    scale = weight + fp8.SCALE_SUFFIX
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"model-00001-of-00002.safetensors": {weight: (F8, (200, 64), 0x38),
+                                                  scale: (dtypes.FLOAT32, (2, 1), 1.0)},
+             "model-00002-of-00002.safetensors": {
+                 scale: (dtypes.FLOAT32, (2, 1), 2.0),
+                 "model.layers.0.mlp.down_proj.weight": (dtypes.BFLOAT16, (64, 64), 0)}}
+    for file, tensors in files.items():
+        infos = [TensorInfo.of(name, dtype, shape) for name, (dtype, shape, _) in tensors.items()]
+        with open_writer(src / file, infos, format="safetensors", metadata={}) as writer:
+            for info, (_, _, value) in zip(infos, tensors.values()):
+                writer.write(info.name, np.full(info.shape, value, info.dtype.numpy))
+    weight_map = {weight: "model-00001-of-00002.safetensors",
+                  scale: "model-00002-of-00002.safetensors",
+                  "model.layers.0.mlp.down_proj.weight": "model-00002-of-00002.safetensors"}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    result = cli("convert", src, tmp_path / "out", "--config", "hf-llama")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {src / 'model-00002-of-00002.safetensors'}: "
+                                    f"tensor {scale!r} is held by "
+                                    "model-00001-of-00002.safetensors too")
+    assert not (tmp_path / "out").exists()
+
+
 def test_blacklisted_fp8_weight_is_written_as_its_bf16(tmp_path: Path) -> None:
     src, out = tmp_path / "model.safetensors", tmp_path / "out.safetensors"
     codes, scales = random_fp8(np.random.default_rng(1), (200, 64))
