@@ -557,7 +557,7 @@ def _detection_tensors(src: str, shards: List[str],
 
 
 def bounds_over_ranks(src: str, shards: List[str], strategies: List[str], rules: Rules,
-                       scheme: Scheme) -> Dict[str, RowBounds]:
+                      scheme: Scheme) -> Dict[str, RowBounds]:
     """Per-output-channel (min, max) over all ranks, for weights split along input channels."""
     layouts: Dict[str, Layout] = {}
     for rel in strategies:
