@@ -762,8 +762,8 @@ def _remove_earlier_output(dst: str, writes: Set[str],
     shards kept until their turn came mixed two runs' tensors. A file this run will not
     write again (the shards of an SRC that had more, a description of another scheme) is
     removed only where still exactly as recorded (size and sha256); one it writes again
-    goes whatever it holds, as it would when replaced. Either only inside DST, as a
-    regular file, and not one of this run's inputs (`inputs`: their device and inode;
+    goes whatever it holds, as it would when replaced. Neither goes unless it is a regular
+    file inside DST and not one of this run's inputs (`inputs`: their device and inode;
     SRC may reach into DST through a link): anything else there is not known to be ours
     to remove, and stays."""
     removed = []
