@@ -737,6 +737,9 @@ def import_gguf(gguf: str, out_dir: str, dtype: str, overwrite: bool) -> None:
 _MODEL_OPTION = click.option("--config", "model_yaml", required=True,
                              type=click.Path(dir_okay=False, path_type=str),
                              help="model.yaml written by import-gguf.")
+#: A network's window: at least a token and the next; at most 2^20, where MindFormers'
+#: rotary tables alone outgrow memory (2^31 ran into the OOM killer, with no message).
+_SEQ_LEN = click.IntRange(min=2, max=1 << 20)
 _MODE_OPTION = click.option("--mode", type=click.Choice(["graph", "pynative"]), default="graph",
                             show_default=True,
                             help="MindSpore execution mode: compiled graph, or PyNative (eager).")
@@ -762,7 +765,7 @@ def _measure_options(command: F) -> F:
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=32,
                      show_default=True,
                      help="Longest SQuAD answer; generation also stops at a newline or EOS."),
-        click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+        click.option("--seq-len", type=_SEQ_LEN, default=512, show_default=True,
                      help="Window of the perplexity network; the largest generation window."),
         click.option("--max-tokens", type=click.IntRange(min=2),
                      help="Measure perplexity on the first N tokens of each text only."),
@@ -872,10 +875,25 @@ def evaluate(model_yaml: str, ckpt: str, texts: Sequence[str], wikitext: Optiona
                                  *filter(None, [wikitext, squad_path])])
     request = _request(config, texts, wikitext, squad_path, squad_samples, max_new_tokens,
                        seq_len, max_tokens, mode, quiet)
-    record = in_fresh_process(measure, ckpt, request)
-    if json_path is not None:  # first: a table that cannot be printed must not lose it
-        atomic.write_bytes_atomic(json_path, _json_bytes(record))
+    with _held(json_path):
+        record = in_fresh_process(measure, ckpt, request)
+        if json_path is not None:  # first: a table that cannot be printed must not lose it
+            atomic.write_bytes_atomic(json_path, _json_bytes(record))
     _print_table([record])
+
+
+@contextlib.contextmanager
+def _held(json_path: Optional[str]) -> Iterator[None]:
+    """--json held against other ckpt-rtn runs for the whole measurement, as convert holds
+    its output (two runs writing one record both exited 0, the first one's lost), and
+    cleared of the temporary files dead runs left for it."""
+    if json_path is None:
+        yield
+        return
+    with paths.destination_lock(json_path):
+        folder, name = os.path.split(os.path.abspath(json_path))
+        atomic.remove_dead_temp_files(folder, name)
+        yield
 
 
 @main.command()
@@ -896,8 +914,9 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
     is a row: checkpoint size, the Linear weights in the file, perplexity,
     SQuAD F1/EM by both metrics, prefill and decode tokens/s, weight memory
     and peak RSS; each checkpoint is a column, beside its change against the
-    baseline. Every checkpoint must be a floating-point baseline's model, as
-    it is or quantized (checked from the headers before any is measured). Each
+    baseline. Where the first is a floating-point checkpoint, every other
+    must be its model, as it is or quantized (checked from the headers, with
+    every CRC a file carries, before any is measured). Each
     checkpoint runs in a fresh process. Measures what `eval` measures; give
     at least one of --text, --wikitext, --squad.
     """
@@ -915,10 +934,11 @@ def compare(model_yaml: str, checkpoints: Sequence[str], texts: Sequence[str],
                                  *filter(None, [wikitext, squad_path])])
     request = _request(config, texts, wikitext, squad_path, squad_samples, max_new_tokens,
                        seq_len, max_tokens, mode, quiet)
-    # MindSpore holds on to each compiled network until its process exits.
-    records = [in_fresh_process(measure, ckpt, request) for ckpt in checkpoints]
-    if json_path is not None:  # first: a table that cannot be printed must not lose it
-        atomic.write_bytes_atomic(json_path, _json_bytes({"checkpoints": records}))
+    with _held(json_path):
+        # MindSpore holds on to each compiled network until its process exits.
+        records = [in_fresh_process(measure, ckpt, request) for ckpt in checkpoints]
+        if json_path is not None:  # first: a table that cannot be printed must not lose it
+            atomic.write_bytes_atomic(json_path, _json_bytes({"checkpoints": records}))
     _print_table(records)
 
 
@@ -926,8 +946,8 @@ def _check_one_model(checkpoints: Sequence[str]) -> None:
     """Refuse, from their headers, a checkpoint that is not the first one's model (as it is
     or quantized): its network would refuse it only once the others were measured."""
     headers = []
-    for ckpt in checkpoints:
-        with formats.open_reader(ckpt, verify_crc=False) as reader:
+    for ckpt in checkpoints:  # and their CRCs: a corrupted one would be measured as whole
+        with formats.open_reader(ckpt, verify_crc=True) as reader:
             headers.append(list(reader.tensors))
     for ckpt, header in zip(checkpoints[1:], headers[1:]):
         problem = model_mismatch(headers[0], header)
@@ -939,13 +959,13 @@ def _check_one_model(checkpoints: Sequence[str]) -> None:
 @main.command()
 @_MODEL_OPTION
 @click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="FP or ckpt-rtn W8A16 checkpoint.")
+              help="FP or ckpt-rtn checkpoint (w8a16, w8a16-ptq or w4a16).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False, path_type=str),
               help="Tokenizer instead of model.yaml's: a tokenizers .json or a sentencepiece "
                    ".model (Llama2's tokenizer.model).")
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True,
+@click.option("--seq-len", type=_SEQ_LEN, default=128, show_default=True,
               help="Window the network is compiled for; prompt + new tokens must fit.")
 @_MODE_OPTION
 @_reported

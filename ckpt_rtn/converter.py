@@ -330,6 +330,7 @@ def check_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
         claims.write(report, "the report")
         claims.write_in_place(paths.lock_path(report), "the report's lock file")
         paths.check_destination(report, overwrite=True)
+        paths.check_json(report, "the report")
     if description is not None:
         claims.write(description, "the quantization description")
         claims.write_in_place(paths.lock_path(description), "the description's lock file")

@@ -719,6 +719,7 @@ def _check_paths(src: str, dst: str, layout: SourceTree, report: Optional[str],
     if report is not None:
         claims.write(report, "the report")
         paths.check_destination(report, overwrite=True)
+        paths.check_json(report, "the report")
         if paths.resolved(report).startswith(paths.resolved(dst) + os.sep):
             raise OutputError(report, "is inside DST, which holds the conversion alone "
                               "(verify reports any other file there, and MindFormers reads "

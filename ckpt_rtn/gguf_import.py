@@ -29,7 +29,7 @@ import numpy as np
 from . import dtypes, paths
 from .errors import CkptRtnError, FormatError, OutputError, UnsupportedError
 from .formats import open_writer, untrusted_json
-from .formats.atomic import committed_together, write_bytes_atomic
+from .formats.atomic import committed_together, remove_dead_temp_files, write_bytes_atomic
 from .formats.tensor import TensorInfo
 from .models import CHECKPOINT, MODEL_YAML, TOKENIZER, ModelConfig, check_architecture
 
@@ -355,15 +355,21 @@ def import_gguf(gguf_path: "os.PathLike[str] | str", out_dir: "os.PathLike[str] 
     except OSError as exc:
         raise OutputError(out, f"cannot create the output directory: {exc.strerror}") from None
     try:
-        # The three files are written and synced, then renamed into place together: a model
-        # that fails or is interrupted on the way leaves an earlier one as it was.
-        with committed_together():
-            with open_writer(out / CHECKPOINT, [p.info for p in planned], format="ckpt",
-                             metadata={}) as writer:
-                for item in planned:
-                    writer.write(item.info.name, load_tensor(model, item))
-            write_bytes_atomic(out / TOKENIZER, tokenizer.to_str().encode("utf-8"))
-            ModelConfig(model=hparams, base_dir=out).save(out / MODEL_YAML)
+        # One import into a directory at a time: two at once both exited 0, the second one's
+        # files replacing the first's (without --overwrite), or mixed with them.
+        with paths.destination_lock(out, directory=True):
+            _check_output(out, overwrite)  # again: another run may have written it meanwhile
+            for name in (CHECKPOINT, TOKENIZER, MODEL_YAML):
+                remove_dead_temp_files(out, name)
+            # The three files are written and synced, then renamed into place together: a
+            # model that fails or is interrupted on the way leaves an earlier one as it was.
+            with committed_together():
+                with open_writer(out / CHECKPOINT, [p.info for p in planned], format="ckpt",
+                                 metadata={}) as writer:
+                    for item in planned:
+                        writer.write(item.info.name, load_tensor(model, item))
+                write_bytes_atomic(out / TOKENIZER, tokenizer.to_str().encode("utf-8"))
+                ModelConfig(model=hparams, base_dir=out).save(out / MODEL_YAML)
     except BaseException:
         for directory in created:  # the directories made for a model that never came
             try:

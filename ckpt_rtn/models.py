@@ -22,7 +22,7 @@ import yaml
 from .errors import ConfigError
 from .formats.atomic import write_bytes_atomic
 from . import paths
-from .rules import load_yaml
+from .rules import HUGGING_FACE, load_rules, load_yaml
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import tokenizers
@@ -100,10 +100,25 @@ def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
     if not isinstance(model, dict):
         raise ConfigError(path, "model must be a mapping of LlamaConfig architecture keywords")
     check_architecture(path, model)
+    _check_family(path, data.get("family", "llama2"))
     return ModelConfig(model=model, family=data.get("family", "llama2"),
                        checkpoint=data.get("checkpoint", CHECKPOINT),
                        tokenizer=data.get("tokenizer", TOKENIZER),
                        base_dir=path.resolve().parent)
+
+
+def _check_family(path: Path, family: str) -> None:
+    """The rules family must be one whose names the network has: MindFormers' legacy Llama
+    (an unknown one failed only in the measuring process; hf-llama measured 0 MB of Linear
+    weights, exit 0)."""
+    try:
+        rules = load_rules(family)
+    except ConfigError as exc:
+        raise ConfigError(path, f"family: {exc.reason}") from None
+    if rules.naming == HUGGING_FACE:
+        raise ConfigError(path, f"family {family} holds Hugging Face names; the network "
+                          "ckpt-rtn builds is MindFormers' Llama, whose parameters have "
+                          "MindFormers names (llama2)")
 
 
 def _type_ok(value: object, types: Tuple[Type[Any], ...]) -> bool:

@@ -216,13 +216,33 @@ class Claims:
 
 def check_replaceable(path: "os.PathLike[str] | str", role: str,
                       reads: "Iterable[os.PathLike[str] | str]") -> None:
-    """Refuse a file a command replaces (a JSON table, say) if it is one of the files the
-    command reads, or not a regular file."""
+    """Refuse a JSON file a command replaces (a table, a report) if it is one of the files
+    the command reads, or not a regular file, or another kind of file (check_json)."""
     claims = Claims()
     for read in reads:
         claims.read(read, "an input of this command")
     claims.write(path, role)
     check_destination(path, overwrite=True)
+    check_json(path, role)
+
+
+def check_json(path: "os.PathLike[str] | str", role: str) -> None:
+    """Refuse to replace a file that is there and not JSON: a record or report is
+    rewritten at will, like any output a command names, but a path mistyped onto a
+    checkpoint, say, lost 163 MB to a 787-byte record."""
+    try:
+        fd = open_input(path, OutputError, "a file")
+    except OutputError:
+        return  # none there (or check_destination's to refuse)
+    try:
+        start = os.pread(fd, 64, 0).lstrip()
+    except OSError:
+        start = b"{"
+    finally:
+        os.close(fd)
+    if start and start[:1] not in (b"{", b"["):
+        raise OutputError(path, f"exists and is not JSON: {role} would replace it (remove "
+                          "it, or name another file)")
 
 
 def _inside(name: str, root: str) -> bool:

@@ -11,6 +11,7 @@ import mindspore as ms
 from mindformers import LlamaConfig, LlamaForCausalLM
 
 from ckpt_rtn import dtypes
+from ckpt_rtn.errors import CkptRtnError
 from ckpt_rtn.runtime import deploy
 from ckpt_rtn.runtime.deploy import (DeployError, W8A16Linear, load_fp, load_quantized,
                              quantize_network)
@@ -127,6 +128,54 @@ def test_a_checkpoint_that_does_not_fit_is_refused(networks, checkpoints, tmp_pa
         load_quantized(quantized, bad)
     assert str(info.value).startswith(f"{bad}: does not match the network: ")
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_scale_that_is_not_finite_is_refused(networks, checkpoints, tmp_path: Path,
+                                               value: float) -> None:
+    """A NaN scale loaded: the network computed NaN, `generate` printed the prompt alone and
+    SQuAD scored 0, both with exit 0."""
+    _, quantized, _ = networks
+
+    def poison(name: str, array: np.ndarray):
+        if name == SCALE:
+            array = array.copy()
+            array[3] = value
+        return name, array
+
+    bad = rewrite(checkpoints[1], tmp_path / "bad.ckpt", poison)
+    with pytest.raises(DeployError, match=f"^{bad}: tensor '{SCALE}' holds inf or NaN$"):
+        load_quantized(quantized, bad)
+
+
+def test_a_file_mindspore_cannot_load_is_one_error(tmp_path: Path) -> None:
+    """ckpt-rtn reads F8_E4M3 in safetensors; MindSpore 2.9's loader raised KeyError."""
+    path = tmp_path / "fp8.safetensors"
+    with open_writer(path, [TensorInfo.of("x", dtypes.FLOAT8_E4M3, (4,))], format="safetensors",
+                     metadata={}) as writer:
+        writer.write("x", np.full(4, 0x38, np.uint8))
+    with pytest.raises(DeployError, match=f"^{path}: MindSpore cannot load it: KeyError"):
+        load_fp(tiny_llama(), path)
+
+
+def test_a_corrupted_checkpoint_is_refused_by_its_crc(checkpoints, tmp_path: Path) -> None:
+    """MindSpore's loader checks no CRC unless asked: eval measured a corrupted file."""
+    crc = tmp_path / "crc.ckpt"
+    assert cli("convert", checkpoints[0], crc, "--crc", "-q").exit_code == 0
+    data = bytearray(crc.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    crc.write_bytes(bytes(data))
+    with pytest.raises(CkptRtnError, match="CRC"):
+        deploy.load_checkpoint_into(tiny_llama(), crc)
+
+
+def test_a_layer_the_network_lacks_is_named_with_the_checkpoint(checkpoints,
+                                                                tmp_path: Path) -> None:
+    moved = rewrite(checkpoints[1], tmp_path / "moved.ckpt",
+                    lambda n, a: (n.replace("layers.1.", "layers.9."), a))
+    with pytest.raises(DeployError, match=f"^{moved}: no MindFormers Linear named "
+                                          "model.layers.9."):
+        deploy.load_checkpoint_into(tiny_llama(), moved)
 
 
 def test_fp_checkpoint_into_a_quantized_network_is_refused(networks, checkpoints) -> None:

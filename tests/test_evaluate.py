@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pytest
 
+from ckpt_rtn import paths
 from ckpt_rtn.runtime.qa import golden_stick_scores
 from ckpt_rtn.tasks import squad, wikitext
 from ckpt_rtn.tasks.corpora import wiki_text
@@ -24,7 +25,8 @@ from ckpt_rtn.errors import ConfigError, FormatError
 from ckpt_rtn.runtime.evaluate import Evaluator, in_fresh_process, next_token_nll, tokenize, windows
 from ckpt_rtn.models import load_model_config, load_text_codec, load_tokenizer
 
-from conftest import FIXTURES, cli
+from conftest import FIXTURES, cli, llama_weights
+from test_directory import write_ckpt
 
 SEQ = 128
 #: The WikiText-2 validation split (shared/data; a user elsewhere downloads it).
@@ -233,10 +235,23 @@ def test_bad_measurement_input_is_one_line_before_any_network(model, tmp_path: P
         (["--text", text, "--json", tokenizer], f"error: {tokenizer}: the JSON record is an "
                                                 "input of this command"),
     ]
+    victim, tokens = tmp_path / "victim.ckpt", tmp_path / "wiki.valid.tokens"
+    victim.write_bytes(b"\x08\x01\x12" + bytes(64))  # a checkpoint, say, mistyped as --json
+    tokens.write_text(" = Title = \n\n The capital of France is Paris . \n")
+    cases += [  # a record written over a checkpoint; a perplexity of 1 over no token
+        (["--text", text, "--json", victim], f"error: {victim}: exists and is not JSON"),
+        (["--wikitext", tokens, "--seq-len", "2"], f"error: {tokens}: --seq-len 2 leaves "
+                                                   "fewer than two text tokens"),
+        (["--text", text, "--seq-len", "2147483648"], "error: Invalid value for '--seq-len'"),
+    ]
     for args, start in cases:
         result = cli("eval", "--config", config_path, "--ckpt", w8, *args)
         assert result.exit_code == 2, (args, result.stderr)
         assert result.stderr.startswith(start) and result.stderr.count("\n") == 1, result.stderr
+    record = tmp_path / "record.json"
+    with paths.destination_lock(record):  # another eval writes it: two both exited 0
+        held = cli("eval", "--config", config_path, "--ckpt", w8, "--text", text, "--json", record)
+    assert held.exit_code == 2 and "is being written by another ckpt-rtn run" in held.stderr
     missing = cli("eval", "--config", config_path, "--ckpt", tmp_path / "nope.ckpt", "--text",
                   text)
     assert missing.exit_code == 2 and missing.stderr == \
@@ -244,6 +259,21 @@ def test_bad_measurement_input_is_one_line_before_any_network(model, tmp_path: P
     long_prompt = cli("eval", "--config", config_path, "--ckpt", w8, "--squad", squad_path,
                       "--seq-len", "24")
     assert "--max-new-tokens 32 it needs --seq-len" in long_prompt.stderr
+
+
+def test_compare_checks_every_crc_before_measuring(model, tmp_path: Path) -> None:
+    """MindSpore's loader checks no CRC unless asked: a corrupted file was measured as if
+    whole, which inspect and convert refuse."""
+    config_path, w8, text = model
+    tiny, crc = tmp_path / "tiny.ckpt", tmp_path / "crc.ckpt"
+    write_ckpt(tiny, {k: v.astype(np.float16) for k, v in llama_weights().items()})
+    assert cli("convert", tiny, crc, "--crc", "-q").exit_code == 0
+    data = bytearray(crc.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    crc.write_bytes(bytes(data))
+    result = cli("compare", "--config", config_path, "--text", text, w8, crc)
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {crc}: ")
+    assert "CRC" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_compare_prints_metrics_as_rows_and_writes_every_record(model, wiki_valid,

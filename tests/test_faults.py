@@ -193,6 +193,23 @@ def test_report_onto_a_path_the_run_uses(tmp_path: Path, src: Path, monkeypatch,
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("directory", [False, True], ids=["file", "directory"])
+def test_report_onto_a_file_that_is_not_json(tmp_path: Path, llama: Path,
+                                             directory: bool) -> None:
+    """A report path mistyped onto a checkpoint replaced it with the report."""
+    src = make_rank_dir(tmp_path / "src", llama, ranks=1) if directory else llama
+    victim = tmp_path / "victim.ckpt"
+    victim.write_bytes(llama.read_bytes()[:4096])
+    result = cli("convert", "--report", victim, src, tmp_path / ("out" if directory else "o.ckpt"))
+    assert_refused(result, victim, r"exists and is not JSON: the report would replace it",
+                   directory=tmp_path)
+    assert victim.read_bytes() == llama.read_bytes()[:4096]
+    (tmp_path / "earlier.json").write_text('{"earlier": 1}')  # an earlier report: replaced
+    again = cli("convert", "-q", "--report", tmp_path / "earlier.json", src,
+                tmp_path / ("out" if directory else "o.ckpt"))
+    assert again.exit_code == 0, again.stderr
+
+
 @pytest.mark.parametrize("case", ["inside_input", "inside_linked_input", "onto_a_shard",
                                   "onto_the_manifest"])
 def test_directory_report_onto_a_path_the_run_uses(tmp_path: Path, llama: Path, case: str):

@@ -19,7 +19,7 @@ import yaml
 import gguf
 import mindspore as ms
 
-from ckpt_rtn import models
+from ckpt_rtn import models, paths
 from ckpt_rtn.tasks.corpora import wiki_text
 from ckpt_rtn.errors import ConfigError, FormatError, OutputError, UnsupportedError
 from ckpt_rtn.formats import open_reader, open_writer
@@ -288,6 +288,31 @@ def test_a_failed_overwrite_keeps_the_model_and_never_replaces_its_input(tmp_pat
     assert inside.read_bytes() == (tmp_path / "good.gguf").read_bytes()
 
 
+def test_one_import_into_a_directory_at_a_time(tmp_path: Path) -> None:
+    """Two imports into one directory at once both exited 0, the second one's files over the
+    first's (that one had no --overwrite)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with paths.destination_lock(out, directory=True):  # another import is writing it
+        with pytest.raises(OutputError, match="is being written by another ckpt-rtn run"):
+            import_gguf(write_gguf(tmp_path / "m.gguf"), out)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("family, message", [
+    ("hf-llama", "family hf-llama holds Hugging Face names"),
+    ("nonesuch", "family: unknown model family 'nonesuch'"),
+])
+def test_model_yaml_family_is_one_the_network_has(tmp_path: Path, family: str,
+                                                  message: str) -> None:
+    """hf-llama measured 0 MB of Linear weights (exit 0); an unknown family failed only in
+    the measuring process."""
+    config = import_gguf(write_gguf(tmp_path / "m.gguf"), tmp_path / "out")
+    config.write_text(config.read_text().replace("family: llama2", f"family: {family}"))
+    with pytest.raises(ConfigError, match=f"^{config}: {message}"):
+        models.load_model_config(config)
+
+
 def test_bad_inputs(tmp_path: Path, imported: Path) -> None:
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_bytes(b"GGML" + bytes(64))
@@ -343,8 +368,10 @@ def test_model_yaml_round_trips(tmp_path: Path, config: models.ModelConfig) -> N
     assert (tmp_path / "model.yaml").read_text().startswith("# written by ckpt-rtn import-gguf")
 
 
-def test_a_nan_perplexity_is_refused(tmp_path: Path) -> None:
-    """A checkpoint with a NaN weight: eval printed `PPL nan` and exited 0."""
+def test_a_nan_weight_is_refused(tmp_path: Path) -> None:
+    """A checkpoint with a NaN weight: eval printed `PPL nan` and exited 0. The loader now
+    refuses it, naming the tensor, before anything is measured (a perplexity that is not
+    finite is still an error of its own)."""
     config_path = import_gguf(write_gguf(tmp_path / "m.gguf"), tmp_path / "model")
     ckpt = tmp_path / "model" / "model.ckpt"
     with open_reader(ckpt) as reader:
@@ -359,5 +386,5 @@ def test_a_nan_perplexity_is_refused(tmp_path: Path) -> None:
     result = cli("eval", "-q", "--config", config_path, "--ckpt", ckpt, "--text", text,
                  "--seq-len", "16")
     assert result.exit_code == 2 and result.stderr == (
-        "error: model.ckpt: perplexity on t.txt is nan: the network's outputs are not finite "
-        "(a NaN or infinite weight in the checkpoint?)\n"), result.output
+        f"error: {ckpt}: tensor 'model.layers.0.attention.wq.weight' holds inf or NaN\n"), \
+        result.output

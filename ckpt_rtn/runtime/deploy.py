@@ -267,8 +267,10 @@ def load_fp(net: nn.Cell, path: "os.PathLike[str] | str", *, upcast: bool = Fals
 
 
 def checkpoint_scheme(path: "os.PathLike[str] | str") -> Optional[CheckpointScheme]:
-    """The scheme and quantized layers of a checkpoint; None for an FP checkpoint."""
-    with open_reader(path, verify_crc=False) as reader:
+    """The scheme and quantized layers of a checkpoint; None for an FP checkpoint. A CRC the
+    file carries (.ckpt trailer, safetensors crc_num) is checked too: MindSpore's loader
+    does not check it unless asked, and measured a corrupted checkpoint as if whole."""
+    with open_reader(path, verify_crc=True) as reader:
         return detect_scheme(reader.tensors)
 
 
@@ -285,6 +287,10 @@ def load_checkpoint_into(net: nn.Cell, path: "os.PathLike[str] | str", *,
                          group_size=found.group_size)
     except ValueError as exc:  # e.g. a group size Golden Stick does not deploy
         raise DeployError(path, f"a {found.label} checkpoint: {exc}") from None
+    except DeployError as exc:  # the scheme or layers it names: the checkpoint's
+        if exc.path is not None:
+            raise
+        raise DeployError(path, exc.reason) from None
     _load_exactly(net, path, upcast)
     return list(found.layers)
 
@@ -298,10 +304,17 @@ def _load_exactly(net: nn.Cell, path: "os.PathLike[str] | str", upcast: bool) ->
     The CPU int4 cells' `dequantized_weight` is derived from the loaded codes.
     """
     path = os.fspath(path)
-    loaded = ms.load_checkpoint(path, format=detect_format(path))
+    try:
+        loaded = ms.load_checkpoint(path, format=detect_format(path))
+    except Exception as exc:  # a file ckpt-rtn reads that MindSpore does not (a dtype it
+        # lacks, such as F8_E4M3; __metadata__ naming a tensor with a type other than Int4)
+        reason = str(exc).strip().splitlines()
+        raise DeployError(path, f"MindSpore cannot load it: {type(exc).__name__}"
+                          f"{': ' + reason[-1] if reason else ''}") from None
     # str values (append_dict's, and the settings record ckpt-rtn writes) are no parameters.
     params: Dict[str, Parameter] = {name: value for name, value in loaded.items()
                                     if not isinstance(value, str)}
+    _refuse_non_finite(path, params)
     expected = {p.name: p for p in net.get_parameters()
                 if not p.name.endswith(".dequantized_weight")}
     if upcast:
@@ -323,6 +336,16 @@ def _load_exactly(net: nn.Cell, path: "os.PathLike[str] | str", upcast: bool) ->
         if isinstance(cell, PtqLinear) and cell._layer.matmul.int4 \
                 and not cell._layer.matmul.fused:  # noqa: SLF001
             _dequantize_int4_into(cell)
+
+
+def _refuse_non_finite(path: str, params: Dict[str, Parameter]) -> None:
+    """A float tensor holding inf or NaN, a scale above all: the network computes NaN from
+    it, and greedy decoding then emits nothing (`generate` printed the prompt alone, and
+    SQuAD scored 0, both with exit 0)."""
+    for name, param in params.items():
+        if param.dtype in (ms.float16, ms.bfloat16, ms.float32, ms.float64) \
+                and not bool(ops.isfinite(param).all()):
+            raise DeployError(path, f"tensor {name!r} holds inf or NaN")
 
 
 def _dequantize_int4_into(layer: PtqLinear) -> None:

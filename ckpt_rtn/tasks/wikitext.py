@@ -74,9 +74,9 @@ def chunks(text: str, tokenize: Callable[[str], Sequence[int]], seq_len: int, pa
     ids (a quick run on a prefix); the tail that does not fill a chunk is
     dropped, as Golden Stick drops it.
     """
-    if seq_len <= MAX_NEW_TOKENS:
-        raise ConfigError(None, f"--seq-len {seq_len} leaves no room for text before the "
-                                f"{MAX_NEW_TOKENS} pad token")
+    if seq_len < MAX_NEW_TOKENS + 2:  # one text token predicts only the pad, which is masked
+        raise ConfigError(None, f"--seq-len {seq_len} leaves fewer than two text tokens "
+                                f"before the {MAX_NEW_TOKENS} pad token: none is predicted")
     found = paragraphs(text)
     if not found:
         raise ConfigError(None, "no text paragraphs (only headings or blank lines): not a "
