@@ -148,6 +148,17 @@ def test_a_scale_that_is_not_finite_is_refused(networks, checkpoints, tmp_path: 
         load_quantized(quantized, bad)
 
 
+@pytest.mark.parametrize("dtype", [ms.bfloat16, ms.float16, ms.float32])
+def test_every_float_dtype_is_checked_for_inf_and_nan(dtype) -> None:
+    """MindSpore 2.9 has no bfloat16 IsFinite on CPU: a bfloat16 checkpoint must still load."""
+    values = np.array([1.0, 2.0, np.inf], np.float32)
+    good = {"w": ms.Parameter(ms.Tensor(values[:2]).astype(dtype), name="w")}
+    deploy._refuse_non_finite("m.ckpt", good)  # pylint: disable=protected-access
+    bad = {"w": ms.Parameter(ms.Tensor(values).astype(dtype), name="w")}
+    with pytest.raises(DeployError, match="^m.ckpt: tensor 'w' holds inf or NaN$"):
+        deploy._refuse_non_finite("m.ckpt", bad)  # pylint: disable=protected-access
+
+
 def test_a_file_mindspore_cannot_load_is_one_error(tmp_path: Path) -> None:
     """ckpt-rtn reads F8_E4M3 in safetensors; MindSpore 2.9's loader raised KeyError."""
     path = tmp_path / "fp8.safetensors"
