@@ -11,7 +11,8 @@ import signal
 import sys
 import threading
 from collections import Counter
-from typing import IO, TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import (IO, TYPE_CHECKING, Callable, ContextManager, Dict, Iterator, List, Optional,
+                    Sequence, TypeVar)
 
 import click
 import numpy as np
@@ -882,18 +883,10 @@ def evaluate(model_yaml: str, ckpt: str, texts: Sequence[str], wikitext: Optiona
     _print_table([record])
 
 
-@contextlib.contextmanager
-def _held(json_path: Optional[str]) -> Iterator[None]:
-    """--json held against other ckpt-rtn runs for the whole measurement, as convert holds
-    its output (two runs writing one record both exited 0, the first one's lost), and
-    cleared of the temporary files dead runs left for it."""
-    if json_path is None:
-        yield
-        return
-    with paths.destination_lock(json_path):
-        folder, name = os.path.split(os.path.abspath(json_path))
-        atomic.remove_dead_temp_files(folder, name)
-        yield
+def _held(json_path: Optional[str]) -> ContextManager[None]:
+    """--json held for the whole measurement, as convert holds its output: two runs writing
+    one record both exited 0, the first one's lost."""
+    return contextlib.nullcontext() if json_path is None else atomic.held(json_path)
 
 
 @main.command()

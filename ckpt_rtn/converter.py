@@ -26,7 +26,7 @@ from .errors import (CkptRtnError, ConfigError, FormatError, OutputError, Quanti
                      UnsupportedError)
 from .buffers import BufferPool, empty
 from .description import is_description, others_beside
-from .formats.atomic import remove_dead_temp_files
+from .formats.atomic import held
 from .formats.tensor import TensorInfo, TensorReader
 from .numerics import FloatFormat
 from .options import ConvertOptions
@@ -359,14 +359,11 @@ def claimed_output(src: "os.PathLike[str] | str", dst: "os.PathLike[str] | str",
     Checked again once locked: another run may have written them meanwhile.
     """
     check_output(src, dst, overwrite, report, description=description)
-    held = [p for p in (dst, report, description) if p is not None]
-    with contextlib.ExitStack() as locks:
-        for path in held:
-            locks.enter_context(paths.destination_lock(path))
+    with contextlib.ExitStack() as holding:
+        for path in (dst, report, description):
+            if path is not None:
+                holding.enter_context(held(path, keep=[src]))
         check_output(src, dst, overwrite, report, description=description)
-        for path in held:
-            directory, name = os.path.split(os.path.abspath(path))
-            remove_dead_temp_files(directory, name, keep=[src])
         yield
 
 

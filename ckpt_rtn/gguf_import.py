@@ -18,6 +18,7 @@ The `gguf` package is imported inside the functions: only this command needs it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import numpy as np
 from . import dtypes, paths
 from .errors import CkptRtnError, FormatError, OutputError, UnsupportedError
 from .formats import open_writer, untrusted_json
-from .formats.atomic import committed_together, remove_dead_temp_files, write_bytes_atomic
+from .formats.atomic import committed_together, held, write_bytes_atomic
 from .formats.tensor import TensorInfo
 from .models import CHECKPOINT, MODEL_YAML, TOKENIZER, ModelConfig, check_architecture
 
@@ -355,12 +356,12 @@ def import_gguf(gguf_path: "os.PathLike[str] | str", out_dir: "os.PathLike[str] 
     except OSError as exc:
         raise OutputError(out, f"cannot create the output directory: {exc.strerror}") from None
     try:
-        # One import into a directory at a time: two at once both exited 0, the second one's
-        # files replacing the first's (without --overwrite), or mixed with them.
-        with paths.destination_lock(out, directory=True):
-            _check_output(out, overwrite)  # again: another run may have written it meanwhile
+        # Each file held as convert holds its output: two imports into one directory at once
+        # both exited 0, the second one's files replacing the first's (without --overwrite).
+        with contextlib.ExitStack() as holding:
             for name in (CHECKPOINT, TOKENIZER, MODEL_YAML):
-                remove_dead_temp_files(out, name)
+                holding.enter_context(held(out / name, keep=[gguf_path]))
+            _check_output(out, overwrite)  # again: another run may have written it meanwhile
             # The three files are written and synced, then renamed into place together: a
             # model that fails or is interrupted on the way leaves an earlier one as it was.
             with committed_together():

@@ -293,10 +293,11 @@ def test_one_import_into_a_directory_at_a_time(tmp_path: Path) -> None:
     first's (that one had no --overwrite)."""
     out = tmp_path / "out"
     out.mkdir()
-    with paths.destination_lock(out, directory=True):  # another import is writing it
-        with pytest.raises(OutputError, match="is being written by another ckpt-rtn run"):
-            import_gguf(write_gguf(tmp_path / "m.gguf"), out)
-    assert list(out.iterdir()) == []
+    for name in ("model.ckpt", "tokenizer.json", "model.yaml"):
+        with paths.destination_lock(out / name):  # another import (or a convert) writes it
+            with pytest.raises(OutputError, match="is being written by another ckpt-rtn run"):
+                import_gguf(write_gguf(tmp_path / "m.gguf"), out)
+        assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize("family, message", [

@@ -89,7 +89,8 @@ def test_max_tokens_keeps_a_prefix() -> None:
     (" \n = Only = \n \n = = Headings = = \n \n", 11, "no text paragraphs"),
     ("", 11, "no text paragraphs"),
     (TOKENS, 1000, "fewer than one chunk of 999"),
-    (TOKENS, 1, "--seq-len 1 leaves no room"),
+    (TOKENS, 1, "--seq-len 1 leaves fewer than two text tokens"),
+    (TOKENS, 2, "--seq-len 2 leaves fewer than two text tokens"),  # PPL 1 over no token
 ])
 def test_unusable_text_is_refused(text: str, seq_len: int, reason: str) -> None:
     with pytest.raises(ConfigError) as raised:

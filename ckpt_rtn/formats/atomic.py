@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Set
 
 from ..errors import FormatError, OutputError
-from ..paths import TEMP_PATTERN, open_input, temp_path
+from ..paths import TEMP_PATTERN, destination_lock, open_input, temp_path
 
 _BLOCK = 16 * 1024 * 1024
 
@@ -236,6 +236,17 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+@contextlib.contextmanager
+def held(path: "os.PathLike[str] | str",
+         keep: Iterable["os.PathLike[str] | str"] = ()) -> Iterator[None]:
+    """A destination file held against other ckpt-rtn runs for the block (its lock), and
+    cleared of the temporary files dead runs left for it; `keep`: this run's inputs."""
+    with destination_lock(path):
+        directory, name = os.path.split(os.path.abspath(path))
+        remove_dead_temp_files(directory, name, keep=keep)
+        yield
 
 
 def remove_dead_temp_files(directory: "os.PathLike[str] | str", name: Optional[str] = None,
