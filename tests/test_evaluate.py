@@ -17,12 +17,14 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pytest
 
-from ckpt_rtn import paths
+from ckpt_rtn import paths, results
 from ckpt_rtn.runtime.qa import golden_stick_scores
 from ckpt_rtn.tasks import squad, wikitext
 from ckpt_rtn.tasks.corpora import wiki_text
 from ckpt_rtn.errors import ConfigError, FormatError
-from ckpt_rtn.runtime.evaluate import Evaluator, in_fresh_process, next_token_nll, tokenize, windows
+from ckpt_rtn.runtime.evaluate import (Corpus, Evaluator, Perplexity, in_fresh_process,
+                                       next_token_nll, tokenize, windows)
+from ckpt_rtn.runtime.measure import Request, _perplexities
 from ckpt_rtn.models import load_model_config, load_text_codec, load_tokenizer
 
 from conftest import FIXTURES, cli, llama_weights
@@ -259,6 +261,22 @@ def test_bad_measurement_input_is_one_line_before_any_network(model, tmp_path: P
     long_prompt = cli("eval", "--config", config_path, "--ckpt", w8, "--squad", squad_path,
                       "--seq-len", "24")
     assert "--max-new-tokens 32 it needs --seq-len" in long_prompt.stderr
+
+
+def test_a_perplexity_that_is_not_finite_is_an_error(model) -> None:
+    """Finite weights can still overflow the network's outputs (the loader refuses inf and
+    NaN in the checkpoint itself): a perplexity that is not finite is an error naming the
+    checkpoint, not a table row `inf` with exit 0."""
+    class Overflowing:
+        def measure(self, corpus, progress=None) -> Perplexity:
+            return Perplexity(ppl=math.inf, loss=math.inf, tokens=8, windows=1)
+
+    request = Request(load_model_config(model[0]), SEQ, quiet=True,
+                      texts={"t.txt": Corpus(np.zeros((1, SEQ), np.int32))})
+    record = results.empty_record(str(model[1]), "graph", SEQ)
+    with pytest.raises(FormatError, match="^model.ckpt: perplexity on t.txt is inf: the "
+                                          "network's outputs are not finite"):
+        _perplexities(Overflowing(), request, "model.ckpt", record)  # type: ignore[arg-type]
 
 
 def test_compare_checks_every_crc_before_measuring(model, tmp_path: Path) -> None:
