@@ -207,7 +207,7 @@ def plan_directory(src: str, dst: str,
     rules = converter.rules_for(options.rules,
                                 _detection_tensors(src, layout.shards, options.rules), src)
     copies = {rel: copied_config(os.path.join(src, rel)) for rel in layout.others}
-    plans = check_source(src, layout, rules, options, fp8_links(src, layout.shards))
+    plans = check_source(src, layout, rules, options, fp8_links(src, layout))
     if os.path.isdir(dst):  # else nothing can lead into it
         _check_paths(src, dst, layout, None, MANIFEST, options.scheme.mcore)
     sizes = {rel: formats.planned_size(plan.outputs, format=plan.out_format,
@@ -263,7 +263,7 @@ def _convert_locked(src: str, dst: str, layout: SourceTree, options: ConvertOpti
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
     for rel in layout.others:  # refused before anything is written
         copied_config(os.path.join(src, rel))
-    links = fp8_links(src, layout.shards)
+    links = fp8_links(src, layout)
     check_source(src, layout, rules, options, links, across_shards=part is None)
     _check_paths(src, dst, layout, report, manifest_name, options.scheme.mcore)
     result = DirectoryResult()
@@ -383,33 +383,49 @@ class Fp8Links:
         return fp8.OtherShards(scales, frozenset(self.taken.get(rel, ())))
 
 
-def fp8_links(src: str, shards: List[str]) -> Fp8Links:
+def fp8_links(src: str, layout: SourceTree) -> Fp8Links:
     """Which FP8 weights of the safetensors shards (read from their headers) have their block
-    scales in another shard. Scales held by two shards are refused: each shard's weight
-    read its own, the index's choice aside, and the other copy was dropped unread."""
-    weights: Dict[str, str] = {}
-    scales: Dict[str, List[str]] = {}
-    for rel in shards:
+    scales in another shard of their index. Shards of no index (rank directories) each hold
+    a checkpoint of their own, the same names in each. Scales held by two shards of one
+    index are refused: each shard's weight read its own, whatever the index named, and the
+    other copy was dropped unread."""
+    weights: Dict[str, Set[str]] = {}  # shard -> its FP8 weights
+    scales: Dict[str, Set[str]] = {}  # shard -> its block scales
+    for rel in layout.shards:
         if format_from_suffix(rel) != "safetensors":
             continue
         with open_reader(os.path.join(src, rel), verify_crc=False) as reader:
-            for info in reader.tensors:
-                if info.dtype is dtypes.FLOAT8_E4M3:
-                    weights[info.name] = rel
-                elif info.name.endswith(fp8.SCALE_SUFFIX):
-                    scales.setdefault(info.name, []).append(rel)
+            weights[rel] = {t.name for t in reader.tensors if t.dtype is dtypes.FLOAT8_E4M3}
+            scales[rel] = {t.name for t in reader.tensors if t.name.endswith(fp8.SCALE_SUFFIX)}
     links = Fp8Links({}, {})
-    for name, rel in weights.items():
-        scale = name + fp8.SCALE_SUFFIX
-        held = scales.get(scale, [rel])
-        if len(held) > 1:
-            raise FormatError(os.path.join(src, held[1]), f"tensor {scale!r} is held by "
-                              f"{held[0]} too: the block scales of FP8 {name!r} must be in "
-                              "one shard")
-        if held[0] != rel:
-            links.needs.setdefault(rel, {})[scale] = held[0]
-            links.taken.setdefault(held[0], set()).add(scale)
+    for group in _loaded_together(src, layout):
+        for rel in group:
+            for name in sorted(weights.get(rel, ())):
+                scale = name + fp8.SCALE_SUFFIX
+                held = [shard for shard in group if scale in scales.get(shard, ())]
+                if len(held) > 1:
+                    raise FormatError(os.path.join(src, held[1]), f"tensor {scale!r} is held by "
+                                      f"{held[0]} too: the block scales of FP8 {name!r} must be "
+                                      "in one shard")
+                if held and held[0] != rel:
+                    links.needs.setdefault(rel, {})[scale] = held[0]
+                    links.taken.setdefault(held[0], set()).add(scale)
     return links
+
+
+def _loaded_together(src: str, layout: SourceTree) -> List[List[str]]:
+    """The shards a loader takes as one checkpoint: each index's, and each shard of no index
+    on its own."""
+    groups = [sorted(_index_shards(src, index) & set(layout.shards)) for index in layout.indexes]
+    indexed = {rel for group in groups for rel in group}
+    return groups + [[rel] for rel in layout.shards if rel not in indexed]
+
+
+def _index_shards(src: str, index: str) -> Set[str]:
+    """The shards the index `index` names, as paths relative to SRC."""
+    _, weight_map = _read_index(os.path.join(src, index))
+    return {os.path.normpath(os.path.join(os.path.dirname(index), shard))
+            for shard in weight_map.values()}
 
 
 #: The model's configuration that Hugging Face loaders read beside the shards.
@@ -461,10 +477,8 @@ def _check_output_names(src: str, layout: SourceTree, options: ConvertOptions,
             if options.scheme.for_layer(layer).names(layer).bias != layer + ".bias":
                 renamed_biases.setdefault(layer + ".bias", []).append(rel)
     for index in layout.indexes:
-        _, weight_map = _read_index(os.path.join(src, index))
         written: Dict[str, Tuple[str, str]] = {}  # output name -> (shard, input name)
-        index_shards = {os.path.normpath(os.path.join(os.path.dirname(index), shard))
-                        for shard in weight_map.values()}
+        index_shards = _index_shards(src, index)
         for rel in sorted(index_shards):
             for name, source in outputs.get(rel, []):
                 shard, first = written.setdefault(name, (rel, source))

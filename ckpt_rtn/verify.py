@@ -110,7 +110,7 @@ def verify_directory(src: str, dst: str, *, verify_crc: bool = True,
                                               f"format {settings.format}; convert records none "
                                               "for a directory"))
     scheme = settings.build_scheme()
-    links = directory.fp8_links(src, layout.shards)
+    links = directory.fp8_links(src, layout)
     # What convert refuses of this SRC, verify does too: no DST can be its output (one made
     # of parts, or by an older version, could still agree file by file).
     rules = settings.build_rules()

@@ -313,6 +313,19 @@ def test_block_scales_held_by_two_shards_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_rank_directories_each_hold_their_own_scales(tmp_path: Path) -> None:
+    """Shards of no index are checkpoints of their own, with the same names in each: one
+    rank's scales are not a second copy of another's (the first version of the two-shards
+    check refused them)."""
+    src = tmp_path / "ranks"
+    for rank in range(2):
+        (src / f"rank_{rank}").mkdir(parents=True)
+        single_fp8_file(src / f"rank_{rank}" / "model.safetensors", scale_value=1.0)
+    result = cli("convert", src, tmp_path / "out", "--config", "hf-llama", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert cli("verify", src, tmp_path / "out").exit_code == 0
+
+
 def test_blacklisted_fp8_weight_is_written_as_its_bf16(tmp_path: Path) -> None:
     src, out = tmp_path / "model.safetensors", tmp_path / "out.safetensors"
     codes, scales = random_fp8(np.random.default_rng(1), (200, 64))
