@@ -22,7 +22,9 @@ import yaml
 from .errors import ConfigError
 from .formats.atomic import write_bytes_atomic
 from . import paths
-from .rules import HUGGING_FACE, load_rules, load_yaml
+from .dtypes import FLOAT16
+from .formats.tensor import TensorInfo
+from .rules import load_rules, load_yaml
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import tokenizers
@@ -100,25 +102,29 @@ def load_model_config(path: "os.PathLike[str] | str") -> ModelConfig:
     if not isinstance(model, dict):
         raise ConfigError(path, "model must be a mapping of LlamaConfig architecture keywords")
     check_architecture(path, model)
-    _check_family(path, data.get("family", "llama2"))
-    return ModelConfig(model=model, family=data.get("family", "llama2"),
+    return ModelConfig(model=model, family=_family(path, data.get("family", "llama2")),
                        checkpoint=data.get("checkpoint", CHECKPOINT),
                        tokenizer=data.get("tokenizer", TOKENIZER),
                        base_dir=path.resolve().parent)
 
 
-def _check_family(path: Path, family: str) -> None:
-    """The rules family must be one whose names the network has: MindFormers' legacy Llama
-    (an unknown one failed only in the measuring process; hf-llama measured 0 MB of Linear
-    weights, exit 0)."""
+def _family(path: Path, family: str) -> str:
+    """model.yaml's rules family: a built-in name, or a rules YAML, found beside model.yaml
+    as its checkpoint and tokenizer are (it was looked for in the working directory). It must
+    select the network's Linear weights, MindFormers' Llama names: an unknown family failed
+    only in the measuring process, and hf-llama or gpt2 measured 0 MB of Linear weights,
+    exit 0."""
+    if family.endswith((".yaml", ".yml")) or os.sep in family:
+        family = str(path.resolve().parent / family)
     try:
         rules = load_rules(family)
     except ConfigError as exc:
-        raise ConfigError(path, f"family: {exc.reason}") from None
-    if rules.naming == HUGGING_FACE:
-        raise ConfigError(path, f"family {family} holds Hugging Face names; the network "
-                          "ckpt-rtn builds is MindFormers' Llama, whose parameters have "
-                          "MindFormers names (llama2)")
+        raise ConfigError(path, f"family: {exc}") from None
+    if rules.select(TensorInfo.of("model.layers.0.attention.wq.weight", FLOAT16, (2, 2))) is None:
+        raise ConfigError(path, f"family {family} selects none of the network's Linear layers "
+                          "(MindFormers' Llama: model.layers.N.attention.wq, ...); use llama2, "
+                          "or rules that select them")
+    return family
 
 
 def _type_ok(value: object, types: Tuple[Type[Any], ...]) -> bool:

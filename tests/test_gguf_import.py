@@ -301,17 +301,31 @@ def test_one_import_into_a_directory_at_a_time(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("family, message", [
-    ("hf-llama", "family hf-llama holds Hugging Face names"),
+    ("hf-llama", "family hf-llama selects none of the network's Linear layers"),
+    ("gpt2", "family gpt2 selects none of the network's Linear layers"),
     ("nonesuch", "family: unknown model family 'nonesuch'"),
+    ("mine.yaml", "family: .*mine.yaml: cannot open"),
 ])
 def test_model_yaml_family_is_one_the_network_has(tmp_path: Path, family: str,
                                                   message: str) -> None:
-    """hf-llama measured 0 MB of Linear weights (exit 0); an unknown family failed only in
-    the measuring process."""
+    """hf-llama and gpt2 measured 0 MB of Linear weights (exit 0); an unknown family failed
+    only in the measuring process."""
     config = import_gguf(write_gguf(tmp_path / "m.gguf"), tmp_path / "out")
     config.write_text(config.read_text().replace("family: llama2", f"family: {family}"))
     with pytest.raises(ConfigError, match=f"^{config}: {message}"):
         models.load_model_config(config)
+
+
+def test_a_rules_file_as_family_is_found_beside_model_yaml(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """As model.yaml's checkpoint and tokenizer are; it was looked for in the working
+    directory, so generate refused a model that eval's child then failed on."""
+    config = import_gguf(write_gguf(tmp_path / "m.gguf"), tmp_path / "out")
+    (tmp_path / "out" / "mine.yaml").write_text(
+        (Path(models.__file__).parent / "configs" / "llama2.yaml").read_text())
+    config.write_text(config.read_text().replace("family: llama2", "family: mine.yaml"))
+    monkeypatch.chdir(tmp_path)
+    assert models.load_model_config(config).family == str(tmp_path / "out" / "mine.yaml")
 
 
 def test_bad_inputs(tmp_path: Path, imported: Path) -> None:
