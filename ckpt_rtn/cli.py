@@ -541,29 +541,41 @@ def _print_dry_run(plan: converter.Plan, input_size: int, dst: str) -> None:
              human_bytes(s.source.nbytes), human_bytes(sum(o.nbytes for o in s.outputs)))
             for s in plan.quantized]
     _table(("would quantize", "dtype", "shape", "bytes in", "bytes out"), rows)
-    if plan.dequantized:
-        count = len(plan.dequantized)
-        _say(f"{count} FP8 (F8_E4M3) weight{'' if count == 1 else 's'} would be "
-             f"dequantized to bfloat16 ({sum(s.quantized for s in plan.dequantized)} "
-             "then quantized, the others written as bfloat16); the "
-             f"{len(plan.consumed)} weight_scale_inv tensors are read, not written")
+    _say_fp8([plan])
     _warn_about(plan)
     if plan.scheme.mcore:
         _say(f"would also write {description.path_beside(dst)}")
     rules = plan.rules
-    total = len(plan.steps) + len(plan.dropped) + len(plan.consumed)
-    _say(f"{len(plan.quantized)} of {total} tensors would be "
+    _say(f"{len(plan.quantized)} of {_tensor_count(plan)} tensors would be "
          f"quantized ({rules.family} rules, {plan.scheme.label}, blacklist: "
          f"{', '.join(rules.blacklist) or '-'}); "
          f"output {plan.out_format}: {size} bytes ({human_bytes(size)}, "
          f"{size / input_size:.1%} of the input)")
 
 
+def _say_fp8(plans: Sequence[converter.Plan]) -> None:
+    """What the plans do with FP8 weights and their block scales, if they hold any."""
+    dequantized = [step for plan in plans for step in plan.dequantized]
+    if dequantized:
+        count = len(dequantized)
+        _say(f"{count} FP8 (F8_E4M3) weight{'' if count == 1 else 's'} would be "
+             f"dequantized to bfloat16 ({sum(s.quantized for s in dequantized)} "
+             "then quantized, the others written as bfloat16); the "
+             f"{sum(len(plan.consumed) for plan in plans)} weight_scale_inv tensors are read, "
+             "not written")
+
+
+def _tensor_count(plan: converter.Plan) -> int:
+    """The input tensors a plan accounts for: converted, dropped, or read as FP8 scales."""
+    return len(plan.steps) + len(plan.dropped) + len(plan.consumed)
+
+
 def _print_directory_dry_run(plan: directory.DirectoryPlan, dst: str) -> None:
-    rows = [(rel, f"{len(shard.quantized)} of {len(shard.steps)}",
+    rows = [(rel, f"{len(shard.quantized)} of {_tensor_count(shard)}",
              human_bytes(sum(step.source.nbytes for step in shard.steps)),
              human_bytes(plan.sizes[rel])) for rel, shard in plan.plans.items()]
     _table(("shard", "quantized", "tensor bytes in", "file bytes out"), rows)
+    _say_fp8(list(plan.plans.values()))
     for shard in plan.plans.values():
         _warn_about(shard)
     others = [rel for rel in plan.sizes if rel not in plan.plans]
@@ -571,8 +583,7 @@ def _print_directory_dry_run(plan: directory.DirectoryPlan, dst: str) -> None:
         _say(f"would also write {', '.join(others)}")
     scheme = next(iter(plan.plans.values())).scheme
     quantized = sum(len(shard.quantized) for shard in plan.plans.values())
-    total = sum(len(shard.steps) + len(shard.dropped) + len(shard.consumed)
-                for shard in plan.plans.values())
+    total = sum(_tensor_count(shard) for shard in plan.plans.values())
     size = sum(plan.sizes.values())
     _say(f"{quantized} of {total} tensors in {len(plan.plans)} shards would be quantized "
          f"({plan.rules.family} rules, {scheme.label}, blacklist: "

@@ -211,9 +211,9 @@ def make_plan(reader: TensorReader, rules: Rules, out_format: str, *, crc: bool 
                                ".ckpt shards would stay .ckpt)")
     if scheme.mcore and rules.naming == MINDFORMERS:
         raise UnsupportedError(reader.path, f"--scheme {scheme.name} writes for MindFormers' "
-                               "Mcore networks, which load Hugging Face names; these are "
-                               f"MindFormers' {rules.family} names, which its legacy networks "
-                               "load: use --scheme w8a16, w8a16-ptq or w4a16")
+                               "Mcore networks, which load Hugging Face names; the "
+                               f"{rules.family} rules select MindFormers-style names, which no "
+                               "Mcore network loads: use --scheme w8a16, w8a16-ptq or w4a16")
     selections = {info.name: rules.select(info) for info in reader.tensors}
     quantized = {s.layer for s in selections.values() if s is not None}
     scales, consumed = fp8.pair_scales(reader.tensors, reader.path, others)

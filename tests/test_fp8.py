@@ -3,6 +3,7 @@ checkpoints converted as the same model given in bfloat16."""
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -311,6 +312,18 @@ def test_block_scales_held_by_two_shards_are_refused(tmp_path: Path) -> None:
                                     f"tensor {scale!r} is held by "
                                     "model-00001-of-00002.safetensors too")
     assert not (tmp_path / "out").exists()
+
+
+def test_directory_dry_run_counts_fp8_as_a_file_does(tmp_path: Path) -> None:
+    """Each shard's row counted its converted tensors, the summary also the scales read."""
+    src, _, fp8_weights = fp8_and_bf16_directories(tmp_path)
+    planned = cli("convert", src, tmp_path / "out", "--dry-run")
+    assert planned.exit_code == 0, planned.stderr
+    lines = planned.stdout.splitlines()
+    shards = [int(re.search(r" of (\d+) ", line).group(1)) for line in lines[1:4]]
+    total = int(re.search(r"of (\d+) tensors in 3 shards", lines[-1]).group(1))
+    assert sum(shards) == total
+    assert f"{len(fp8_weights)} FP8 (F8_E4M3) weights would be dequantized" in planned.stdout
 
 
 def test_rank_directories_each_hold_their_own_scales(tmp_path: Path) -> None:
