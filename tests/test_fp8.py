@@ -3,8 +3,8 @@ checkpoints converted as the same model given in bfloat16."""
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
