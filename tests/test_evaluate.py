@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -261,6 +262,26 @@ def test_bad_measurement_input_is_one_line_before_any_network(model, tmp_path: P
     long_prompt = cli("eval", "--config", config_path, "--ckpt", w8, "--squad", squad_path,
                       "--seq-len", "24")
     assert "--max-new-tokens 32 it needs --seq-len" in long_prompt.stderr
+
+
+def test_a_stop_signal_during_the_imports_is_taken_after_them() -> None:
+    """A SIGINT while MindSpore imported raised inside its extension's initialisation
+    (ImportError, or an abort): a BLAS thread took the signal, so blocking it in the main
+    thread did not hold it. It is now recorded and taken once the block ends."""
+    from ckpt_rtn.runtime import _signals_deferred
+
+    taken: List[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _frame: taken.append(number))
+    try:
+        with _signals_deferred():
+            thread = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+            thread.start()
+            thread.join()
+            time.sleep(0.05)  # the handler would run here, between bytecodes
+            assert taken == []
+        assert taken == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_perplexity_that_is_not_finite_is_an_error(model) -> None:

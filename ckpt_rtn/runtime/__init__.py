@@ -19,6 +19,8 @@ import contextlib
 import os
 import signal
 import tempfile
+import threading
+from typing import Iterator, List
 
 from ..errors import STOP_SIGNALS, ConfigError
 
@@ -44,17 +46,37 @@ def _route_framework_logs() -> None:
     os.environ.setdefault("GLOG_stderrthreshold", "3")  # errors still reach the terminal
     # MindFormers' logger binds its console handler to the sys.stdout of the moment it
     # is created, during the import: that moment's stdout is the log file, for good.
-    # A stop signal during these imports (seconds) broke them with MindSpore's own output,
-    # up to an abort; held until they finish, it is then taken as anywhere else.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the mask as it is
+    with contextlib.redirect_stdout(stdout_log), _signals_deferred():
+        # pylint: disable=import-outside-toplevel,unused-import
+        import mindspore  # noqa: F401  (first: a missing extra is named by its base package)
+        import mindformers  # noqa: F401
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Stop signals recorded, not acted on, for the block, then taken as anywhere else.
+
+    A stop signal while MindSpore imports (seconds) raised inside its extension's
+    initialisation: `ImportError: initialization failed`, or an abort (exit 134).
+    Blocking the signals in this thread was not enough: numpy's BLAS threads, started
+    before, take a signal sent to the process, and Python then runs its handler in this
+    thread all the same. Only the main thread can set handlers; elsewhere (a library
+    caller's thread) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: List[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda number, _frame: received.append(number))
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        with contextlib.redirect_stdout(stdout_log):
-            # pylint: disable=import-outside-toplevel,unused-import
-            import mindspore  # noqa: F401  (first: a missing extra is named by its base package)
-            import mindformers  # noqa: F401
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    if received:
+        signal.raise_signal(received[0])
 
 
 _route_framework_logs()
