@@ -204,12 +204,8 @@ def plan_directory(src: str, dst: str,
     layout = _source(src, dst)
     if os.path.isdir(dst):
         _check_empty(dst, options.overwrite, options.resume)
-    rules = converter.rules_for(options.rules,
-                                _detection_tensors(src, layout.shards, options.rules), src)
+    rules, _, plans = _checked(src, dst, layout, options)
     copies = {rel: copied_config(os.path.join(src, rel)) for rel in layout.others}
-    plans = check_source(src, layout, rules, options, fp8_links(src, layout))
-    if os.path.isdir(dst):  # else nothing can lead into it
-        _check_paths(src, dst, layout, None, MANIFEST, options.scheme.mcore)
     sizes = {rel: formats.planned_size(plan.outputs, format=plan.out_format,
                                        metadata=plan.metadata, crc=plan.crc,
                                        path=os.path.join(dst, rel))
@@ -222,6 +218,24 @@ def plan_directory(src: str, dst: str,
     if options.scheme.mcore:
         sizes[description.NAME] = len(description_of(layout.shards, files))
     return DirectoryPlan(rules, plans, sizes, sum(layout.sizes.values()))
+
+
+def _checked(src: str, dst: str, layout: SourceTree, options: ConvertOptions,
+             report: Optional[str] = None,
+             manifest: str = MANIFEST) -> Tuple[Rules, Fp8Links, Dict[str, converter.Plan]]:
+    """What a run checks of SRC and DST before it writes anything, and what it found: the
+    rules (the family detected over every shard), the FP8 links, and each shard's plan
+    (a whole run's; a part plans its own shards as it converts them). A run and its
+    --dry-run make the same checks through here."""
+    rules = converter.rules_for(options.rules,
+                                _detection_tensors(src, layout.shards, options.rules), src)
+    for rel in layout.others:  # a config.json that cannot be rewritten
+        copied_config(os.path.join(src, rel))
+    links = fp8_links(src, layout)
+    plans = check_source(src, layout, rules, options, links, across_shards=options.part is None)
+    if os.path.isdir(dst):  # else nothing can lead into it (a --dry-run's new DST)
+        _check_paths(src, dst, layout, report, manifest, options.scheme.mcore)
+    return rules, links, plans
 
 
 def shard_list(src: str, dst: str) -> List[str]:
@@ -257,15 +271,9 @@ def _convert_locked(src: str, dst: str, layout: SourceTree, options: ConvertOpti
         raise ConfigError(dst, f"--part {part} always resumes its own shards; --overwrite "
                           "applies to a whole run (remove DST to start the parts over)")
     manifest_name = MANIFEST if part is None else part_manifest(part)
-    rules = converter.rules_for(options.rules,
-                                _detection_tensors(src, layout.shards, options.rules), src)
+    rules, links, _ = _checked(src, dst, layout, options, report, manifest_name)
     settings = options.settings(rules, None)
     strategies = [rel for rel in layout.others if is_strategy_file(os.path.join(src, rel))]
-    for rel in layout.others:  # refused before anything is written
-        copied_config(os.path.join(src, rel))
-    links = fp8_links(src, layout)
-    check_source(src, layout, rules, options, links, across_shards=part is None)
-    _check_paths(src, dst, layout, report, manifest_name, options.scheme.mcore)
     result = DirectoryResult()
     if part is None:
         shards = layout.shards
